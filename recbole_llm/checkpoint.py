@@ -157,12 +157,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         checkpoint = safe_torch_load(path, map_location=map_location)
     except pickle.UnpicklingError as error:
         unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        what = f"it references '{unsupported.group(1)}'" if unsupported else str(error).splitlines()[0]
+        if unsupported:
+            raise RecboleLLMError(
+                f"refusing to load '{path}': it references '{unsupported.group(1)}', which a RecBole "
+                "checkpoint never holds; load only checkpoints saved by RecBole or recbole_llm"
+            ) from None
         raise RecboleLLMError(
-            f"refusing to load '{path}': {what}, which a RecBole checkpoint never holds; "
-            "load only checkpoints saved by RecBole or recbole_llm"
+            f"'{path}' is not a RecBole checkpoint (unreadable pickle); "
+            "pass the .pth file that RecBole's trainer saved under saved/"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError) as error:
         raise RecboleLLMError(
             f"'{path}' is not a RecBole checkpoint ({type(error).__name__}); "
             "pass the .pth file that RecBole's trainer saved under saved/"

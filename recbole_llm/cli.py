@@ -1,6 +1,7 @@
 """The ``recbole-llm`` command line, with RecBole's ``--key=value`` conventions.
 
     recbole-llm run --model=BERTRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
+    recbole-llm evaluate --checkpoint=saved/BERTRec-....pth
     recbole-llm models
 
 ``run`` is RecBole's own ``run_recbole``: every ``--key=value`` goes to RecBole's ``Config`` exactly as
@@ -20,6 +21,8 @@ USAGE = """usage: recbole-llm COMMAND [--key=value ...]
 commands:
   run      train and test a model with RecBole's run_recbole
            recbole-llm run --model=BERTRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
+  evaluate test a saved RecBole checkpoint (loaded safely, with RecBole's load_data_and_model)
+           recbole-llm evaluate --checkpoint=saved/BERTRec-Nov-28-2026_09-00-00.pth
   models   list the models 'run' accepts (the plugin's, then RecBole's)
 """
 
@@ -57,6 +60,28 @@ def _run(args: Sequence[str]) -> int:
     return 0
 
 
+def _evaluate(args: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recbole-llm evaluate", allow_abbrev=False)
+    parser.add_argument("--checkpoint", required=True, help="a .pth file RecBole's trainer saved")
+    known = parser.parse_args(args)
+
+    import recbole_llm  # noqa: F401
+    from recbole.quick_start import load_data_and_model
+    from recbole.utils import get_trainer, set_color
+
+    from recbole_llm.errors import RecboleLLMError
+
+    sys.argv = sys.argv[:1]
+    try:
+        config, model, _, _, _, test_data = load_data_and_model(known.checkpoint)
+    except RecboleLLMError as error:
+        return _fail(str(error))
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    result = trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"])
+    trainer.logger.info(set_color("test result", "yellow") + f": {result}")
+    return 0
+
+
 def _models() -> int:
     import recbole_llm
     from recbole_llm.registry import PLUGIN_MODELS
@@ -74,9 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "run":
         return _run(rest)
+    if command == "evaluate":
+        return _evaluate(rest)
     if command == "models":
         return _models()
-    return _fail(f"unknown command '{command}'; commands: run, models (see recbole-llm --help)")
+    return _fail(f"unknown command '{command}'; commands: run, evaluate, models (see recbole-llm --help)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ What this module fixes, each by wrapping a RecBole function rather than copying 
 - With ``loss_type: CE`` RecBole requires ``train_neg_sample_args: ~`` but its own overall.yaml sets a
   uniform sampler, so the default SASRec config fails. A CE model whose user did not ask for negative
   sampling gets none.
+- RecBole's metrics use ``np.float`` and friends, which only ``Config.__init__`` recreates; a process that
+  unpickles a Config (``load_data_and_model``) never runs it. RecBole's own aliasing runs at import.
 - A dataset that is not on disk makes RecBole prompt for a download on standard input, which hangs
   offline and in CI. It becomes a one-line error saying where RecBole looked.
 - RecBole on this stack prints warnings that are not the user's business; they are filtered by message.
@@ -138,5 +140,8 @@ def install() -> None:
     checkpoint.install()
     _install_config_fixes()
     _install_offline_dataset_check()
+    from recbole.config.configurator import Config
+
+    Config.compatibility_settings(None)  # RecBole's own numpy aliases; the method never reads self
     # RecBole leaves anomaly detection on from import until a Config switches it: off by default.
     torch.autograd.set_detect_anomaly(False)

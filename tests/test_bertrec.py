@@ -1,0 +1,119 @@
+"""BERTRec learns through RecBole's own trainer and evaluator, and reloads to identical scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.quick_start import load_data_and_model, run_recbole
+from recbole.utils import get_model, get_trainer, init_seed
+
+from recbole_llm import RecboleLLMError
+
+
+@pytest.fixture(scope="module")
+def pop_ndcg(data_root, tmp_path_factory) -> float:
+    """RecBole's Pop model on the same slice, split and evaluator: the floor every model must beat."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("pop"))
+    try:
+        result = run_recbole(
+            model="Pop",
+            dataset="ml-slice",
+            config_dict={
+                "data_path": str(data_root),
+                "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+                "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
+                "show_progress": False,
+                "topk": [10],
+                "metrics": ["Recall", "NDCG"],
+                "valid_metric": "NDCG@10",
+                "epochs": 1,
+                "save_model": False,
+            },
+        )
+    finally:
+        os.chdir(cwd)
+    return result["test_result"]["ndcg@10"]
+
+
+def train(config_dict: dict, epochs: int):
+    """RecBole's own pipeline, step by step, so the test can look at the losses and the trainer."""
+    config = Config(model="BERTRec", dataset="ml-slice", config_dict={**config_dict, "epochs": epochs})
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.fit(train_data, valid_data, show_progress=False)
+    test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    return trainer, test_data, test_result
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param({"loss_type": "CE"}, id="CE"),
+        pytest.param({"loss_type": "BPR", "learning_rate": 0.005}, id="BPR"),
+        pytest.param({"loss_type": "CE", "pre_encoder": "lstm"}, id="CE+LSTM"),
+    ],
+)
+def test_learns_beyond_popularity(tiny_bert, pop_ndcg, variant):
+    trainer, _, test_result = train({**tiny_bert, **variant}, epochs=6)
+    losses = [trainer.train_loss_dict[epoch] for epoch in sorted(trainer.train_loss_dict)]
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert test_result["ndcg@10"] > pop_ndcg, (test_result, pop_ndcg)
+
+
+def test_lstm_pre_encoder_runs_before_the_encoder(tiny_bert):
+    config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, "pre_encoder": "lstm"})
+    dataset = create_dataset(config)
+    train_data, _, _ = data_preparation(config, dataset)
+    model = get_model("BERTRec")(config, train_data._dataset)
+    assert isinstance(model.pre_encoder, torch.nn.LSTM)
+    batch = next(iter(train_data))
+    seen = []
+    model.pre_encoder.register_forward_hook(lambda module, args, output: seen.append("lstm"))
+    model.encoder.register_forward_hook(lambda module, args, output: seen.append("encoder"))
+    model.calculate_loss(batch).backward()
+    assert seen == ["lstm", "encoder"]
+    assert model.pre_encoder.weight_ih_l0.grad is not None
+
+
+def test_checkpoint_reload_gives_identical_scores_and_resumes(tiny_bert):
+    trainer, test_data, _ = train(tiny_bert, epochs=2)  # evaluate(load_best_model=True) loaded the best
+    checkpoint = trainer.saved_model_file
+
+    config, reloaded, _, _, _, reloaded_test = load_data_and_model(checkpoint)
+    assert type(reloaded).__name__ == "BERTRec"
+    trainer.model.eval()
+    reloaded.eval()
+    batch = next(iter(test_data))[0]
+    reloaded_batch = next(iter(reloaded_test))[0]
+    with torch.no_grad():
+        expected = trainer.model.full_sort_predict(batch)
+        actual = reloaded.full_sort_predict(reloaded_batch)
+    assert torch.equal(expected, actual)
+
+    # RecBole's resume path (Trainer.resume_checkpoint) also loads through the safe loader.
+    resumed = get_trainer(config["MODEL_TYPE"], config["model"])(config, reloaded)
+    resumed.resume_checkpoint(checkpoint)
+    assert resumed.start_epoch >= 1
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"pre_encoder": "gru"}, "pre_encoder 'gru' is not supported"),
+        ({"hidden_size": 30, "n_heads": 4}, "hidden_size 30 is not a multiple of n_heads 4"),
+    ],
+)
+def test_bad_model_settings_fail_before_training(tiny_bert, override, fragment):
+    config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, **override})
+    dataset = create_dataset(config)
+    with pytest.raises(RecboleLLMError, match=fragment):
+        get_model("BERTRec")(config, dataset)

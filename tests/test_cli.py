@@ -1,0 +1,144 @@
+"""The recbole-llm command: RecBole's --key=value conventions, one-line errors, non-zero exits."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from recbole_llm import RecboleLLMError, load_checkpoint
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "recbole_llm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,  # a download prompt would hang: fail instead
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("recbole-llm: error:")]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def slice_args(data_root) -> list[str]:
+    return [
+        f"--data_path={data_root}",
+        "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}",
+        "--show_progress=False",
+    ]
+
+
+def test_run_trains_and_prints_best_valid_and_test(data_root, tmp_path):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(
+        "pretrained_model_name_or_path: ~\nn_layers: 1\nhidden_size: 32\ninner_size: 64\n"
+        "MAX_ITEM_LIST_LENGTH: 10\n"
+    )
+    result = cli(
+        "run", "--model=BERTRec", "--dataset=ml-slice", f"--config_files={config_file}",
+        *slice_args(data_root), "--epochs=1", f"--checkpoint_dir={tmp_path / 'saved'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "best valid" in log and "test result" in log
+    # the config file and the command line both reached RecBole's Config
+    assert "hidden_size = 32" in log and "epochs = 1" in log
+    # a clean log: none of the stack's deprecation noise
+    for noise in ("pkg_resources", "FutureWarning", "GradScaler", "Anomaly Detection", "np.bool8"):
+        assert noise not in log, noise
+
+    (checkpoint,) = glob.glob(str(tmp_path / "saved" / "BERTRec-*.pth"))
+    evaluated = cli("evaluate", f"--checkpoint={checkpoint}")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "test result" in evaluated.stdout + evaluated.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["run", "--model=NoSuchModel"], ["unknown model 'NoSuchModel'", "Available models: BERTRec"]),
+        (["run", "--model=BERTRec", "--config_files=missing.yaml"], ["config file 'missing.yaml' does not exist"]),
+        (["run", "--model=BERTRec", "epochs=1"], ["cannot read 'epochs=1'", "--key=value"]),
+        (["fit"], ["unknown command 'fit'"]),
+    ],
+)
+def test_bad_command_lines(args, fragments):
+    assert_one_line_error(cli(*args), *fragments)
+
+
+def test_dataset_not_on_disk_names_where_it_looked(tmp_path):
+    result = cli("run", "--model=BERTRec", "--dataset=ml-1m", f"--data_path={tmp_path}", "--show_progress=False")
+    assert_one_line_error(result, "dataset 'ml-1m' not found", str(tmp_path / "ml-1m"), "data_path", "allow_download")
+    result = cli("run", "--model=BERTRec", "--dataset=no-such-data", f"--data_path={tmp_path}")
+    assert_one_line_error(result, "dataset 'no-such-data' not found", "data_path")
+
+
+def test_encoder_that_is_neither_a_folder_nor_reachable(data_root):
+    result = cli(
+        "run", "--model=BERTRec", "--dataset=ml-slice", *slice_args(data_root),
+        "--pretrained_model_name_or_path=/no/such/encoder",
+    )
+    assert_one_line_error(result, "pretrained_model_name_or_path '/no/such/encoder'", "null")
+
+
+def test_encoder_limits(data_root):
+    result = cli("run", "--dataset=ml-slice", *slice_args(data_root), "--backbone_layers=9")
+    assert_one_line_error(result, "backbone_layers=9", "has 6 layers")
+    result = cli("run", "--dataset=ml-slice", *slice_args(data_root), "--MAX_ITEM_LIST_LENGTH=1000")
+    assert_one_line_error(result, "MAX_ITEM_LIST_LENGTH=1000 exceeds the 512 positions")
+
+
+class _Payload:
+    """Pickles to a call of os.system: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_is_not_a_recbole_checkpoint(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a checkpoint")
+    assert_one_line_error(cli("evaluate", f"--checkpoint={junk}"), "is not a RecBole checkpoint")
+    weights_only = tmp_path / "weights.pth"
+    torch.save({"weight": torch.zeros(2)}, weights_only)
+    assert_one_line_error(cli("evaluate", f"--checkpoint={weights_only}"), "lacks ['config', 'state_dict']")
+    assert_one_line_error(cli("evaluate", f"--checkpoint={tmp_path / 'none.pth'}"), "does not exist")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"config": _Payload(marker), "state_dict": {}}, evil, pickle_protocol=protocol)
+    with pytest.raises(RecboleLLMError, match="refusing to load .*'posix.system'"):
+        load_checkpoint(evil)
+    from recbole.quick_start import load_data_and_model
+
+    with pytest.raises(RecboleLLMError, match="refusing to load"):
+        load_data_and_model(str(evil))
+    assert_one_line_error(cli("evaluate", f"--checkpoint={evil}"), "refusing to load")
+    assert not marker.exists()
+
+    raw = tmp_path / "raw.pkl"  # a plain pickle, not even a torch file
+    raw.write_bytes(pickle.dumps(_Payload(marker), protocol=protocol))
+    with pytest.raises(RecboleLLMError):
+        load_checkpoint(raw)
+    assert not marker.exists()
