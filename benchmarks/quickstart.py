@@ -27,7 +27,11 @@ MAIN_JOB = [
     "--model=BERTRec", "--dataset=ml-100k",
     "--backbone_layers=1", "--MAX_ITEM_LIST_LENGTH=10", "--epochs=2",
 ]
-POP = ["--model=Pop", "--dataset=ml-100k", "--epochs=1"]
+# Pop is a general model: give it the sequential models' split (RecBole's sequential.yaml).
+POP = [
+    "--model=Pop", "--dataset=ml-100k", "--epochs=1",
+    "--eval_args={'split': {'LS': 'valid_and_test'}, 'order': 'TO', 'mode': 'full'}",
+]
 COMMON = ["--show_progress=False", "--metrics=['Recall','MRR','NDCG','Hit','Precision']"]
 
 
