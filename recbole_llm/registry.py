@@ -21,7 +21,14 @@ from recbole_llm.errors import RecboleLLMError
 # Plugin model name -> "module:Class". Imported lazily so that `import recbole_llm` stays cheap.
 PLUGIN_MODELS: dict[str, str] = {
     "BERTRec": "recbole_llm.model.bertrec:BERTRec",
+    "BERTLoRA": "recbole_llm.model.bertlora:BERTLoRA",
+    "BERTAdaLoRA": "recbole_llm.model.bertadalora:BERTAdaLoRA",
+    "BERTAdapter": "recbole_llm.model.bertadapter:BERTAdapter",
+    "BERTPEFT": "recbole_llm.model.bertpeft:BERTPEFT",
 }
+
+# Read for every plugin model before its own YAML: the plugin trainer's keys.
+TRAINER_YAML = "PluginTrainer.yaml"
 
 
 def properties_dir() -> Path:
@@ -41,12 +48,18 @@ def properties_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "properties"
 
 
-def plugin_model_yaml(model_name: str) -> Path | None:
-    """The property file of a plugin model, or None for RecBole's own models."""
+def plugin_model_yamls(model_name: str) -> list[Path]:
+    """The property files of a plugin model, most general first; empty for RecBole's own models.
+
+    The plugin trainer's YAML, then one YAML per plugin class along the model's inheritance chain
+    (BERTRec.yaml, BERTPEFT.yaml, BERTLoRA.yaml): a subclass's YAML overrides only what differs.
+    """
     if model_name not in PLUGIN_MODELS:
-        return None
-    path = properties_dir() / f"{model_name}.yaml"
-    return path if path.is_file() else None
+        return []
+    folder = properties_dir()
+    names = [TRAINER_YAML]
+    names += [f"{cls.__name__}.yaml" for cls in reversed(get_plugin_model(model_name).__mro__) if cls.__name__ in PLUGIN_MODELS]
+    return [folder / name for name in names if (folder / name).is_file()]
 
 
 def recbole_model_names() -> list[str]:
@@ -91,10 +104,9 @@ def _wrap_get_trainer(recbole_get_trainer: Callable) -> Callable:
     @functools.wraps(recbole_get_trainer)
     def get_trainer(model_type, model_name):
         if model_name in PLUGIN_MODELS:
-            model_class = get_plugin_model(model_name)
-            trainer = getattr(model_class, "trainer_class", None)
-            if trainer is not None:
-                return trainer
+            from recbole_llm.trainer import PluginTrainer
+
+            return PluginTrainer
         return recbole_get_trainer(model_type, model_name)
 
     get_trainer.__recbole_llm__ = True
@@ -150,8 +162,7 @@ def _install_property_files() -> None:
     def _update_internal_config_dict(self, file):
         config_dict = original(self, file)
         if os.path.realpath(file) == overall_yaml:
-            model_yaml = plugin_model_yaml(getattr(self, "model", None) or "")
-            if model_yaml is not None:
+            for model_yaml in plugin_model_yamls(getattr(self, "model", None) or ""):
                 original(self, str(model_yaml))
         return config_dict
 

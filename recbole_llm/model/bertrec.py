@@ -34,6 +34,7 @@ class BERTRec(SequentialRecommender):
         super().__init__(config, dataset)
 
         # load parameters info
+        self.pretrained_model_name_or_path = config["pretrained_model_name_or_path"]
         self.loss_type = config["loss_type"]
         self.initializer_range = config["initializer_range"]
         self.pre_encoder_type = (config["pre_encoder"] or "none").lower()
