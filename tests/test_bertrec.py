@@ -65,6 +65,7 @@ def train(config_dict: dict, epochs: int):
 def test_learns_beyond_popularity(tiny_bert, pop_ndcg, variant):
     trainer, _, test_result = train({**tiny_bert, **variant}, epochs=6)
     losses = [trainer.train_loss_dict[epoch] for epoch in sorted(trainer.train_loss_dict)]
+    print(f"\n{variant}: test NDCG@10 {test_result['ndcg@10']:.4f} vs Pop {pop_ndcg:.4f}; losses {losses}")
     assert losses[-1] < 0.9 * losses[0], losses
     assert test_result["ndcg@10"] > pop_ndcg, (test_result, pop_ndcg)
 

@@ -61,6 +61,7 @@ def test_backbone_stays_frozen_adapters_learn_beyond_popularity(model_name, tiny
         assert model.rank_budget() < budget_before  # the budget shrank towards target_r
 
     result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    print(f"\n{model_name}: test NDCG@10 {result['ndcg@10']:.4f} vs Pop {pop_ndcg:.4f}")
     assert result["ndcg@10"] > pop_ndcg, (result, pop_ndcg)
 
 
