@@ -12,15 +12,20 @@ __version__ = "0.1.0"
 # Before RecBole is imported: its import prints deprecation warnings from ray and pkg_resources.
 _compat.silence_stack_noise()
 
-import recbole.quick_start  # noqa: E402  (after the filters above)
+import importlib.util  # noqa: E402
 
-from recbole_llm import registry as _registry  # noqa: E402
 from recbole_llm.errors import RecboleLLMError  # noqa: E402
 
-_compat.install()
-_registry.install()
+# A serving-only install (onnxruntime and numpy, no RecBole) can still use recbole_llm.runtime.
+if importlib.util.find_spec("recbole") is not None:
+    import recbole.quick_start  # noqa: F401  (after the filters above)
 
-from recbole_llm.checkpoint import load_checkpoint  # noqa: E402
-from recbole_llm.registry import available_models  # noqa: E402
+    from recbole_llm import registry as _registry
+
+    _compat.install()
+    _registry.install()
+
+    from recbole_llm.checkpoint import load_checkpoint
+    from recbole_llm.registry import available_models
 
 __all__ = ["RecboleLLMError", "available_models", "load_checkpoint", "__version__"]

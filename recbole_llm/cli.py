@@ -2,6 +2,7 @@
 
     recbole-llm run --model=BERTRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
     recbole-llm evaluate --checkpoint=saved/BERTRec-....pth
+    recbole-llm export --checkpoint saved/BERTRec-....pth --output DIR [--top-k K] [--optimize] [--int8] ...
     recbole-llm models
 
 ``run`` is RecBole's own ``run_recbole``: every ``--key=value`` goes to RecBole's ``Config`` exactly as
@@ -23,6 +24,9 @@ commands:
            recbole-llm run --model=BERTRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
   evaluate test a saved RecBole checkpoint (loaded safely, with RecBole's load_data_and_model)
            recbole-llm evaluate --checkpoint=saved/BERTRec-Nov-28-2026_09-00-00.pth
+  export   turn a checkpoint into a validated ONNX artifact for ONNX Runtime or Triton
+           recbole-llm export --checkpoint saved/X.pth --output DIR [--top-k K] [--opset 17]
+               [--optimize] [--int8 | --fp16] [--triton] [--force]
   models   list the models 'run' accepts (the plugin's, then RecBole's)
 """
 
@@ -82,6 +86,44 @@ def _evaluate(args: Sequence[str]) -> int:
     return 0
 
 
+def _export(args: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recbole-llm export", allow_abbrev=False)
+    parser.add_argument("--checkpoint", required=True, help="a .pth file RecBole's trainer saved")
+    parser.add_argument("--output", required=True, help="the artifact folder to create")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (14-20, default 17)")
+    parser.add_argument("--top-k", type=int, default=None, help="the graph returns the top K items and scores")
+    parser.add_argument("--optimize", action="store_true", help="ONNX Runtime transformer fusions")
+    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantization (CPU)")
+    parser.add_argument("--fp16", action="store_true", help="fp16 weights (GPU)")
+    parser.add_argument("--triton", action="store_true", help="also write a Triton model repository")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    known = parser.parse_args(args)
+
+    from recbole_llm.errors import RecboleLLMError
+    from recbole_llm.export import ExportOptions, export_checkpoint
+
+    options = ExportOptions(
+        opset=known.opset, top_k=known.top_k, optimize=known.optimize, int8=known.int8,
+        fp16=known.fp16, triton=known.triton, force=known.force,
+    )
+    try:
+        artifact = export_checkpoint(known.checkpoint, known.output, options)
+    except RecboleLLMError as error:
+        return _fail(str(error))
+    import json
+
+    metadata = json.loads((artifact / "metadata.json").read_text())
+    for report in metadata["validation"]:
+        fused = f", fused {report['fused_operators']}" if report["fused_operators"] else ""
+        print(
+            f"validated {report['precision']}: {report['rows']} test histories, lengths "
+            f"{report['lengths'][0]}-{report['lengths'][-1]}, max |diff| {report['max_abs_diff']:.2e}, "
+            f"top-10 overlap {report['top10_overlap']:.3f}{fused}"
+        )
+    print(f"wrote {artifact}")
+    return 0
+
+
 def _models() -> int:
     import recbole_llm
     from recbole_llm.registry import PLUGIN_MODELS
@@ -101,9 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(rest)
     if command == "evaluate":
         return _evaluate(rest)
+    if command == "export":
+        return _export(rest)
     if command == "models":
         return _models()
-    return _fail(f"unknown command '{command}'; commands: run, evaluate, models (see recbole-llm --help)")
+    return _fail(f"unknown command '{command}'; commands: run, evaluate, export, models (see recbole-llm --help)")
 
 
 if __name__ == "__main__":

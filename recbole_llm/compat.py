@@ -43,7 +43,8 @@ _NOISE = (
     (UserWarning, r"torch\.cuda\.amp\.GradScaler is enabled, but CUDA is not available"),
     (UserWarning, r"Anomaly Detection has been enabled"),
     (DeprecationWarning, r"`np\.bool8` is a deprecated alias"),
-    (UserWarning, r"Session not detected\. You should not be calling `report` outside `tuner\.fit\(\)`"),
+    (DeprecationWarning, r"`tune\.report` and `tune\.checkpoint_dir` APIs are deprecated"),
+    (DeprecationWarning, r"distutils Version classes are deprecated"),
 )
 
 
@@ -53,14 +54,13 @@ def silence_stack_noise() -> None:
 
 
 def _quiet_ray_session_log() -> None:
-    # objective_function calls ray.tune.report outside a tuner; ray logs "Session not detected" at
-    # WARNING level on its own logger, every call.
+    # objective_function calls ray.tune.report outside a tuner; ray's get_session logs "Session not
+    # detected" and a stack trace at WARNING level on its own logger.
     class _DropSessionNotDetected(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return "Session not detected" not in record.getMessage()
+            return record.funcName != "get_session"
 
-    for name in ("ray.air.session", "ray.train._internal.session", "ray.tune.trainable.session"):
-        logging.getLogger(name).addFilter(_DropSessionNotDetected())
+    logging.getLogger("ray.tune.trainable.session").addFilter(_DropSessionNotDetected())
 
 
 # ---------------------------------------------------------------------------------------------------

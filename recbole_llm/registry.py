@@ -170,8 +170,35 @@ def _install_property_files() -> None:
     Config._update_internal_config_dict = _update_internal_config_dict
 
 
+def _wrap_get_flops(recbole_get_flops: Callable) -> Callable:
+    """RecBole's FLOPs count, on the merged model for peft models.
+
+    thop registers a ``total_ops`` buffer on every module; a peft wrapper forwards attribute lookups to
+    the module it wraps, which already has one, and RecBole's count fails. Counting a merged copy
+    measures what inference runs.
+    """
+
+    @functools.wraps(recbole_get_flops)
+    def get_flops(model, dataset, device, logger, transform, verbose=False):
+        from peft import PeftModel
+
+        if not any(isinstance(module, PeftModel) for module in model.modules()):
+            return recbole_get_flops(model, dataset, device, logger, transform, verbose)
+        import copy
+
+        merged = copy.deepcopy(model)
+        if not merged.merge_adapters():
+            logger.info(f"FLOPs are not counted for {type(model).__name__}: its adapters cannot merge")
+            return 0
+        return recbole_get_flops(merged, dataset, device, logger, transform, verbose)
+
+    get_flops.__recbole_llm__ = True
+    return get_flops
+
+
 def install() -> None:
     """Make RecBole's entry points aware of the plugin's models. Idempotent."""
     _rebind(_MODULES_BINDING_GET_MODEL, "get_model", _wrap_get_model)
     _rebind(_MODULES_BINDING_GET_TRAINER, "get_trainer", _wrap_get_trainer)
+    _rebind(("recbole.utils", "recbole.utils.utils", "recbole.quick_start.quick_start"), "get_flops", _wrap_get_flops)
     _install_property_files()

@@ -14,7 +14,8 @@ import pytest
 
 import recbole_llm  # noqa: F401  (registers the plugin before any RecBole call)
 
-SLICE_USERS = 300
+SLICE_USERS = 300  # "ml-slice": enough for models to learn beyond popularity in a few epochs
+TINY_USERS = 80  # "ml-tiny": for tests that need a trained checkpoint, not a good one
 
 
 def write_ml100k_slice(folder: Path, name: str, n_users: int) -> Path:
@@ -38,6 +39,7 @@ def write_ml100k_slice(folder: Path, name: str, n_users: int) -> Path:
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("datasets")
     write_ml100k_slice(root, "ml-slice", SLICE_USERS)
+    write_ml100k_slice(root, "ml-tiny", TINY_USERS)
     return root
 
 

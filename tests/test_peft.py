@@ -12,7 +12,7 @@ from recbole.quick_start import load_data_and_model
 from recbole.trainer import Trainer
 from recbole.utils import get_model, get_trainer, init_seed
 
-from recbole_llm import RecboleLLMError
+from recbole_llm import RecboleLLMError, load_checkpoint
 from recbole_llm.trainer import PluginTrainer
 from test_bertrec import pop_ndcg  # noqa: F401  (shared fixture: Pop on the same slice)
 
@@ -96,7 +96,7 @@ def test_lora_checkpoint_is_a_tenth_of_bertrec_and_reloads_identically(base_conf
 
 def test_mismatched_backbone_is_refused(tiny_bert, tmp_path):
     lora_file, _ = checkpoint_of("BERTLoRA", tiny_bert, tmp_path)
-    state = torch.load(lora_file, weights_only=False)["state_dict"]
+    state = load_checkpoint(lora_file)["state_dict"]
     _, other, *_ = build("BERTLoRA", {**tiny_bert, "seed": 7})  # same shapes, other weights
     with pytest.raises(RecboleLLMError, match="different backbone"):
         other.load_state_dict(state)
