@@ -38,6 +38,7 @@ _NOISE = (
     (UserWarning, r"pkg_resources is deprecated"),
     (FutureWarning, r"A value is trying to be set on a copy of a DataFrame or Series"),
     (FutureWarning, r"ChainedAssignmentError"),
+    (FutureWarning, r"using <built-in function len> in Series\.agg cannot aggregate"),
     (FutureWarning, r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated"),
     (FutureWarning, r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated"),
     (UserWarning, r"torch\.cuda\.amp\.GradScaler is enabled, but CUDA is not available"),
@@ -90,6 +91,7 @@ def _install_config_fixes() -> None:
             final["train_neg_sample_args"] = None
         final.setdefault("detect_anomaly", False)
         final.setdefault("allow_download", False)
+        final.setdefault("tail_threshold", 20)  # recbole_llm.metrics: TailNDCG / TailRecall
         original_defaults(self)
 
     @functools.wraps(original_init_device)
@@ -138,6 +140,9 @@ def install() -> None:
     from recbole_llm import checkpoint
 
     checkpoint.install()
+    from recbole_llm import metrics
+
+    metrics.install()
     _install_config_fixes()
     _install_offline_dataset_check()
     from recbole.config.configurator import Config

@@ -142,10 +142,14 @@ def load_for_export(checkpoint: str | os.PathLike):
 
 
 def export_model(model: nn.Module) -> tuple[nn.Module, bool]:
-    """A copy of ``model`` ready to trace: LoRA-family adapters merged where they can merge."""
+    """A copy of ``model`` ready to trace: LoRA-family adapters merged where they can merge, and item
+    representations (text ones included) computed once and baked in as a constant table."""
     exported = copy.deepcopy(model).eval()
     merge = getattr(exported, "merge_adapters", None)
     merged = bool(merge()) if merge is not None else False
+    bake = getattr(exported, "bake_item_table", None)
+    if bake is not None:
+        bake()
     return exported, merged
 
 
@@ -526,6 +530,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
             "optimized": options.optimize,
             "fused_operators": fused,
             "adapters_merged": merged,
+            "item_repr": config["item_repr"] or "id",
             "inputs": ["item_seq", "item_length"] + (["exclude_seen"] if options.top_k else []),
             "outputs": ["top_items", "top_scores"] if options.top_k else ["scores"],
             "versions": _versions(options.opset),

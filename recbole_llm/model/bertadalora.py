@@ -55,8 +55,8 @@ class BERTAdaLoRA(BERTPEFT):
             loss = loss + self._orthogonal_loss
         return loss
 
-    def encoder_output(self, item_seq: torch.Tensor):
-        output = super().encoder_output(item_seq)
+    def encoder_output(self, item_seq: torch.Tensor, item_table: torch.Tensor | None = None):
+        output = super().encoder_output(item_seq, item_table)
         if self.training:
             self._orthogonal_loss = output.loss  # zero plus AdaLoRA's orth_reg_weight * regulariser
         return output

@@ -118,13 +118,8 @@ class BERTPEFT(FrozenBackboneMixin, BERTRec):
 
     # --- forward: the tuner's own forward, so regularisers such as AdaLoRA's are applied ---------------
 
-    def encoder_output(self, item_seq: torch.Tensor):
-        attention_mask = (item_seq != 0).long()
-        return self.encoder.base_model(inputs_embeds=self.encode_items(item_seq), attention_mask=attention_mask)
-
-    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder_output(item_seq).last_hidden_state
-        return self.gather_indexes(hidden, item_seq_len - 1)
+    def run_encoder(self, **inputs):
+        return self.encoder.base_model(**inputs)
 
     # --- inference and export -----------------------------------------------------------------------------
 

@@ -1,0 +1,173 @@
+"""Item text: pretrained language knowledge for long-tail and cold-start items; F1 and tail metrics."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.evaluator.collector import DataStruct
+from recbole.utils import get_model, get_trainer, init_seed
+
+from conftest import write_ml100k_slice
+from recbole_llm import RecboleLLMError
+from recbole_llm.metrics import F1, TailNDCG, TailRecall
+
+NEW_ITEM = "99999"  # in the item file only: never in an interaction
+EMPTY_ITEM = "99998"  # no text at all
+
+
+@pytest.fixture(scope="module")
+def text_root(tmp_path_factory) -> Path:
+    """80 users of ml-100k, with a cold-start copy of Star Wars' text and an item without text."""
+    root = tmp_path_factory.mktemp("text-data")
+    folder = write_ml100k_slice(root, "ml-text", 80)
+    item_file = folder / "ml-text.item"
+    header, *rows = item_file.read_text().splitlines()
+    star_wars = next(row for row in rows if row.startswith("50\t")).split("\t", 1)[1]
+    rows += [f"{NEW_ITEM}\t{star_wars}", f"{EMPTY_ITEM}\t\t\t"]
+    item_file.write_text("\n".join([header] + rows) + "\n")
+    return root
+
+
+def text_config(text_root, tmp_path, **overrides) -> dict:
+    return {
+        "data_path": str(text_root),
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "class"]},
+        "MAX_ITEM_LIST_LENGTH": 10,
+        "backbone_layers": 1,
+        "item_repr": "text",
+        "item_text_fields": ["movie_title", "class"],
+        "item_text_max_tokens": 16,
+        "show_progress": False,
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "metrics": ["Recall", "NDCG", "F1", "TailNDCG", "TailRecall"],
+        "topk": [10],
+        "valid_metric": "NDCG@10",
+        **overrides,
+    }
+
+
+def build(config_dict: dict, model_name: str = "BERTRec"):
+    config = Config(model=model_name, dataset="ml-text", config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(model_name)(config, train_data._dataset)
+    return config, dataset, model, train_data, valid_data, test_data
+
+
+def test_text_is_tokenized_once_per_dataset_not_per_batch(text_root, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    calls = []
+    original = PreTrainedTokenizerBase.__call__
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    config, dataset, model, train_data, _, _ = build(text_config(text_root, tmp_path, text_encoder="trained"))
+    assert len(calls) == 1
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _, batch in zip(range(2), train_data):  # the trained text encoder runs per step, the tokenizer not
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+    assert len(calls) == 1
+    assert model.text_input_ids.shape == (dataset.item_num, 16)
+
+
+def test_text_mode_scores_a_cold_start_item_above_random(text_root, tmp_path):
+    config, dataset, model, train_data, valid_data, test_data = build(
+        text_config(text_root, tmp_path, epochs=2, learning_rate=0.002, train_batch_size=256)
+    )
+    new_id = dataset.field2token_id[dataset.iid_field][NEW_ITEM]
+    assert dataset.item_counter.get(new_id, 0) == 0  # never interacted with
+    trainer = get_trainer(config["MODEL_TYPE"], "BERTRec")(config, model)
+    trainer.fit(train_data, valid_data, show_progress=False)
+    result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    assert {"f1@10", "tailndcg@10", "tailrecall@10"} <= set(result)
+
+    model.eval()
+    batch = next(iter(test_data))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(batch)
+    scores[:, 0] = -torch.inf
+    new_scores = scores[:, new_id]
+    assert torch.isfinite(new_scores).all()
+    ranks = (scores > new_scores.unsqueeze(1)).sum(dim=1).float()  # 0 = ranked first
+    assert ranks.mean() < 0.25 * dataset.item_num, ranks.mean()  # random would be about half
+
+
+def test_items_without_text_fall_back_to_their_id(text_root, tmp_path, caplog):
+    _, dataset, model, *_ = build(text_config(text_root, tmp_path))
+    empty_id = dataset.field2token_id[dataset.iid_field][EMPTY_ITEM]
+    assert model.items_without_text >= 1
+    assert "have no text in item_text_fields" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(model.item_table()[empty_id], model.item_embedding.weight[empty_id])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"item_text_fields": ["no_such_field"]}, "item text field 'no_such_field' is not a loaded item feature"),
+        ({"item_text_fields": ["timestamp"]}, "item text field 'timestamp' is not a loaded item feature"),
+        ({"load_col": {"inter": ["user_id", "item_id", "timestamp"]}}, "need an item file"),
+        ({"pretrained_model_name_or_path": None}, "needs a pretrained encoder"),
+        ({"item_repr": "image"}, "item_repr 'image' is not supported"),
+    ],
+)
+def test_bad_text_settings(text_root, tmp_path, overrides, fragment):
+    with pytest.raises(RecboleLLMError, match=fragment):
+        build(text_config(text_root, tmp_path, **overrides))
+
+
+def metric_config(**overrides) -> dict:
+    return {"topk": [1, 2], "metric_decimal_place": 4, "tail_threshold": 1, **overrides}
+
+
+def struct(hits: list[list[int]], positives: list[int], counts: dict[int, int]) -> DataStruct:
+    data = DataStruct()
+    topk = torch.tensor([row + [1] for row in hits])  # the hit flags of the top-2, then pos_len = 1
+    data.update_tensor("rec.topk", topk)
+    data.update_tensor("rec.positive_items", torch.tensor(positives))
+    data.set("data.count_items", Counter(counts))
+    return data
+
+
+def test_f1_equals_the_hand_computed_value():
+    # users: hit at rank 1; hit at rank 2; no hit. One relevant item each.
+    data = struct([[1, 0], [0, 1], [0, 0]], [5, 6, 7], {})
+    result = F1(metric_config()).calculate_metric(data)
+    # @1: F1 per user = 2*1*1/(1+1)=1, 0, 0 -> 1/3
+    # @2: user 1: P=1/2, R=1 -> 2/3; user 2: the same 2/3; user 3: 0 -> (4/3)/3 = 0.4444
+    assert result == {"f1@1": 0.3333, "f1@2": 0.4444}
+
+
+def test_tail_metrics_equal_the_hand_computed_values():
+    # targets 5 (1 training interaction: tail), 6 (9: head), 7 (never seen: tail), threshold 1
+    data = struct([[0, 1], [1, 0], [1, 0]], [5, 6, 7], {5: 1, 6: 9})
+    ndcg = TailNDCG(metric_config()).calculate_metric(data)
+    recall = TailRecall(metric_config()).calculate_metric(data)
+    # tail users: user 1 (hit at rank 2: NDCG 1/log2(3) = 0.6309) and user 3 (hit at rank 1: 1)
+    assert ndcg == {"tailndcg@1": 0.5, "tailndcg@2": round((1 / np.log2(3) + 1) / 2, 4)}
+    assert recall == {"tailrecall@1": 0.5, "tailrecall@2": 1.0}
+
+
+def test_text_mode_model_exports_with_its_item_table_baked_in(text_root, tmp_path):
+    import json
+
+    from recbole.quick_start import run_recbole
+
+    from recbole_llm.export import ExportOptions, export_checkpoint
+
+    run_recbole(model="BERTLoRA", dataset="ml-text", config_dict=text_config(
+        text_root, tmp_path, item_repr="id+text", epochs=1, train_batch_size=512))
+    (checkpoint,) = (tmp_path / "saved").glob("*.pth")
+    artifact = export_checkpoint(checkpoint, tmp_path / "artifact", ExportOptions(top_k=10))
+    metadata = json.loads((artifact / "metadata.json").read_text())
+    assert metadata["item_repr"] == "id+text" and metadata["validation"][0]["passed"]
+    assert NEW_ITEM in metadata["item_tokens"]  # the cold-start item is servable
