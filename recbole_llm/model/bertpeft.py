@@ -119,6 +119,8 @@ class BERTPEFT(FrozenBackboneMixin, BERTRec):
     # --- forward: the tuner's own forward, so regularisers such as AdaLoRA's are applied ---------------
 
     def run_encoder(self, **inputs):
+        # PeftModel.forward skips the tuner's forward; base_model is the tuner. Before adapters are
+        # injected (text caching in BERTRec.__init__), a transformers model's base_model is itself.
         return self.encoder.base_model(**inputs)
 
     # --- inference and export -----------------------------------------------------------------------------
