@@ -26,7 +26,6 @@ import functools
 import logging
 import os
 import warnings
-from typing import Any
 
 from recbole_llm.errors import RecboleLLMError
 

@@ -84,5 +84,33 @@ def tiny_bert(base_config) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def pop_ndcg(data_root, tmp_path_factory) -> float:
+    """RecBole's Pop model on the same slice, split and evaluator: the floor every model must beat."""
+    from recbole.quick_start import run_recbole
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("pop"))
+    try:
+        result = run_recbole(
+            model="Pop",
+            dataset="ml-slice",
+            config_dict={
+                "data_path": str(data_root),
+                "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+                "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
+                "show_progress": False,
+                "topk": [10],
+                "metrics": ["Recall", "NDCG"],
+                "valid_metric": "NDCG@10",
+                "epochs": 1,
+                "save_model": False,
+            },
+        )
+    finally:
+        os.chdir(cwd)
+    return result["test_result"]["ndcg@10"]
+
+
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network

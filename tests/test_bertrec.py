@@ -6,38 +6,10 @@ import pytest
 import torch
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
-from recbole.quick_start import load_data_and_model, run_recbole
+from recbole.quick_start import load_data_and_model
 from recbole.utils import get_model, get_trainer, init_seed
 
 from recbole_llm import RecboleLLMError
-
-
-@pytest.fixture(scope="module")
-def pop_ndcg(data_root, tmp_path_factory) -> float:
-    """RecBole's Pop model on the same slice, split and evaluator: the floor every model must beat."""
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("pop"))
-    try:
-        result = run_recbole(
-            model="Pop",
-            dataset="ml-slice",
-            config_dict={
-                "data_path": str(data_root),
-                "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-                "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
-                "show_progress": False,
-                "topk": [10],
-                "metrics": ["Recall", "NDCG"],
-                "valid_metric": "NDCG@10",
-                "epochs": 1,
-                "save_model": False,
-            },
-        )
-    finally:
-        os.chdir(cwd)
-    return result["test_result"]["ndcg@10"]
 
 
 def train(config_dict: dict, epochs: int):

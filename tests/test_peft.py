@@ -14,7 +14,6 @@ from recbole.utils import get_model, get_trainer, init_seed
 
 from recbole_llm import RecboleLLMError, load_checkpoint
 from recbole_llm.trainer import PluginTrainer
-from test_bertrec import pop_ndcg  # noqa: F401  (shared fixture: Pop on the same slice)
 
 PEFT_VARIANTS = {
     "BERTLoRA": {},
