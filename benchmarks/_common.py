@@ -1,0 +1,77 @@
+"""What every benchmark records with its figures: command, commit, package versions, machine; and how it
+runs one job in a fresh process."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SCRATCH = HERE / "scratch"
+PACKAGES = ("torch", "recbole", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime-gpu", "recbole_llm")
+
+
+def provenance(command: list[str] | None = None) -> dict:
+    """Date, command line, commit (with a dirty flag), machine and package versions of this run."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, cwd=HERE).stdout.strip()
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(command or sys.argv),
+        "commit": (commit.stdout.strip() or "unknown") + ("-dirty" if dirty else ""),
+        "machine": machine(),
+        "versions": versions,
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    described = f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()}"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            described += f", {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return described
+
+
+def run_child(script: Path, args: list[str], result_file: Path, log_file: Path) -> dict:
+    """Run ``python script args`` in a fresh process that writes its result as JSON to ``result_file``."""
+    result_file.unlink(missing_ok=True)
+    with open(log_file, "w") as log:
+        code = subprocess.run([sys.executable, str(script), *args], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=log_file.parent).returncode
+    if code != 0 or not result_file.exists():
+        tail = log_file.read_text()[-3000:]
+        raise SystemExit(f"{script.name} {' '.join(args)} failed (exit {code}); log {log_file}:\n{tail}")
+    return json.loads(result_file.read_text())
+
+
+def write_results(name: str, report: dict, markdown: list[str], folder: Path = RESULTS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / f"{name}.md").write_text("\n".join(markdown) + "\n")
+    print("\n".join(markdown))

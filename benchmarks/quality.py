@@ -1,0 +1,307 @@
+"""Quality: RecBole's SASRec, GRU4Rec and BERT4Rec beside the plugin models, under one training budget.
+
+    python benchmarks/quality.py --profile quick                 # ml-100k, 2 CPU cores (about an hour)
+    python benchmarks/quality.py --profile full --data-path ../shared/datasets   # one GPU, bf16, ml-100k + ml-1m
+
+Every run is a fresh process doing what ``run_recbole`` does (Config, init_seed, create_dataset,
+data_preparation, get_model, get_trainer, fit, evaluate with the best checkpoint) on the same dataset,
+split (leave-one-out, time order), history length, full-ranking evaluator and seed. Each model keeps its
+own RecBole or plugin defaults. Training stops when the model has used up the profile's budget — CPU
+seconds of the process on ``quick`` (so other load on the machine does not change a model's share),
+wall seconds on ``full`` — counted over training batches only; the epoch that crosses the budget ends
+there, is validated, and the test metrics come from the best validation epoch. ``stopping_step`` and an
+epoch cap stop runs that converge earlier.
+
+Writes benchmarks/results/quality_<profile>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SCRATCH, RESULTS, provenance, run_child, write_results  # noqa: E402
+
+EVAL = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}
+TEXT_FIELDS = {"ml-100k": ["movie_title", "class"], "ml-1m": ["movie_title", "genre"]}
+METRICS = ["Recall", "NDCG", "MRR", "TailNDCG"]
+
+PROFILES = {
+    "quick": {
+        "datasets": ["ml-100k"],
+        "clock": "cpu",
+        "budget": 600,
+        "config": {"MAX_ITEM_LIST_LENGTH": 10, "epochs": 100, "stopping_step": 3},
+        # The pretrained all-MiniLM-L6-v2 cut to its first layer: on 2 cores a full 6-layer encoder gets
+        # well under one epoch of ml-100k in this budget.
+        "plugin": {"backbone_layers": 1, "item_repr": "id+text"},
+    },
+    "full": {
+        "datasets": ["ml-100k", "ml-1m"],
+        "clock": "wall",
+        "budget": 35,
+        "config": {"MAX_ITEM_LIST_LENGTH": 50, "epochs": 30, "stopping_step": 3, "eval_batch_size": 4096},
+        "plugin": {"item_repr": "id+text", "mixed_precision": "bf16", "train_batch_size": 512},
+    },
+}
+
+# name -> (RecBole model, its own overrides). Plugin models get the profile's "plugin" keys too.
+RUNS = {
+    "Pop": ("Pop", {}),
+    "GRU4Rec": ("GRU4Rec", {}),
+    "SASRec": ("SASRec", {}),
+    "BERT4Rec": ("BERT4Rec", {}),
+    "BERTRec": ("BERTRec", {}),
+    "BERTLoRA": ("BERTLoRA", {}),
+    "BERTAdapter": ("BERTAdapter", {}),
+    # AdaLoRA's rank schedule spans `epochs`: give it the few epochs the budget allows.
+    "BERTAdaLoRA": ("BERTAdaLoRA", {"epochs": 3}),
+}
+PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA"}
+BASELINES = ("GRU4Rec", "SASRec", "BERT4Rec")
+
+
+class BudgetSpent(Exception):
+    pass
+
+
+class BudgetedLoader:
+    """RecBole's training DataLoader, ending the epoch once the run's training budget is spent."""
+
+    def __init__(self, loader, clock, budget: float):
+        self.loader, self.clock, self.budget = loader, clock, budget
+        self.spent = 0.0
+        self.exhausted = False
+
+    def __iter__(self):
+        start = self.clock()
+        for batch in self.loader:
+            yield batch  # the trainer's step on this batch runs before the generator resumes
+            now = self.clock()
+            self.spent += now - start
+            start = now
+            if self.spent >= self.budget:
+                self.exhausted = True
+                return
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def config_for(name: str, dataset: str, profile: dict, data_path: str | None) -> tuple[str, dict]:
+    model, overrides = RUNS[name]
+    config = {
+        "eval_args": EVAL, "metrics": METRICS, "topk": [10], "valid_metric": "NDCG@10",
+        "show_progress": False, "seed": 2020, "reproducibility": True,
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", *TEXT_FIELDS[dataset]]},
+        **profile["config"],
+    }
+    if data_path:
+        config["data_path"] = data_path
+    if name in PLUGIN:
+        config.update(profile["plugin"])
+        config["item_text_fields"] = TEXT_FIELDS[dataset]
+    config.update(overrides)
+    return model, config
+
+
+def child(name: str, dataset: str, profile_name: str, budget: float, data_path: str | None, out: Path) -> None:
+    """One run, as run_recbole does it, with the training loader on a budget."""
+    import torch
+
+    import recbole_llm  # noqa: F401  (registers the plugin models, fixes RecBole on this stack)
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, get_trainer, init_logger, init_seed
+
+    profile = PROFILES[profile_name]
+    model_name, config_dict = config_for(name, dataset, profile, data_path)
+    config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    data = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, data)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+
+    clock = time.process_time if profile["clock"] == "cpu" else time.perf_counter
+    budgeted = BudgetedLoader(train_data, clock, budget)
+    epoch_wall, epoch_cpu, valid_scores = [], [], []
+    train_epoch = trainer._train_epoch
+
+    def timed_epoch(*args, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        loss = train_epoch(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        epoch_wall.append(time.perf_counter() - wall)
+        epoch_cpu.append(time.process_time() - cpu)
+        return loss
+
+    def after_validation(epoch_idx: int, valid_score: float) -> None:
+        valid_scores.append(valid_score)
+        if budgeted.exhausted:
+            raise BudgetSpent
+
+    trainer._train_epoch = timed_epoch
+    try:
+        trainer.fit(budgeted, valid_data, saved=True, show_progress=False, callback_fn=after_validation)
+    except BudgetSpent:
+        pass
+    test = trainer.evaluate(test_data, load_best_model=bool(valid_scores), show_progress=False)
+    best_epoch = max(range(len(valid_scores)), key=valid_scores.__getitem__) if valid_scores else 0
+    result = {
+        "model": model_name,
+        "dataset": dataset,
+        "config": {k: v for k, v in config_dict.items() if k not in ("load_col", "show_progress")},
+        "test": {k: float(v) for k, v in test.items()},
+        "valid_ndcg@10": [round(float(v), 4) for v in valid_scores],
+        "epochs": len(epoch_wall),
+        "epochs_to_best": best_epoch + 1,
+        "budget": f"{budget:g} {profile['clock']} s",
+        "budget_spent": round(budgeted.spent, 1),
+        "budget_exhausted": budgeted.exhausted,
+        "seconds_per_epoch": round(sum(epoch_wall) / max(len(epoch_wall), 1), 1),
+        "cpu_seconds_per_epoch": round(sum(epoch_cpu) / max(len(epoch_cpu), 1), 1),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+    }
+    out.write_text(json.dumps(result, indent=2))
+
+
+def markdown(report: dict) -> list[str]:
+    lines = [
+        f"Measured {report['date']} at commit {report['commit']} on {report['machine']}: `{report['command']}`.",
+        "",
+        report["profile_note"],
+        "",
+    ]
+    for dataset, runs in report["results"].items():
+        lines += [
+            f"**{dataset}** (test, at the best validation epoch)",
+            "",
+            "| model | NDCG@10 | Recall@10 | MRR@10 | tail NDCG@10 | trainable / total params | s/epoch | "
+            "epochs (to best) | peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in runs.items():
+            t = r["test"]
+            lines.append(
+                f"| {name} | {t['ndcg@10']:.4f} | {t['recall@10']:.4f} | {t['mrr@10']:.4f} | "
+                f"{t['tailndcg@10']:.4f} | {r['trainable_params']:,} / {r['total_params']:,} | "
+                f"{r['seconds_per_epoch']:.0f} | {r['epochs']} ({r['epochs_to_best']}) | {r['peak_rss_mb']} MB |"
+            )
+        lines.append("")
+        lines.append(report["verdicts"][dataset])
+        lines.append("")
+    return lines
+
+
+def verdict(runs: dict, profile: str) -> str:
+    present = [n for n in BASELINES if n in runs]
+    plugins = [n for n in PLUGIN if n in runs]
+    if not present or not plugins:
+        return "No baseline/plugin pair in this run."
+    base = max(present, key=lambda n: runs[n]["test"]["ndcg@10"])
+    best = max(plugins, key=lambda n: runs[n]["test"]["ndcg@10"])
+    ratio = runs[best]["test"]["ndcg@10"] / max(runs[base]["test"]["ndcg@10"], 1e-12)
+    floor = 1.0 if profile == "quick" else 1.05
+    met = "met" if ratio >= floor else "MISSED"
+    return (f"Best plugin model {best} {runs[best]['test']['ndcg@10']:.4f} vs best RecBole baseline {base} "
+            f"{runs[base]['test']['ndcg@10']:.4f}: ratio {ratio:.3f} (target >= {floor:.2f}: {met}).")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(report["results"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for name, r in report["results"][dataset].items():
+            if name == "Pop":
+                ax.axhline(r["test"]["ndcg@10"], color="grey", linestyle="--", label="Pop")
+                continue
+            colour = "tab:red" if name in PLUGIN else "tab:blue"
+            ax.scatter(max(r["trainable_params"], 1), r["test"]["ndcg@10"], color=colour)
+            ax.annotate(name, (max(r["trainable_params"], 1), r["test"]["ndcg@10"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("test NDCG@10")
+        ax.set_title(f"{dataset}, profile {report['profile']} (red: plugin, blue: RecBole)")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--data-path", help="folder holding dataset folders (ml-1m); default: RecBole's bundled data")
+    parser.add_argument("--models", help=f"comma-separated subset of {','.join(RUNS)}")
+    parser.add_argument("--datasets", help="comma-separated subset of the profile's datasets")
+    parser.add_argument("--budget", type=float, help="override the profile's training budget (seconds)")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "DATASET"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    profile = PROFILES[args.profile]
+    budget = args.budget or profile["budget"]
+    if args.child:
+        child(*args.child, args.profile, budget, args.data_path, args.out)
+        return
+
+    from tqdm import tqdm
+
+    names = args.models.split(",") if args.models else list(RUNS)
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"quality.py: error: unknown model(s) {unknown}; choose from {list(RUNS)}")
+    if args.data_path:
+        args.data_path = str(Path(args.data_path).resolve())  # the runs start in a scratch folder
+    datasets = args.datasets.split(",") if args.datasets else profile["datasets"]
+    if "ml-1m" in datasets and not args.data_path:
+        raise SystemExit("quality.py: error: ml-1m needs --data-path (e.g. ../shared/datasets)")
+    workdir = SCRATCH / f"quality_{args.profile}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = {**provenance(), "profile": args.profile, "budget": f"{budget:g} {profile['clock']} s per run"}
+    report["profile_note"] = (
+        f"Profile `{args.profile}`: every model trains for {budget:g} {profile['clock'].upper()} seconds "
+        f"(training batches only), then the epoch ends and is validated; config {profile['config']}; "
+        f"plugin models also {profile['plugin']}. Split: leave-one-out, time order, full ranking; seed 2020. "
+        "Tail = test users whose target item had at most 20 training interactions."
+    )
+    report["results"] = {d: {} for d in datasets}
+    jobs = [(d, n) for d in datasets for n in names]
+    for dataset, name in tqdm(jobs, desc="quality runs", unit="run"):
+        tqdm.write(f"{dataset} {name} ...")
+        extra = ["--data-path", args.data_path] if args.data_path else []
+        result_file, log_file = workdir / f"{dataset}_{name}.json", workdir / f"{dataset}_{name}.log"
+        report["results"][dataset][name] = run_child(
+            Path(__file__), ["--profile", args.profile, "--budget", str(budget), *extra,
+                             "--child", name, dataset, "--out", str(result_file)], result_file, log_file)
+        r = report["results"][dataset][name]
+        tqdm.write(f"  NDCG@10 {r['test']['ndcg@10']:.4f} after {r['epochs']} epochs")
+    report["verdicts"] = {d: verdict(report["results"][d], args.profile) for d in datasets}
+    # A subset or a changed budget is not the profile: keep it out of results/.
+    complete = args.models is None and args.datasets is None and args.budget is None
+    folder = RESULTS if complete else workdir
+    write_results(f"quality_{args.profile}", report, markdown(report), folder)
+    plot(report, folder / f"quality_{args.profile}.png")
+
+
+if __name__ == "__main__":
+    main()
