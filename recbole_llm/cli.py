@@ -3,6 +3,7 @@
     recbole-llm run --model=BERTRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
     recbole-llm evaluate --checkpoint=saved/BERTRec-....pth
     recbole-llm export --checkpoint saved/BERTRec-....pth --output DIR [--top-k K] [--optimize] [--int8] ...
+    recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error] ...
     recbole-llm models
 
 ``run`` is RecBole's own ``run_recbole``: every ``--key=value`` goes to RecBole's ``Config`` exactly as
@@ -27,6 +28,9 @@ commands:
   export   turn a checkpoint into a validated ONNX artifact for ONNX Runtime or Triton
            recbole-llm export --checkpoint saved/X.pth --output DIR [--top-k K] [--opset 17]
                [--optimize] [--int8 | --fp16] [--triton] [--force]
+  serve    an HTTP JSON service over an exported artifact (needs: pip install "recbole_llm[serve]")
+           recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
+               [--max-batch 256] [--max-history 10000] [--max-body-bytes 1048576] [--no-batching]
   models   list the models 'run' accepts (the plugin's, then RecBole's)
 """
 
@@ -124,6 +128,34 @@ def _export(args: Sequence[str]) -> int:
     return 0
 
 
+def _serve(args: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recbole-llm serve", allow_abbrev=False)
+    parser.add_argument("artifact", help="a folder written by recbole-llm export")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--unknown-tokens", default="skip", help="skip (default) or error: unknown item tokens")
+    parser.add_argument("--max-batch", type=int, default=256, help="histories per request and per model call")
+    parser.add_argument("--max-history", type=int, default=10_000, help="item tokens per history")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
+    parser.add_argument("--no-batching", action="store_true", help="one model call per request")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    known = parser.parse_args(args)
+
+    from recbole_llm.errors import RecboleLLMError
+    from recbole_llm.serve import Limits, serve
+
+    for name in ("max_batch", "max_history", "max_body_bytes", "port"):
+        if getattr(known, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be a positive integer")
+    limits = Limits(max_body_bytes=known.max_body_bytes, max_batch=known.max_batch, max_history=known.max_history)
+    try:
+        serve(known.artifact, known.host, known.port, limits, known.unknown_tokens, not known.no_batching,
+              known.threads)
+    except RecboleLLMError as error:
+        return _fail(str(error))
+    return 0
+
+
 def _models() -> int:
     import recbole_llm
     from recbole_llm.registry import PLUGIN_MODELS
@@ -145,9 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate(rest)
     if command == "export":
         return _export(rest)
+    if command == "serve":
+        return _serve(rest)
     if command == "models":
         return _models()
-    return _fail(f"unknown command '{command}'; commands: run, evaluate, export, models (see recbole-llm --help)")
+    return _fail(
+        f"unknown command '{command}'; commands: run, evaluate, export, serve, models (see recbole-llm --help)"
+    )
 
 
 if __name__ == "__main__":

@@ -93,32 +93,57 @@ class Recommender:
             unknown_counts.append(len(unknown))
         return item_seq, item_length, unknown_counts
 
+    @property
+    def max_k(self) -> int:
+        """The most items one answer can hold."""
+        return self.top_k or len(self.tokens) - 1
+
+    def check_k(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.max_k:
+            raise RecboleLLMError(f"k={k!r} is out of range; this artifact returns 1 to {self.max_k} items")
+
     def recommend(
         self, histories: Sequence[Sequence[str]], k: int = 10, exclude_seen: bool = True
     ) -> list[Recommendation]:
-        limit = self.top_k or len(self.tokens) - 1
-        if not 1 <= k <= limit:
-            raise RecboleLLMError(f"k={k} is out of range; this artifact returns 1 to {limit} items")
+        self.check_k(k)
         item_seq, item_length, unknown_counts = self.encode(histories)
+        rows = len(item_seq)
+        return self.rank(item_seq, item_length, [k] * rows, [bool(exclude_seen)] * rows, unknown_counts)
+
+    def rank(
+        self,
+        item_seq: np.ndarray,
+        item_length: np.ndarray,
+        ks: Sequence[int],
+        exclude_seen: Sequence[bool],
+        unknown_counts: Sequence[int],
+    ) -> list[Recommendation]:
+        """Encoded rows (``encode``) to answers in one ONNX Runtime call; k and exclude_seen per row, so
+        rows of different requests can share the call."""
+        exclude = np.asarray(exclude_seen, dtype=bool)
+        k_max = max(ks)
         feeds = {"item_seq": item_seq, "item_length": item_length}
         if self.top_k is not None:
-            feeds["exclude_seen"] = np.full(len(item_seq), bool(exclude_seen))
+            feeds["exclude_seen"] = exclude
             top_items, top_scores = self.session.run(["top_items", "top_scores"], feeds)
-            top_items, top_scores = top_items[:, :k], top_scores[:, :k]
+            top_items, top_scores = top_items[:, :k_max], top_scores[:, :k_max]
         else:
             (scores,) = self.session.run(["scores"], feeds)
             scores = scores.astype(np.float32, copy=True)
-            scores[:, 0] = -np.inf
-            if exclude_seen:
-                np.put_along_axis(scores, item_seq, -np.inf, axis=1)
-            top_items = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            if exclude.any():
+                seen = np.zeros(scores.shape, dtype=bool)
+                np.put_along_axis(seen, item_seq, True, axis=1)
+                scores[seen & exclude[:, None]] = -np.inf
+            scores[:, 0] = -np.inf  # padding is not an item
+            top_items = np.argsort(-scores, axis=1, kind="stable")[:, :k_max]
             top_scores = np.take_along_axis(scores, top_items, axis=1)
         answers = []
-        for items, scores_row, unknown in zip(top_items, top_scores, unknown_counts):
+        for items, scores_row, k, unknown in zip(top_items, top_scores, ks, unknown_counts):
+            items, scores_row = items[:k], scores_row[:k]
             finite = np.isfinite(scores_row)  # fewer than k recommendable items left after exclusions
             answers.append(Recommendation(
                 items=[self.tokens[i] for i in items[finite]],
                 scores=[float(s) for s in scores_row[finite]],
-                unknown_tokens=unknown,
+                unknown_tokens=int(unknown),
             ))
         return answers

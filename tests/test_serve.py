@@ -1,0 +1,198 @@
+"""recbole-llm serve: the real service in its own process, over a real exported artifact, over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import pytest
+from recbole.quick_start import run_recbole
+
+from recbole_llm.export import ExportOptions, export_checkpoint
+from recbole_llm.runtime import Recommender
+
+pytest.importorskip("fastapi")  # the [serve] extra; [test] installs it
+LIMITS = ["--max-batch", "8", "--max-history", "100", "--max-body-bytes", "4096"]
+
+
+@pytest.fixture(scope="module")
+def artifact(data_root, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("serve")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        run_recbole(model="BERTLoRA", dataset="ml-tiny", config_dict={
+            "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "pretrained_model_name_or_path": None, "hidden_size": 32, "inner_size": 64, "n_layers": 1,
+            "MAX_ITEM_LIST_LENGTH": 12, "show_progress": False, "epochs": 1, "train_batch_size": 512,
+            "checkpoint_dir": str(folder / "saved"),
+        })
+    finally:
+        os.chdir(cwd)
+    (checkpoint,) = (folder / "saved").glob("*.pth")
+    return str(export_checkpoint(checkpoint, folder / "artifact", ExportOptions()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, artifact: str, *options: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "recbole_llm", "serve", artifact, "--port", str(self.port), *options],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"service exited: {self.process.stdout.read()}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("service did not start within 120 s")
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=body, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def get(self, path: str) -> tuple[int, dict]:
+        return self.request("GET", path)
+
+    def recommend(self, payload) -> tuple[int, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request("POST", "/recommend", body)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(artifact):
+    running = Service(artifact, *LIMITS)
+    yield running
+    running.close()
+
+
+def direct(artifact: str, histories, k=10, exclude_seen=True, unknown_tokens="skip") -> list[dict]:
+    recommender = Recommender(artifact, unknown_tokens=unknown_tokens)
+    return [asdict(a) for a in recommender.recommend(histories, k=k, exclude_seen=exclude_seen)]
+
+
+def same(got: list[dict], want: list[dict]) -> bool:
+    """Same items in the same order, scores equal to float32 rounding: a call that batches several requests
+    may sum in another order than a call with one."""
+    return len(got) == len(want) and all(
+        g["items"] == w["items"] and g["unknown_tokens"] == w["unknown_tokens"]
+        and all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(g["scores"], w["scores"]))
+        for g, w in zip(got, want)
+    )
+
+
+def test_answers_match_the_runtime_and_metadata_says_what_is_served(service, artifact):
+    tokens = Recommender(artifact).tokens
+    histories = [tokens[1:6], tokens[10:11], [tokens[3], "no-such-item", tokens[7]]]
+    status, body = service.recommend({"histories": histories, "k": 5})
+    assert status == 200, body
+    assert same(body["recommendations"], direct(artifact, histories, k=5))
+    assert body["recommendations"][2]["unknown_tokens"] == 1
+    status, kept = service.recommend({"histories": histories[:1], "k": 7, "exclude_seen": False})
+    assert status == 200 and same(kept["recommendations"], direct(artifact, histories[:1], k=7, exclude_seen=False))
+    # integer tokens are the same items as their strings
+    status, as_ints = service.recommend({"histories": [[int(t) for t in tokens[1:6]]], "k": 5})
+    assert same(as_ints["recommendations"], body["recommendations"][:1])
+
+    status, metadata = service.get("/metadata")
+    assert status == 200 and metadata["model"] == "BERTLoRA" and "item_tokens" not in metadata
+    assert metadata["service"]["max_batch"] == 8 and metadata["n_item_tokens"] == len(tokens) - 1
+
+
+BAD_REQUESTS = [
+    (b'{"histories": [["1", "2"]', 400, "not valid JSON"),
+    (b"\xff\xfe", 400, "not valid JSON"),
+    (b"[1, 2]", 422, "JSON object"),
+    ({"histories": [["1"]], "kk": 3}, 422, "unknown field 'kk'"),
+    ({"k": 3}, 422, "missing field 'histories'"),
+    ({"histories": "1 2 3"}, 422, "non-empty list"),
+    ({"histories": []}, 422, "non-empty list"),
+    ({"histories": ["1"]}, 422, "history 0 must be a list"),
+    ({"histories": [["1", 2.5]]}, 422, "history 0, position 1"),
+    ({"histories": [["1", None]]}, 422, "history 0, position 1"),
+    ({"histories": [["1"], []]}, 422, "history 1 is empty"),
+    ({"histories": [["no-such-item"]]}, 422, "history 0 has no item the model knows"),
+    ({"histories": [["1"]], "k": "10"}, 422, "'k' must be an integer"),
+    ({"histories": [["1"]], "k": True}, 422, "'k' must be an integer"),
+    ({"histories": [["1"]], "k": 0}, 422, "k=0 is out of range"),
+    ({"histories": [["1"]], "k": 100000}, 422, "k=100000 is out of range"),
+    ({"histories": [["1"]], "exclude_seen": "yes"}, 422, "'exclude_seen' must be true or false"),
+    ({"histories": [["1"]] * 9}, 413, "9 histories in one request; the limit is 8"),
+    ({"histories": [["1"] * 101]}, 413, "history 0 has 101 items; the limit is 100"),
+    (b'{"histories": [["1"]], "pad": "' + b"x" * 5000 + b'"}', 413, "the limit is 4096"),
+]
+
+
+def test_bad_requests_get_4xx_and_the_service_keeps_answering(service, artifact):
+    good = {"histories": [["1", "2", "3"], ["50"]], "k": 10}
+    before = service.recommend(good)
+    assert before[0] == 200
+    for payload, status, message in BAD_REQUESTS:
+        got_status, body = service.recommend(payload)
+        assert (got_status, message in body.get("error", "")) == (status, True), (payload, got_status, body)
+        assert "\n" not in body["error"]
+    assert service.request("GET", "/recommend")[0] == 405
+    status, body = service.get("/no-such-route")
+    assert status == 404 and "POST /recommend" in body["error"]
+    # still up, and the same request gets the same answer as before the bad ones
+    assert service.get("/health") == (200, {"status": "ok"})
+    assert service.recommend(good) == before
+    assert service.process.poll() is None
+
+
+def test_unknown_tokens_under_the_strict_policy_are_refused(artifact):
+    strict = Service(artifact, "--unknown-tokens", "error")
+    try:
+        status, body = strict.recommend({"histories": [["1", "no-such-item"]]})
+        assert status == 422 and "unknown item tokens (first: 'no-such-item')" in body["error"]
+        status, body = strict.recommend({"histories": [["1", "2"]]})
+        assert status == 200 and same(body["recommendations"], direct(artifact, [["1", "2"]], unknown_tokens="error"))
+    finally:
+        strict.close()
+
+
+def test_concurrent_requests_get_their_own_answers(service, artifact):
+    tokens = Recommender(artifact).tokens
+    requests = [{"histories": [tokens[1 + i : 2 + i + i % 7]], "k": 1 + i % 10, "exclude_seen": i % 2 == 0}
+                for i in range(48)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(service.recommend, requests))
+    for request, (status, body) in zip(requests, answers):
+        assert status == 200
+        assert same(body["recommendations"], direct(artifact, request["histories"], request["k"],
+                                                    request["exclude_seen"]))
+
+
+def test_serve_refuses_a_folder_that_is_not_an_artifact(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "recbole_llm", "serve", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("recbole-llm: error:") and "not an exported artifact" in result.stderr
