@@ -10,19 +10,27 @@ RecBole's trainer. On top of RecBole's loop it adds:
 - a per-step hook for models that need one (AdaLoRA's ``update_and_allocate``);
 - FGM adversarial training on the item embeddings (``adversarial: fgm``, ``adv_epsilon``; Miyato et al.,
   "Adversarial Training Methods for Semi-Supervised Text Classification", ICLR 2017);
-- checkpoints that hold only what trained when the model says so (``checkpoint_state_dict``).
+- checkpoints that hold only what trained when the model says so (``checkpoint_state_dict``), all written
+  atomically (a temporary file, then a rename: a kill during a save leaves the previous file whole);
+- resumable training: after every validated epoch a ``<saved_model_file>-latest.pth`` holds the model,
+  optimizer, scheduler, scaler, early-stopping state and every random-number state (Python, numpy, torch,
+  the training DataLoader's shuffle generator); ``resume_from: <that file>`` continues the run where it
+  stopped, through RecBole's ``resume_checkpoint``, and reaches the same results as a run never stopped.
 """
 
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
+from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.errors import RecboleLLMError
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -57,17 +65,25 @@ class PluginTrainer(Trainer):
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.scheduler = None
         self.global_step = 0
+        self.save_latest = bool(config["save_latest"])
+        stem, extension = os.path.splitext(self.saved_model_file)
+        self.latest_model_file = f"{stem}-latest{extension}"
+        self._resumed_state: dict | None = None
+        self._train_data = None
 
     def _build_scheduler(self, train_data) -> None:
         from transformers import get_scheduler
 
-        total_steps = max(1, len(train_data) * (self.epochs - self.start_epoch))
+        # the whole run's steps, also when resuming: the schedule continues where it stopped
+        total_steps = max(1, len(train_data) * self.epochs)
         self.scheduler = get_scheduler(
             "constant_with_warmup" if self.lr_scheduler_name == "constant" else self.lr_scheduler_name,
             self.optimizer,
             num_warmup_steps=int(self.warmup_ratio * total_steps),
             num_training_steps=total_steps,
         )
+        if self._resumed_state and self._resumed_state.get("scheduler"):
+            self.scheduler.load_state_dict(self._resumed_state["scheduler"])
 
     def _fgm_step(self, interaction, loss_func) -> None:
         """Perturb the item embeddings along their gradient, add that loss's gradient, restore."""
@@ -134,27 +150,106 @@ class PluginTrainer(Trainer):
                 after_step(self.global_step)
         return total_loss
 
-    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        """RecBole's checkpoint, with the model's slim state dict when it offers one."""
+    # -----------------------------------------------------------------------------------------------------
+    # checkpoints and resuming
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """RecBole's fit; resumes from ``resume_from`` first, writes the latest checkpoint after validations."""
+        self._train_data = train_data
+        if self.config["resume_from"] and self._resumed_state is None:
+            self.resume_checkpoint(self.config["resume_from"])
+        if self._resumed_state is not None:
+            self._restore_random_state(self._resumed_state.get("random_state"))
+
+        def after_validation(epoch_idx, valid_score):
+            if saved and self.save_latest:
+                self._save_latest(epoch_idx)
+            if callback_fn is not None:
+                callback_fn(epoch_idx, valid_score)
+
+        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                           callback_fn=after_validation)
+
+    def _checkpoint_state(self, epoch: int) -> dict:
         state_dict_of = getattr(self.model, "checkpoint_state_dict", None)
-        if state_dict_of is None:
-            return super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
-            return None
-        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        state = {
+        return {
             "config": self.config,
             "epoch": epoch,
             "cur_step": self.cur_step,
             "best_valid_score": self.best_valid_score,
-            "state_dict": state_dict_of(),
+            "state_dict": state_dict_of() if state_dict_of is not None else self.model.state_dict(),
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
         }
-        # write then rename: a kill during the save never leaves a half-written checkpoint
-        partial = f"{saved_model_file}.partial"
-        torch.save(state, partial)
-        os.replace(partial, saved_model_file)
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """RecBole's checkpoint (slim when the model offers ``checkpoint_state_dict``), written atomically."""
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return None  # rank 0 writes for all ranks, as in RecBole
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        atomic_torch_save(self._checkpoint_state(epoch), saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
         return None
+
+    def _save_latest(self, epoch: int) -> None:
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        state = self._checkpoint_state(epoch)
+        state.update({
+            "best_model_file": self.saved_model_file,
+            "best_valid_result": self.best_valid_result,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "global_step": self.global_step,
+            "random_state": self._random_state(),
+        })
+        atomic_torch_save(state, self.latest_model_file)
+
+    def resume_checkpoint(self, resume_file):
+        """RecBole's resume (model, optimizer, epoch, early stopping); from a ``-latest.pth`` file also the
+        scheduler, scaler, best result and random states, and later saves go to the run's own files."""
+        resume_file = str(resume_file)
+        if not os.path.isfile(resume_file):
+            raise RecboleLLMError(f"resume_from '{resume_file}' is not a file; pass a checkpoint this trainer wrote")
+        super().resume_checkpoint(resume_file)
+        state = load_checkpoint(resume_file, map_location=self.device)
+        self._resumed_state = state
+        if "best_model_file" in state:  # a latest checkpoint: keep writing the run's two files
+            self.saved_model_file = state["best_model_file"]
+            self.latest_model_file = resume_file
+            self.best_valid_result = state["best_valid_result"]
+            self.global_step = int(state["global_step"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+
+    def _random_state(self) -> dict:
+        name, keys, position, has_gauss, cached = np.random.get_state()
+        generator = getattr(self._train_data, "generator", None)
+        return {
+            "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "train_data": generator.get_state() if generator is not None else None,
+        }
+
+    def _restore_random_state(self, state: dict | None) -> None:
+        if not state:
+            return
+        random.setstate(state["python"])
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        generator = getattr(self._train_data, "generator", None)
+        if generator is not None and state["train_data"] is not None:
+            generator.set_state(state["train_data"])
+
+
+def atomic_torch_save(state: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: ``path`` is always a whole checkpoint."""
+    partial = f"{os.fspath(path)}.partial"
+    torch.save(state, partial, pickle_protocol=4)  # RecBole's protocol
+    os.replace(partial, path)
