@@ -20,10 +20,12 @@ from recbole_llm.errors import RecboleLLMError  # noqa: E402
 if importlib.util.find_spec("recbole") is not None:
     import recbole.quick_start  # noqa: F401  (after the filters above)
 
+    from recbole_llm import distributed as _distributed
     from recbole_llm import registry as _registry
 
     _compat.install()
     _registry.install()
+    _distributed.install()
 
     from recbole_llm.checkpoint import load_checkpoint
     from recbole_llm.registry import available_models

@@ -45,6 +45,12 @@ def _run(args: Sequence[str]) -> int:
     parser.add_argument("--model", "-m", default="BERTRec", help="model name (default: BERTRec)")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default: ml-100k)")
     parser.add_argument("--config_files", default=None, help="space-separated YAML config files")
+    # RecBole's run_recbole.py launch options for distributed training (recbole.quick_start.run)
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (default 1)")
+    parser.add_argument("--world_size", type=int, default=-1, help="processes on all machines (default: nproc)")
+    parser.add_argument("--ip", default="localhost", help="address of the rank-0 machine")
+    parser.add_argument("--port", default="5678", help="free port on the rank-0 machine")
+    parser.add_argument("--group_offset", type=int, default=0, help="rank of this machine's first process")
     known, rest = parser.parse_known_args(args)
     malformed = [arg for arg in rest if not arg.startswith("--") or "=" not in arg]
     if malformed:
@@ -54,15 +60,19 @@ def _run(args: Sequence[str]) -> int:
         if not os.path.isfile(path):
             return _fail(f"config file '{path}' does not exist: check --config_files")
 
+    if known.nproc < 1:
+        return _fail(f"--nproc={known.nproc} must be at least 1")
+
     import recbole_llm  # noqa: F401  (registers the plugin with RecBole)
-    from recbole.quick_start import run_recbole
+    from recbole.quick_start import run
 
     from recbole_llm.errors import RecboleLLMError
 
-    # RecBole's Config reads --key=value pairs from sys.argv itself.
+    # RecBole's Config reads --key=value pairs from sys.argv itself (spawned ranks inherit sys.argv).
     sys.argv = [sys.argv[0], *rest]
     try:
-        run_recbole(model=known.model, dataset=known.dataset, config_file_list=config_files)
+        run(known.model, known.dataset, config_file_list=config_files, nproc=known.nproc,
+            world_size=known.world_size, ip=known.ip, port=known.port, group_offset=known.group_offset)
     except RecboleLLMError as error:
         return _fail(str(error))
     return 0

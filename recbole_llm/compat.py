@@ -91,6 +91,7 @@ def _install_config_fixes() -> None:
         final.setdefault("detect_anomaly", False)
         final.setdefault("allow_download", False)
         final.setdefault("tail_threshold", 20)  # recbole_llm.metrics: TailNDCG / TailRecall
+        final.setdefault("dist_backend", None)  # recbole_llm.distributed: None = nccl with CUDA, else gloo
         original_defaults(self)
 
     @functools.wraps(original_init_device)

@@ -30,6 +30,7 @@ from recbole.utils import set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
+from recbole_llm import distributed
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.errors import RecboleLLMError
 
@@ -66,6 +67,8 @@ class PluginTrainer(Trainer):
         self.scheduler = None
         self.global_step = 0
         self.save_latest = bool(config["save_latest"])
+        self.saved_model_file = distributed.share_checkpoint_name(config, self.saved_model_file)
+        distributed.share_backbone_hash(config, self.model)
         stem, extension = os.path.splitext(self.saved_model_file)
         self.latest_model_file = f"{stem}-latest{extension}"
         self._resumed_state: dict | None = None
@@ -167,8 +170,10 @@ class PluginTrainer(Trainer):
             if callback_fn is not None:
                 callback_fn(epoch_idx, valid_score)
 
-        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
-                           callback_fn=after_validation)
+        result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                             callback_fn=after_validation)
+        distributed.check_replicas_in_sync(self.config, self.model, self.logger)
+        return result
 
     def _checkpoint_state(self, epoch: int) -> dict:
         state_dict_of = getattr(self.model, "checkpoint_state_dict", None)
@@ -184,16 +189,17 @@ class PluginTrainer(Trainer):
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         """RecBole's checkpoint (slim when the model offers ``checkpoint_state_dict``), written atomically."""
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
-            return None  # rank 0 writes for all ranks, as in RecBole
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        atomic_torch_save(self._checkpoint_state(epoch), saved_model_file)
-        if verbose:
-            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+        if self.config["local_rank"] == 0:  # rank 0 writes for all ranks, as in RecBole
+            atomic_torch_save(self._checkpoint_state(epoch), saved_model_file)
+            if verbose:
+                self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+        distributed.wait_for_rank_zero(self.config)  # no rank reads the file before it is whole
         return None
 
     def _save_latest(self, epoch: int) -> None:
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        if self.config["local_rank"] != 0:
+            distributed.wait_for_rank_zero(self.config)
             return
         state = self._checkpoint_state(epoch)
         state.update({
@@ -205,6 +211,7 @@ class PluginTrainer(Trainer):
             "random_state": self._random_state(),
         })
         atomic_torch_save(state, self.latest_model_file)
+        distributed.wait_for_rank_zero(self.config)
 
     def resume_checkpoint(self, resume_file):
         """RecBole's resume (model, optimizer, epoch, early stopping); from a ``-latest.pth`` file also the
