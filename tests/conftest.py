@@ -35,6 +35,12 @@ def write_ml100k_slice(folder: Path, name: str, n_users: int) -> Path:
     return target
 
 
+def best_checkpoint(folder: Path, pattern: str = "*.pth") -> Path:
+    """The one best-model checkpoint a run wrote to ``folder`` (the plugin trainer also writes -latest.pth)."""
+    (found,) = [p for p in Path(folder).glob(pattern) if not p.name.endswith("-latest.pth")]
+    return found
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("datasets")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import pickle
 import subprocess
@@ -11,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import best_checkpoint
 from recbole_llm import RecboleLLMError, load_checkpoint
 
 
@@ -62,7 +62,7 @@ def test_run_trains_and_prints_best_valid_and_test(data_root, tmp_path):
     for noise in ("pkg_resources", "FutureWarning", "GradScaler", "Anomaly Detection", "np.bool8"):
         assert noise not in log, noise
 
-    (checkpoint,) = glob.glob(str(tmp_path / "saved" / "BERTRec-*.pth"))
+    checkpoint = str(best_checkpoint(tmp_path / "saved", "BERTRec-*.pth"))
     evaluated = cli("evaluate", f"--checkpoint={checkpoint}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "test result" in evaluated.stdout + evaluated.stderr

@@ -12,6 +12,7 @@ import pytest
 import torch
 from recbole.quick_start import run_recbole
 
+from conftest import best_checkpoint
 from recbole_llm import RecboleLLMError
 from recbole_llm.export import ExportOptions, ScoringGraph, export_checkpoint, load_for_export, validation_inputs
 from recbole_llm.runtime import Recommender
@@ -41,7 +42,7 @@ def checkpoints(data_root, tmp_path_factory) -> dict[str, str]:
                 "MAX_ITEM_LIST_LENGTH": 12, "show_progress": False, "epochs": 1, "learning_rate": 0.003,
                 "train_batch_size": 512, "checkpoint_dir": str(folder / name), **settings,
             })
-            (found[name],) = [str(p) for p in (folder / name).glob("*.pth")]
+            found[name] = str(best_checkpoint(folder / name))
     finally:
         os.chdir(cwd)
     return found

@@ -13,7 +13,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.evaluator.collector import DataStruct
 from recbole.utils import get_model, get_trainer, init_seed
 
-from conftest import write_ml100k_slice
+from conftest import best_checkpoint, write_ml100k_slice
 from recbole_llm import RecboleLLMError
 from recbole_llm.metrics import F1, TailNDCG, TailRecall
 
@@ -166,7 +166,7 @@ def test_text_mode_model_exports_with_its_item_table_baked_in(text_root, tmp_pat
 
     run_recbole(model="BERTLoRA", dataset="ml-text", config_dict=text_config(
         text_root, tmp_path, item_repr="id+text", epochs=1, train_batch_size=512))
-    (checkpoint,) = (tmp_path / "saved").glob("*.pth")
+    checkpoint = best_checkpoint(tmp_path / "saved")
     artifact = export_checkpoint(checkpoint, tmp_path / "artifact", ExportOptions(top_k=10))
     metadata = json.loads((artifact / "metadata.json").read_text())
     assert metadata["item_repr"] == "id+text" and metadata["validation"][0]["passed"]

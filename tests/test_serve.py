@@ -16,6 +16,7 @@ from dataclasses import asdict
 import pytest
 from recbole.quick_start import run_recbole
 
+from conftest import best_checkpoint
 from recbole_llm.export import ExportOptions, export_checkpoint
 from recbole_llm.runtime import Recommender
 
@@ -37,7 +38,7 @@ def artifact(data_root, tmp_path_factory) -> str:
         })
     finally:
         os.chdir(cwd)
-    (checkpoint,) = (folder / "saved").glob("*.pth")
+    checkpoint = best_checkpoint(folder / "saved")
     return str(export_checkpoint(checkpoint, folder / "artifact", ExportOptions()))
 
 
