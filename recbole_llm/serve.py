@@ -91,7 +91,7 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
         raise RequestError(422, f"'exclude_seen' must be true or false, not {type(exclude_seen).__name__}")
     try:
         recommender.check_k(k)
-        item_seq, item_length, unknown = recommender.encode([[str(t) for t in h] for h in histories])
+        item_seq, item_length, unknown = recommender.encode(histories)  # it maps int tokens by str()
     except RecboleLLMError as error:
         raise RequestError(422, str(error)) from None
     rows = len(histories)
@@ -156,9 +156,6 @@ class Batcher:
                 start += len(job.ks)
 
     def _run(self, jobs: list[Job]) -> list:
-        if len(jobs) == 1:
-            job = jobs[0]
-            return self.recommender.rank(job.item_seq, job.item_length, job.ks, job.exclude, job.unknown)
         return self.recommender.rank(
             np.concatenate([job.item_seq for job in jobs]),
             np.concatenate([job.item_length for job in jobs]),
