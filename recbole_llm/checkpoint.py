@@ -21,76 +21,122 @@ import os
 import pickle
 import re
 import types
-import zipfile
 from typing import Any, Iterator
 
 from recbole_llm.errors import RecboleLLMError
 
 
-def _recbole_globals() -> dict[str, Any]:
-    """The globals a RecBole checkpoint pickles besides tensors: its Config and what the Config holds."""
-    import copyreg
-
-    import numpy as np
-    import yaml
-    from recbole.config.configurator import Config
-    from recbole.utils import enum_type
-
-    allowed: list[Any] = [
-        Config,
-        enum_type.ModelType,
-        enum_type.InputType,
-        enum_type.EvaluatorType,
-        enum_type.FeatureType,
-        enum_type.FeatureSource,
-        # Config keeps the YAML loader *class* it parsed its files with; the class is never called.
-        yaml.loader.FullLoader,
-        # how pickle rebuilds a plain object (Config) without calling its __init__
-        copyreg._reconstructor,
-        object,
-        # numpy scalars RecBole stores as-is (best_valid_score, some metric values)
-        np.core.multiarray.scalar,
-        np.dtype,
-        np.core.multiarray._reconstruct,
-        np.ndarray,
-    ]
-    names = {f"{obj.__module__}.{obj.__qualname__}": obj for obj in allowed}
-    names["builtins.object"] = object
-    for dtype_class in (np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType):
-        names[f"numpy.dtypes.{dtype_class.__name__}"] = dtype_class
-    return names
+def _numpy_multiarray():
+    try:  # numpy 2 (numpy.core is a deprecated alias there)
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    return multiarray
 
 
-def _torch_globals() -> dict[str, Any]:
-    """torch's own weights-only allow-list (tensors, storages, dtypes, OrderedDict, torch.device ...)."""
+def _callable_globals() -> dict[str, Any]:
+    """Functions and classes a checkpoint may *call*, each harmless whatever arguments a pickle chooses.
+
+    torch's own weights-only allow-list (tensor and storage rebuilds, dtypes, ``torch.Size``,
+    ``OrderedDict`` ...), and numpy's array, scalar and dtype rebuilds. Nothing here evaluates strings,
+    imports modules or touches files.
+    """
     import collections
 
+    import numpy as np
     import torch
 
     try:
-        from torch._weights_only_unpickler import _get_allowed_globals, _get_user_allowed_globals
+        from torch._weights_only_unpickler import _get_allowed_globals
 
-        return {**_get_allowed_globals(), **_get_user_allowed_globals()}
-    except ImportError:  # private API moved: fall back to what RecBole checkpoints need
-        return {
+        names = dict(_get_allowed_globals())
+    except ImportError:  # private API moved: what RecBole checkpoints need
+        names = {
             "collections.OrderedDict": collections.OrderedDict,
             "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
             "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
             "torch.device": torch.device,
             "torch.Size": torch.Size,
         }
+    multiarray = _numpy_multiarray()
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # saved under numpy 1 or 2
+        names[f"{module}._reconstruct"] = multiarray._reconstruct
+        names[f"{module}.scalar"] = multiarray.scalar
+    names["numpy.dtype"] = np.dtype
+    for name in dir(np.dtypes):  # numpy 2 pickles dtypes through their DType classes
+        candidate = getattr(np.dtypes, name)
+        if isinstance(candidate, type) and issubclass(candidate, np.dtype):
+            names[f"numpy.dtypes.{name}"] = candidate
+    return names
+
+
+def _state_classes() -> dict[str, type]:
+    """Classes rebuilt from their state only: ``object.__new__`` then ``__dict__`` update, never called.
+
+    RecBole's ``Config`` is one: calling it runs ``eval`` on strings of its ``config_dict``.
+    """
+    from recbole.config.configurator import Config
+
+    return {"recbole.config.configurator.Config": Config, "builtins.object": object}
+
+
+def _enum_classes() -> dict[str, type]:
+    """RecBole's enums: a pickle may only look a member up by its value."""
+    from recbole.utils import enum_type
+
+    enums = (enum_type.ModelType, enum_type.InputType, enum_type.EvaluatorType, enum_type.FeatureType,
+             enum_type.FeatureSource)
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in enums}
+
+
+def _value_classes() -> dict[str, type]:
+    """Classes a checkpoint holds as values and never calls: ``Config`` keeps its YAML loader class."""
+    import yaml
+
+    return {"yaml.loader.FullLoader": yaml.loader.FullLoader}
+
+
+def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """``copyreg._reconstructor`` for state classes only: ``object.__new__(cls)``, no ``__init__``."""
+    if id(cls) not in _allow_lists().state_ids or base is not object or state is not None:
+        raise pickle.UnpicklingError(f"Unsupported reconstruction of {cls!r} from {base!r}")
+    return object.__new__(cls)
+
+
+class _AllowLists:
+    """The four allow-lists by ``module.name``, with identity sets for the per-opcode checks."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.callables = {**_callable_globals(), "copyreg._reconstructor": _safe_reconstructor}
+        self.state = _state_classes()
+        self.enums = _enum_classes()
+        self.values = _value_classes()
+        self.callable_ids = {id(obj) for obj in self.callables.values()}
+        self.state_ids = {id(cls) for cls in self.state.values()}
+        self.enum_ids = {id(cls) for cls in self.enums.values()}
+        self.buildable_ids = self.state_ids | {
+            id(obj) for obj in self.callables.values() if isinstance(obj, type)
+        } | {id(np.ndarray)}
+        self.names = {**self.values, **self.enums, **self.state, **self.callables}
 
 
 @functools.lru_cache(maxsize=1)
+def _allow_lists() -> _AllowLists:
+    return _AllowLists()
+
+
 def allowed_globals() -> dict[str, Any]:
-    return {**_torch_globals(), **_recbole_globals()}
+    """Every global a checkpoint may name, by ``module.name``: callables, state, enum and value classes."""
+    return _allow_lists().names
 
 
 def _recommender_class(module: str, name: str) -> type | None:
     """A RecBole or plugin model class named by the checkpoint's Config (its ``model_class``), else None.
 
     Only modules inside ``recbole.model`` or the plugin's model registry are imported, and only a
-    subclass of RecBole's ``AbstractRecommender`` is returned.
+    subclass of RecBole's ``AbstractRecommender`` is returned. It is a value: never called.
     """
     import importlib
 
@@ -110,15 +156,111 @@ def _recommender_class(module: str, name: str) -> type | None:
     return None
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that only resolves allow-listed globals, so loading can never run foreign code."""
+def _refuse(message: str) -> None:
+    raise pickle.UnpicklingError(message)
+
+
+def _holds_foreign_callable(value: Any, depth: int = 0) -> bool:
+    """Whether a call's arguments hold a class or function the pickle may not call.
+
+    Some admitted functions call an argument (torch's ``_rebuild_from_type_v2(func, new_type, args,
+    state)`` runs ``func(*args)``): a state, enum, value or model class passed that way would be called.
+    """
+    if callable(value) and not isinstance(value, (int, float, str, bytes)):
+        if isinstance(value, type) or isinstance(value, (types.FunctionType, types.BuiltinFunctionType)):
+            return id(value) not in _allow_lists().callable_ids
+    if depth < 4 and isinstance(value, (tuple, list)):
+        return any(_holds_foreign_callable(item, depth + 1) for item in value)
+    if depth < 4 and isinstance(value, dict):
+        return any(_holds_foreign_callable(item, depth + 1) for pair in value.items() for item in pair)
+    return False
+
+
+def _refuse(message: str) -> None:
+    raise pickle.UnpicklingError(message)
+
+
+def _name(obj: Any) -> str:
+    return getattr(obj, "__qualname__", type(obj).__name__)
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler that names only allow-listed globals and calls only harmless ones.
+
+    Python's pure-Python unpickler with the opcodes that call or build objects checked (the C
+    unpickler's opcode table cannot be changed): ``REDUCE`` calls only :func:`_callable_globals`, never
+    with a class or function of the other lists among its arguments, and looks RecBole's enums up by
+    value; ``NEWOBJ``/``NEWOBJ_EX`` create state classes with ``object.__new__`` (no ``__init__``) and
+    torch's allowed classes with their ``__new__``; ``BUILD`` restores state only on allow-listed types;
+    the protocol-0/1 ``INST``/``OBJ`` are refused. Globals are looked up by exact ``module.name``, never
+    by attribute chains. A crafted checkpoint can at worst fail to load; it cannot run code.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
-        allowed = allowed_globals().get(key) or _recommender_class(module, name)
-        if allowed is None:
-            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {key}")
-        return allowed
+        found = allowed_globals().get(key) or _recommender_class(module, name)
+        if found is None:
+            _refuse(f"Unsupported global: GLOBAL {key}")
+        return found
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        lists = _allow_lists()
+        if not isinstance(args, tuple):
+            _refuse(f"Unsupported call of {_name(func)}: arguments are not a tuple")
+        if id(func) in lists.callable_ids:
+            if _holds_foreign_callable(args):
+                _refuse(f"Unsupported call of {_name(func)} with a class or function among its arguments")
+            self.stack[-1] = func(*args)
+        elif id(func) in lists.enum_ids:
+            members = func._value2member_map_
+            if len(args) != 1 or not isinstance(args[0], (int, str)) or args[0] not in members:
+                _refuse(f"Unsupported call of {_name(func)}: only a member's value is allowed")
+            self.stack[-1] = members[args[0]]
+        else:
+            _refuse(f"Unsupported call of {_name(func)}")
+
+    def _new_object(self, cls: Any, args: Any, kwargs: Any) -> Any:
+        lists = _allow_lists()
+        if id(cls) in lists.state_ids and args == () and not kwargs:
+            return object.__new__(cls)
+        if isinstance(cls, type) and id(cls) in lists.callable_ids and isinstance(args, tuple) \
+                and isinstance(kwargs, dict) and not _holds_foreign_callable((args, kwargs)):
+            return cls.__new__(cls, *args, **kwargs)
+        _refuse(f"Unsupported object creation of {_name(cls)}")
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new_object(cls, args, {}))
+
+    def load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new_object(cls, args, kwargs))
+
+    def load_build(self) -> None:
+        kind = type(self.stack[-2])  # BUILD's stack: ..., instance, state
+        if id(kind) not in _allow_lists().buildable_ids:
+            _refuse(f"Unsupported state for {_name(kind)}")
+        super().load_build()
+
+    def load_inst(self) -> None:
+        _refuse("Unsupported opcode INST (protocol 0/1 object creation)")
+
+    def load_obj(self) -> None:
+        _refuse("Unsupported opcode OBJ (protocol 0/1 object creation)")
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.INST[0]] = load_inst
+    dispatch[pickle.OBJ[0]] = load_obj
 
 
 def _restricted_load(file, **kwargs):
@@ -135,15 +277,44 @@ restricted_pickle.__version__ = pickle.format_version
 
 
 def safe_torch_load(f, map_location: Any = None, **kwargs) -> Any:
-    """``torch.load`` for RecBole checkpoints: allow-listed globals only, any pickle protocol."""
+    """``torch.load`` for RecBole checkpoints: allow-listed globals only, any pickle protocol.
+
+    A checkpoint trained on a GPU loads on a machine without CUDA: with no ``map_location`` its
+    storages go to the CPU, and a ``Config`` in it gets this machine's device (:func:`follow_this_machine`).
+    """
     import torch
 
     kwargs.pop("weights_only", None)
     kwargs.pop("pickle_module", None)
+    if map_location is None and not torch.cuda.is_available():
+        map_location = "cpu"
     # torch.serialization.load, not torch.load: the latter is swapped while RecBole loads.
-    return torch.serialization.load(
+    loaded = torch.serialization.load(
         f, map_location=map_location, pickle_module=restricted_pickle, weights_only=False, **kwargs
     )
+    if isinstance(loaded, dict) and "config" in loaded:
+        follow_this_machine(loaded["config"])
+    return loaded
+
+
+def follow_this_machine(config: Any) -> None:
+    """Point a checkpoint's ``Config`` at this machine: a CUDA device becomes the CPU where CUDA is absent.
+
+    RecBole pickles the ``device`` its training machine chose (``Config._init_device``) and
+    ``load_data_and_model`` moves the model there; on a CPU-only machine that is torch's "Attempting to
+    deserialize object on a CUDA device". Mixed precision is already CUDA-only in the plugin trainer.
+    """
+    import torch
+    from recbole.config.configurator import Config
+
+    if not isinstance(config, Config) or torch.cuda.is_available():
+        return
+    final = getattr(config, "final_config_dict", None)
+    device = final.get("device") if isinstance(final, dict) else None
+    if isinstance(device, torch.device) and device.type == "cuda":
+        final["device"] = torch.device("cpu")
+        final["use_gpu"] = False
+        final["gpu_id"] = ""
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
@@ -162,11 +333,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
                 f"refusing to load '{path}': it references '{unsupported.group(1)}', which a RecBole "
                 "checkpoint never holds; load only checkpoints saved by RecBole or recbole_llm"
             ) from None
+        if str(error).startswith("Unsupported"):
+            raise RecboleLLMError(
+                f"refusing to load '{path}': it asks for an unsupported {str(error)[12:].strip()}; "
+                "load only checkpoints saved by RecBole or recbole_llm"
+            ) from None
         raise RecboleLLMError(
             f"'{path}' is not a RecBole checkpoint (unreadable pickle); "
             "pass the .pth file that RecBole's trainer saved under saved/"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError) as error:
+    except Exception as error:  # torch's and pickle's many ways of failing on a file that is not one
         raise RecboleLLMError(
             f"'{path}' is not a RecBole checkpoint ({type(error).__name__}); "
             "pass the .pth file that RecBole's trainer saved under saved/"

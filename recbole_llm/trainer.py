@@ -219,8 +219,8 @@ class PluginTrainer(Trainer):
         resume_file = str(resume_file)
         if not os.path.isfile(resume_file):
             raise RecboleLLMError(f"resume_from '{resume_file}' is not a file; pass a checkpoint this trainer wrote")
+        state = load_checkpoint(resume_file, map_location=self.device)  # a refused file: one line, first
         super().resume_checkpoint(resume_file)
-        state = load_checkpoint(resume_file, map_location=self.device)
         self._resumed_state = state
         if "best_model_file" in state:  # a latest checkpoint: keep writing the run's two files
             self.saved_model_file = state["best_model_file"]
