@@ -18,7 +18,7 @@ from recbole_llm.errors import RecboleLLMError  # noqa: E402
 
 # A serving-only install (onnxruntime and numpy, no RecBole) can still use recbole_llm.runtime.
 if importlib.util.find_spec("recbole") is not None:
-    import recbole.quick_start  # noqa: F401  (after the filters above)
+    _compat.import_quick_start()  # after the filters above; ray is optional
 
     from recbole_llm import distributed as _distributed
     from recbole_llm import registry as _registry

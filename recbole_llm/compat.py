@@ -1,11 +1,20 @@
 """RecBole 1.2.1 on today's stack: the fixes that pins in pyproject.toml cannot make.
 
-What pins fix (see pyproject.toml): ray 2.6.3 needs ``pkg_resources`` (setuptools < 81) and ``np.bool8``
-(numpy < 2); ``Config`` assigns ``np.float_`` (numpy < 2); pandas 3 turns RecBole's column
-``fillna(inplace=True)`` into a silent no-op (pandas < 3).
+What a pin fixes (see pyproject.toml): pandas 3 turns RecBole's column ``fillna(inplace=True)`` into a
+silent no-op (pandas < 3).
 
 What this module fixes, each by wrapping a RecBole function rather than copying it:
 
+- ``recbole/quick_start/quick_start.py`` imports ray at module level (``from ray import tune``, used only
+  by ``objective_function``'s ``tune.report``), and RecBole 1.2.1 pins ray<=2.6.3, which has no wheels for
+  Python >= 3.12, needs ``pkg_resources`` (gone in setuptools 81) and ``np.bool8`` (gone in numpy 2).
+  ray becomes optional: where it does not import, quick_start gets a stand-in ``tune`` whose use says
+  that ray-based hyper-parameter search needs ray; everything else works.
+- ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and friends; numpy 2 removed
+  ``np.float_``, ``np.complex_`` and ``np.unicode_``, so every ``Config()`` fails. It becomes a version
+  that adds only the aliases numpy lacks (RecBole's metrics and samplers still use ``np.float``).
+- RecBole's metrics return numpy scalars; numpy 2 prints them as ``np.float64(0.05)``, so the result
+  dicts RecBole logs stop being plain Python literals. ``Evaluator.evaluate`` returns Python floats.
 - torch >= 2.6 refuses RecBole's checkpoints: :mod:`recbole_llm.checkpoint` loads them through an
   allow-list instead.
 - ``recbole/model/sequential_recommender/sine.py`` switches autograd anomaly detection on at import, for
@@ -46,6 +55,70 @@ _NOISE = (
     (DeprecationWarning, r"`tune\.report` and `tune\.checkpoint_dir` APIs are deprecated"),
     (DeprecationWarning, r"distutils Version classes are deprecated"),
 )
+
+
+# The numpy aliases RecBole 1.2.1 (Config.compatibility_settings) and ray 2.6.3 use, added only where
+# numpy lacks them: numpy 2 removed np.float_, np.complex_, np.unicode_ and np.bool8.
+_NUMPY_ALIASES = {
+    "bool": "bool_", "int": "int_", "float": "float64", "complex": "complex128", "object": "object_",
+    "str": "str_", "long": "int_", "unicode": "str_", "bool8": "bool_", "float_": "float64",
+    "complex_": "complex128", "unicode_": "str_",
+}
+
+
+def numpy_aliases() -> None:
+    """Add the numpy aliases RecBole 1.2.1 and ray 2.6.3 use, without overriding any numpy defines."""
+    import numpy as np
+
+    for alias, target in _NUMPY_ALIASES.items():
+        if alias not in np.__dict__:  # np.__dict__, not hasattr: numpy 2's __getattr__ raises for these
+            setattr(np, alias, getattr(np, target))
+
+
+class _RayMissing:
+    """Stands in for ``ray.tune`` in RecBole's quick_start when ray cannot be imported."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    def __getattr__(self, name: str):
+        raise RecboleLLMError(
+            f"ray-based hyper-parameter search needs ray, which cannot be imported here ({self._reason}); "
+            "on Python 3.11: pip install 'ray==2.6.3' 'setuptools<81'"
+        )
+
+
+def import_quick_start() -> None:
+    """Import ``recbole.quick_start``, with ray if ray imports and with a stand-in ``tune`` if not.
+
+    The stand-in lives in ``sys.modules`` only while quick_start imports, so other libraries that probe
+    for ray (transformers, peft) still see that it is absent.
+    """
+    import sys
+    import types
+
+    if "recbole.quick_start.quick_start" in sys.modules:
+        return
+    numpy_aliases()
+    try:
+        import ray.tune  # noqa: F401
+    except Exception as error:  # ImportError, or ray 2.6.3 failing on numpy 2 / setuptools >= 81
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:160]
+        saved = {name: sys.modules.get(name) for name in ("ray", "ray.tune")}
+        stand_in = types.ModuleType("ray")
+        stand_in.tune = _RayMissing(reason)
+        sys.modules["ray"] = stand_in
+        sys.modules["ray.tune"] = stand_in.tune  # type: ignore[assignment]
+        try:
+            import recbole.quick_start  # noqa: F401
+        finally:
+            for name, module in saved.items():
+                if module is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = module
+    else:
+        import recbole.quick_start  # noqa: F401
 
 
 def silence_stack_noise() -> None:
@@ -100,9 +173,13 @@ def _install_config_fixes() -> None:
         # RecBole's sine.py turned this on at import; it costs a quarter of the wall time for nothing.
         torch.autograd.set_detect_anomaly(bool(self.final_config_dict.get("detect_anomaly")))
 
+    def compatibility_settings(self):
+        numpy_aliases()
+
     _set_default_parameters.__recbole_llm__ = True
     Config._set_default_parameters = _set_default_parameters
     Config._init_device = _init_device
+    Config.compatibility_settings = compatibility_settings
 
 
 def _install_offline_dataset_check() -> None:
@@ -131,6 +208,28 @@ def _install_offline_dataset_check() -> None:
     Dataset._download = _download
 
 
+def _install_plain_metric_values() -> None:
+    from recbole.evaluator import evaluator as evaluator_module
+
+    Evaluator = evaluator_module.Evaluator
+    if getattr(Evaluator.evaluate, "__recbole_llm__", False):
+        return
+    original = Evaluator.evaluate
+
+    @functools.wraps(original)
+    def evaluate(self, dataobject):
+        import numpy as np
+
+        result = original(self, dataobject)
+        for key, value in result.items():
+            if isinstance(value, np.generic):
+                result[key] = value.item()
+        return result
+
+    evaluate.__recbole_llm__ = True
+    Evaluator.evaluate = evaluate
+
+
 def install() -> None:
     """Apply every fix. Idempotent; called by ``import recbole_llm``."""
     silence_stack_noise()
@@ -145,8 +244,7 @@ def install() -> None:
     metrics.install()
     _install_config_fixes()
     _install_offline_dataset_check()
-    from recbole.config.configurator import Config
-
-    Config.compatibility_settings(None)  # RecBole's own numpy aliases; the method never reads self
+    _install_plain_metric_values()
+    numpy_aliases()
     # RecBole leaves anomaly detection on from import until a Config switches it: off by default.
     torch.autograd.set_detect_anomaly(False)
