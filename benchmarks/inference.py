@@ -1,12 +1,13 @@
 """Inference speed: PyTorch eager, torch.compile and ONNX Runtime (fp32, optimized, int8 / fp16) on one model.
 
     python benchmarks/inference.py                 # CPU: writes benchmarks/results/inference_cpu.{json,md,png}
-    python benchmarks/inference.py --device cuda   # GPU: eager fp32, torch.compile, ORT fp32 / optimized / fp16
+    python benchmarks/inference.py --device cuda   # GPU: eager fp32 / bf16, torch.compile, ORT CUDA fp32 / fp16
 
 One process trains BERTLoRA on the default pretrained encoder (all-MiniLM-L6-v2, all 6 layers, 50 items of
-history) on ml-100k for a short budget and exports it three (CPU) or three (GPU) ways with
+history) on ml-100k for a short budget and exports it three (CPU) or two (GPU) ways with
 ``recbole_llm.export``. Then every runtime runs in its own fresh process on the same inputs — real test
-histories of ml-100k cut to 20 and 50 items, batch sizes 1, 8, 64, 256 — scoring all items (the exported
+histories of ml-100k cut to 20 and 50 items, batch sizes 1, 8, 64, 256 (GPU: 50 items, batch sizes 1, 64,
+256) — scoring all items (the exported
 ``scores`` graph, what ``full_sort_predict`` returns). Each shape is warmed up, then timed call by call;
 the table gives p50 / p99 latency with min / max, histories and items ranked per second, and ratios
 against PyTorch eager from this run. Parity: each runtime's scores on 256 probe rows against eager's.
@@ -27,12 +28,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, SCRATCH, provenance, run_child, write_results  # noqa: E402
 
-BATCH_SIZES = (1, 8, 64, 256)
-LENGTHS = (20, 50)
+# (history lengths, batch sizes) per device; main() picks the device's before anything reads them
+SHAPES = {"cpu": ((20, 50), (1, 8, 64, 256)), "cuda": ((50,), (1, 64, 256))}
+LENGTHS, BATCH_SIZES = SHAPES["cpu"]
 TRAIN_BUDGET_CPU_S = 300
 RUNTIMES = {
     "cpu": ["eager", "compile", "ort-fp32", "ort-optimized", "ort-int8"],
-    "cuda": ["eager", "compile", "ort-fp32", "ort-optimized", "ort-fp16"],
+    "cuda": ["eager", "eager-bf16", "compile", "ort-fp32", "ort-fp16"],
 }
 ARTIFACTS = {"ort-fp32": {}, "ort-optimized": {"optimize": True},
              "ort-int8": {"optimize": True, "int8": True}, "ort-fp16": {"optimize": True, "fp16": True}}
@@ -132,9 +134,10 @@ def scorer(runtime: str, device: str, prepared: dict):
     graph = ScoringGraph(exported, top_k=None).eval().to(device)
     if runtime == "compile":
         graph = torch.compile(graph)
+    bf16 = runtime == "eager-bf16"
 
     def run(seq, length):
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             scores = graph(torch.from_numpy(seq).to(device), torch.from_numpy(length).to(device))
             return scores.float().cpu().numpy()
 
@@ -279,9 +282,12 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per shape (at least 10 calls)")
     parser.add_argument("--train-budget", type=float, default=TRAIN_BUDGET_CPU_S, help="CPU seconds of training")
-    parser.add_argument("--child", choices=["prepare", *ARTIFACTS, "eager", "compile"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["prepare", *ARTIFACTS, "eager", "eager-bf16", "compile"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global LENGTHS, BATCH_SIZES
+    LENGTHS, BATCH_SIZES = SHAPES[args.device]
     workdir = SCRATCH / f"inference_{args.device}"
     if args.child == "prepare":
         prepare(args.device, workdir, args.out, args.train_budget)

@@ -61,7 +61,9 @@ class ExportOptions:
     triton: bool = False
     force: bool = False
     validation_rows: int = 256
-    max_abs_diff: float = 1e-4  # fp32 parity against PyTorch
+    # fp32 parity against PyTorch; None: 1e-4 on ONNX Runtime's CPU provider, 1e-3 on CUDA (its fp32
+    # matrix products may use TF32 and other kernels than PyTorch's CPU ones)
+    max_abs_diff: float | None = None
     min_overlap: float = 0.95  # top-10 overlap for fp16 and int8
     triton_max_batch_size: int = 256
 
@@ -218,6 +220,9 @@ def validate(
     reference[:, 0] = -np.inf  # padding is not an item
     # batch sizes that differ from the traced example (2), so a baked-in batch size would show
     batch_sizes = [1, 7, 64]
+    tolerance = options.max_abs_diff
+    if tolerance is None:
+        tolerance = 1e-3 if _providers(precision == "fp16")[0] == "CUDAExecutionProvider" else 1e-4
     feeds = {"item_seq": item_seq, "item_length": item_length}
     k = options.top_k
     if k is not None:
@@ -241,7 +246,7 @@ def validate(
     # An order difference between two items whose reference scores tie (within the tolerance) is no error.
     got_ref_scores = np.take_along_axis(reference, got, axis=1)
     want_ref_scores = np.take_along_axis(reference, want, axis=1)
-    beyond_ties = int(np.sum(np.any(np.abs(got_ref_scores - want_ref_scores) > options.max_abs_diff, axis=1)))
+    beyond_ties = int(np.sum(np.any(np.abs(got_ref_scores - want_ref_scores) > tolerance, axis=1)))
     overlap = float(np.mean([len(set(g) & set(w)) / top for g, w in zip(got, want)]))
     report = ValidationReport(
         precision=precision,
@@ -255,9 +260,9 @@ def validate(
         passed=True,
     )
     if precision == "fp32":
-        if not max_diff <= options.max_abs_diff:
+        if not max_diff <= tolerance:
             report.passed, report.reason = False, (
-                f"max |ONNX Runtime - PyTorch| score difference {max_diff:.3g} exceeds {options.max_abs_diff:g}"
+                f"max |ONNX Runtime - PyTorch| score difference {max_diff:.3g} exceeds {tolerance:g}"
             )
         elif beyond_ties:
             report.passed, report.reason = False, f"top-{top} order differs from PyTorch in {beyond_ties} rows"
