@@ -390,6 +390,26 @@ def loads_safely(function):
     return wrapper
 
 
+def explain_unfitting_weights(error: RuntimeError, path: str) -> RecboleLLMError | None:
+    """torch's multi-line ``load_state_dict`` error as one line saying what does not match, else None."""
+    text = str(error)
+    if not text.startswith("Error(s) in loading state_dict"):
+        return None
+    details = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    first = details[0] if details else text.splitlines()[0]
+    shapes = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                       r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", first)
+    if shapes:
+        name, saved, here = shapes.groups()
+        first = f"{name} is {saved} in the checkpoint but {here} here"
+    elif len(first) > 200:
+        first = first[:200] + " ..."
+    return RecboleLLMError(
+        f"checkpoint '{path}' does not fit the model built here: {first}; it was trained for another model or "
+        "another dataset (item or user count): use the model, settings and data files it was trained with"
+    )
+
+
 def install() -> None:
     """Route RecBole's checkpoint loads (evaluate, resume, load_data_and_model) through the safe loader."""
     import recbole.quick_start as quick_start_package
@@ -400,7 +420,8 @@ def install() -> None:
         for method in ("evaluate", "resume_checkpoint"):
             function = cls.__dict__.get(method)
             if function is not None and not getattr(function, "__recbole_llm__", False):
-                setattr(cls, method, loads_safely(function))
+                setattr(cls, method, loads_safely(_fitting_weights(function) if method == "resume_checkpoint"
+                                                  else function))
 
     original = quick_start.load_data_and_model
     if not getattr(original, "__recbole_llm__", False):
@@ -409,11 +430,33 @@ def install() -> None:
         def load_data_and_model(model_file):
             load_checkpoint(model_file)  # a clear one-line error for a file that is not a checkpoint
             with recbole_loads_safely():
-                return original(model_file)
+                try:
+                    return original(model_file)
+                except RuntimeError as error:
+                    explained = explain_unfitting_weights(error, os.fspath(model_file))
+                    if explained is None:
+                        raise
+                    raise explained from None
 
         load_data_and_model.__recbole_llm__ = True
         quick_start.load_data_and_model = load_data_and_model
         quick_start_package.load_data_and_model = load_data_and_model
+
+
+def _fitting_weights(resume):
+    """RecBole's ``resume_checkpoint`` with weights that do not fit explained in one line."""
+
+    @functools.wraps(resume)
+    def resume_checkpoint(self, resume_file):
+        try:
+            return resume(self, resume_file)
+        except RuntimeError as error:
+            explained = explain_unfitting_weights(error, os.fspath(resume_file))
+            if explained is None:
+                raise
+            raise explained from None
+
+    return resume_checkpoint
 
 
 def _subclasses(cls: type) -> set[type]:

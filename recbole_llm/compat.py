@@ -13,6 +13,8 @@ What this module fixes, each by wrapping a RecBole function rather than copying 
 - ``Config.compatibility_settings`` assigns ``np.float = np.float_`` and friends; numpy 2 removed
   ``np.float_``, ``np.complex_`` and ``np.unicode_``, so every ``Config()`` fails. It becomes a version
   that adds only the aliases numpy lacks (RecBole's metrics and samplers still use ``np.float``).
+- RecBole's ``ensure_dir`` checks, then creates: two DDP ranks creating ``checkpoint_dir`` (or the log
+  folder) at once fail with ``FileExistsError``. It becomes ``os.makedirs(..., exist_ok=True)``.
 - RecBole's metrics return numpy scalars; numpy 2 prints them as ``np.float64(0.05)``, so the result
   dicts RecBole logs stop being plain Python literals. ``Evaluator.evaluate`` returns Python floats.
 - torch >= 2.6 refuses RecBole's checkpoints: :mod:`recbole_llm.checkpoint` loads them through an
@@ -140,6 +142,58 @@ def _quiet_ray_session_log() -> None:
 # Config
 
 
+def _check_yaml_file(path: str, loader) -> None:
+    """A config file that cannot be read, does not parse or is not a mapping: one line naming file and line."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            parsed = yaml.load(f.read(), Loader=loader)
+    except FileNotFoundError:
+        raise RecboleLLMError(f"config file '{path}' does not exist: check config_file_list / --config_files") from None
+    except UnicodeDecodeError as error:
+        raise RecboleLLMError(f"config file '{path}' is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecboleLLMError(f"config file '{path}' is not valid YAML{where}: {problem}; fix the YAML") from None
+    if parsed is not None and not isinstance(parsed, dict):
+        raise RecboleLLMError(
+            f"config file '{path}' holds a {type(parsed).__name__}, not a mapping of settings: "
+            "write one 'key: value' per line"
+        )
+
+
+_POSITIVE_INTS = ("epochs", "train_batch_size", "eval_batch_size")
+_SEQUENTIAL_LOSSES = ("CE", "BPR")
+
+
+def _check_config_values(final: dict) -> None:
+    """Values every run depends on, checked before RecBole reads any data: one line naming key and fix."""
+    from recbole.utils import ModelType
+
+    def positive_int(key: str) -> None:
+        value = final.get(key)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RecboleLLMError(f"{key}={value!r} must be a positive integer: set --{key}=N with N >= 1")
+
+    for key in _POSITIVE_INTS:
+        positive_int(key)
+    rate = final.get("learning_rate")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+        raise RecboleLLMError(f"learning_rate={rate!r} must be a number above 0: e.g. --learning_rate=0.001")
+    if final.get("MODEL_TYPE") == ModelType.SEQUENTIAL:
+        positive_int("MAX_ITEM_LIST_LENGTH")
+        loss = final.get("loss_type")
+        if loss is not None and loss not in _SEQUENTIAL_LOSSES:
+            raise RecboleLLMError(
+                f"loss_type={loss!r} is not a loss of sequential models: use {' or '.join(_SEQUENTIAL_LOSSES)}"
+            )
+
+
 def _install_config_fixes() -> None:
     import torch
     from recbole.config import configurator
@@ -161,6 +215,7 @@ def _install_config_fixes() -> None:
             and not user_set_sampling
         ):
             final["train_neg_sample_args"] = None
+        _check_config_values(final)
         final.setdefault("detect_anomaly", False)
         final.setdefault("allow_download", False)
         final.setdefault("tail_threshold", 20)  # recbole_llm.metrics: TailNDCG / TailRecall
@@ -175,6 +230,16 @@ def _install_config_fixes() -> None:
 
     def compatibility_settings(self):
         numpy_aliases()
+
+    original_load_files = Config._load_config_files
+
+    @functools.wraps(original_load_files)
+    def _load_config_files(self, file_list):
+        for file in file_list or []:
+            _check_yaml_file(file, self.yaml_loader)
+        return original_load_files(self, file_list)
+
+    Config._load_config_files = _load_config_files
 
     _set_default_parameters.__recbole_llm__ = True
     Config._set_default_parameters = _set_default_parameters
@@ -206,6 +271,174 @@ def _install_offline_dataset_check() -> None:
 
     _download.__recbole_llm__ = True
     Dataset._download = _download
+
+
+# Every module that bound RecBole's ensure_dir by name at import time.
+_MODULES_BINDING_ENSURE_DIR = (
+    "recbole.utils.utils", "recbole.utils", "recbole.utils.logger", "recbole.trainer.trainer",
+    "recbole.data.dataset.dataset", "recbole.data.utils",
+)
+
+
+def _install_race_free_ensure_dir() -> None:
+    import importlib
+
+    def ensure_dir(dir_path):
+        os.makedirs(dir_path, exist_ok=True)
+
+    ensure_dir.__recbole_llm__ = True
+    for name in _MODULES_BINDING_ENSURE_DIR:
+        module = importlib.import_module(name)
+        if hasattr(module, "ensure_dir") and not getattr(module.ensure_dir, "__recbole_llm__", False):
+            module.ensure_dir = ensure_dir
+
+
+_TYPES = "token, token_seq, float, float_seq"
+
+
+def _atomic_header(path: str, separator: str, encoding: str) -> list[tuple[str, str]]:
+    """The ``name:type`` fields of a RecBole atomic file's header, or a one-line error naming the fix."""
+    from recbole.utils import FeatureType
+
+    encoding = encoding or "utf-8"
+    with open(path, "rb") as f:
+        first = f.readline()
+        has_rows = any(line.strip() for line in (f.readline(), f.readline()))
+    try:
+        head = first.decode(encoding).lstrip("\ufeff").rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise RecboleLLMError(f"{path}: line 1 is not {encoding} text (byte {error.start}): save the file as "
+                              f"{encoding} or set encoding") from None
+    if not head.strip():
+        raise RecboleLLMError(f"{path} is empty: its first line must name the fields as name:type ({_TYPES}), "
+                              "one row per line after it")
+    fields = []
+    for column, field_type in enumerate(head.split(separator), start=1):
+        name, colon, kind = field_type.partition(":")
+        if not colon:
+            raise RecboleLLMError(f"{path}: header field {column} '{field_type}' has no type: write "
+                                  f"'{field_type}:token' (types: {_TYPES})")
+        if kind not in {t.value for t in FeatureType}:
+            raise RecboleLLMError(f"{path}: header field '{field_type}' has the unknown type '{kind}': use one of "
+                                  f"{_TYPES}")
+        fields.append((name, kind))
+    if not has_rows:
+        raise RecboleLLMError(f"{path} has a header but no rows: add the data, one row per line")
+    return fields
+
+
+def _locate_bad_row(path: str, separator: str, encoding: str, fields: list[tuple[str, str]]) -> str:
+    """Where a file RecBole could not read goes wrong: the first undecodable line or non-number."""
+    encoding = encoding or "utf-8"
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode(encoding).rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                return f"line {number} is not {encoding} text (byte {error.start} of the line): save it as {encoding}"
+            if number == 1:
+                continue
+            for (name, kind), value in zip(fields, line.split(separator)):
+                if kind == "float" and value.strip():
+                    try:
+                        float(value)
+                    except ValueError:
+                        return f"line {number}, field '{name}' (float): {value[:40]!r} is not a number"
+    return ""
+
+
+def _orders_by_time(dataset, source) -> bool:
+    """Whether RecBole orders this interaction file's histories by time (sequential models, order TO)."""
+    from recbole.utils import FeatureSource, ModelType
+
+    eval_args = dataset.config["eval_args"] or {}
+    return (
+        source in (FeatureSource.INTERACTION, FeatureSource.INTERACTION.value)
+        and bool(dataset.time_field)
+        and dataset.config["MODEL_TYPE"] == ModelType.SEQUENTIAL
+        and (eval_args.get("order") or "TO") == "TO"
+    )
+
+
+def _install_atomic_file_checks() -> None:
+    """RecBole's atomic-file reading with one-line errors, and the fields sequential models need loaded."""
+    from recbole.data.dataset import dataset as dataset_module
+    from recbole.utils import FeatureSource
+
+    Dataset = dataset_module.Dataset
+    if getattr(Dataset._load_feat, "__recbole_llm__", False):
+        return
+    original_load = Dataset._load_feat
+    original_cols = Dataset._get_load_and_unload_col
+
+    @functools.wraps(original_load)
+    def _load_feat(self, filepath, source):
+        load_col, _ = _get_load_and_unload_col(self, source)
+        if load_col == set():  # RecBole does not read this file
+            return original_load(self, filepath, source)
+        separator, encoding = self.config["field_separator"], self.config["encoding"]
+        fields = _atomic_header(filepath, separator, encoding)
+        names = {name for name, _ in fields}
+        needed = {
+            FeatureSource.INTERACTION: [("USER_ID_FIELD", self.uid_field), ("ITEM_ID_FIELD", self.iid_field)],
+            FeatureSource.USER: [("USER_ID_FIELD", self.uid_field)],
+            FeatureSource.ITEM: [("ITEM_ID_FIELD", self.iid_field)],
+        }.get(source, [])
+        for key, field in needed:
+            if field and field not in names:
+                raise RecboleLLMError(f"{filepath} has no '{field}' field: add a '{field}:token' column, or set "
+                                      f"{key} to the name of your id field")
+        if _orders_by_time(self, source) and self.time_field not in names:
+            raise RecboleLLMError(
+                f"{filepath} has no '{self.time_field}' field, which sequential models order each history by: "
+                f"add a '{self.time_field}:float' column (the position in the user's history will do), set "
+                "TIME_FIELD to yours, or set eval_args order: RO"
+            )
+        try:
+            return original_load(self, filepath, source)
+        except (ValueError, UnicodeDecodeError) as error:
+            where = _locate_bad_row(filepath, separator, encoding, fields)
+            if not where:
+                raise
+            raise RecboleLLMError(f"{filepath}: {where}") from None
+
+    @functools.wraps(original_cols)
+    def _get_load_and_unload_col(self, source):
+        load_col, unload_col = original_cols(self, source)
+        # A sequential model needs the time field: load it even where load_col leaves it out.
+        if load_col and _orders_by_time(self, source):
+            load_col = set(load_col) | {self.time_field}
+        return load_col, unload_col
+
+    _load_feat.__recbole_llm__ = True
+    Dataset._load_feat = _load_feat
+    Dataset._get_load_and_unload_col = _get_load_and_unload_col
+
+
+def _install_missing_value_fill() -> None:
+    """RecBole's ``_fill_nan`` imputes with ``feat[field].fillna(..., inplace=True)``: under pandas 3's
+    copy-on-write that changes a copy and leaves the NaNs. Whatever it left is filled by assignment, with
+    RecBole's values (0, the ``[PAD]`` id, for tokens; the column mean for floats)."""
+    from recbole.data.dataset import dataset as dataset_module
+    from recbole.utils import FeatureType
+
+    Dataset = dataset_module.Dataset
+    if getattr(Dataset._fill_nan, "__recbole_llm__", False):
+        return
+    original = Dataset._fill_nan
+
+    @functools.wraps(original)
+    def _fill_nan(self):
+        original(self)
+        for feat_name in self.feat_name_list:
+            feat = getattr(self, feat_name)
+            for field in feat:
+                kind = self.field2type[field]
+                if kind in (FeatureType.TOKEN, FeatureType.FLOAT) and feat[field].isna().any():
+                    feat[field] = feat[field].fillna(0 if kind == FeatureType.TOKEN else feat[field].mean())
+
+    _fill_nan.__recbole_llm__ = True
+    Dataset._fill_nan = _fill_nan
 
 
 def _install_plain_metric_values() -> None:
@@ -245,6 +478,9 @@ def install() -> None:
     _install_config_fixes()
     _install_offline_dataset_check()
     _install_plain_metric_values()
+    _install_missing_value_fill()
+    _install_race_free_ensure_dir()
+    _install_atomic_file_checks()
     numpy_aliases()
     # RecBole leaves anomaly detection on from import until a Config switches it: off by default.
     torch.autograd.set_detect_anomaly(False)

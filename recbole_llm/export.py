@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import errno
 import json
 import os
 import re
@@ -485,6 +486,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     output = Path(output).resolve()
     if output.exists() and not options.force:
         raise RecboleLLMError(f"output '{output}' exists; choose another --output or pass --force to replace it")
+    _check_output_place(output)
+    _check_exportable(checkpoint)
 
     config, model, dataset, test_data = load_for_export(checkpoint)
     if options.top_k is not None and options.top_k >= model.n_items:
@@ -494,7 +497,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     item_seq, item_length = validation_inputs(model, test_data, options.validation_rows)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    _remove_leftovers(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
@@ -550,10 +554,64 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
             (staging / "triton" / name / "config.pbtxt").write_text(text)
             shutil.copyfile(onnx_path, version_dir / "model.onnx")
         _move_into_place(staging, output)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
+        raise RecboleLLMError(
+            f"could not write the artifact to '{output}': {reason}; free space or choose another --output "
+            "(nothing was written)"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _check_output_place(output: Path) -> None:
+    """Refuse an ``--output`` that cannot be created, before loading anything."""
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecboleLLMError(f"--output '{output}' is inside '{parent}', which is a file: choose a folder")
+            break
+    existing = next(p for p in output.parents if p.exists())
+    try:
+        with tempfile.TemporaryDirectory(prefix=".recbole_llm-write-check-", dir=existing):
+            pass
+    except OSError as error:
+        raise RecboleLLMError(
+            f"--output '{output}' cannot be created: '{existing}' is not writable ({error.strerror}); choose "
+            "another folder"
+        ) from None
+
+
+def _check_exportable(checkpoint: str | os.PathLike) -> None:
+    """Only sequential models have a history to score: say so before building the data."""
+    from recbole.utils import ModelType
+
+    from recbole_llm.checkpoint import load_checkpoint
+
+    config = load_checkpoint(checkpoint)["config"]
+    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        raise RecboleLLMError(
+            f"{config['model']} is not a sequential model (it ranks without a history), so there is nothing to "
+            "export; export a sequential model such as BERTLoRA, BERTRec, SASRec, GRU4Rec or BERT4Rec"
+        )
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Staging and swap folders of exports to ``output`` whose process is gone (killed mid-export)."""
+    for leftover in output.parent.glob(f".{output.name}.*"):
+        match = re.fullmatch(rf"\.{re.escape(output.name)}\.(?:partial|old)-(\d+)(?:-.*)?", leftover.name)
+        if match is None or not leftover.is_dir():
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
 
 
 def _write_metadata(onnx_path: Path, metadata: dict) -> None:
@@ -570,7 +628,7 @@ def _write_metadata(onnx_path: Path, metadata: dict) -> None:
 
 def _move_into_place(staging: Path, output: Path) -> None:
     if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")  # named so _remove_leftovers finds it
         os.replace(output, old)
         os.replace(staging, output)
         shutil.rmtree(old, ignore_errors=True)

@@ -20,6 +20,8 @@ RecBole's trainer. On top of RecBole's loop it adds:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 
@@ -256,7 +258,22 @@ class PluginTrainer(Trainer):
 
 
 def atomic_torch_save(state: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: ``path`` is always a whole checkpoint."""
+    """torch.save to a temporary file beside ``path``, then rename: ``path`` is always a whole checkpoint.
+
+    Raises RecboleLLMError (one line, nothing left behind) when the file cannot be written, e.g. a full disk.
+    """
     partial = f"{os.fspath(path)}.partial"
-    torch.save(state, partial, pickle_protocol=4)  # RecBole's protocol
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
+            torch.save(state, f, pickle_protocol=4)  # RecBole's protocol
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
+        raise RecboleLLMError(
+            f"could not write checkpoint '{os.fspath(path)}': {reason}; free space or set checkpoint_dir to "
+            "another folder (the previous checkpoint, if any, is unchanged)"
+        ) from None

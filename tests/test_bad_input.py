@@ -1,0 +1,198 @@
+"""Bad config values, config files and data files: one line naming the problem and the fix, before any
+training, instead of a traceback deep in RecBole (or a run that exits 0 having trained nothing)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from recbole.config import Config
+from recbole.data import create_dataset
+
+from recbole_llm import RecboleLLMError
+from test_cli import assert_one_line_error, cli, slice_args
+
+TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32, "inner_size": 64}
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"epochs": "abc"}, "epochs='abc' must be a positive integer"),
+    ({"epochs": -1}, "epochs=-1 must be a positive integer"),
+    ({"epochs": 0}, "epochs=0 must be a positive integer"),
+    ({"learning_rate": 0}, "learning_rate=0 must be a number above 0"),
+    ({"learning_rate": -0.1}, "learning_rate=-0.1 must be a number above 0"),
+    ({"MAX_ITEM_LIST_LENGTH": 0}, "MAX_ITEM_LIST_LENGTH=0 must be a positive integer"),
+    ({"MAX_ITEM_LIST_LENGTH": -5}, "MAX_ITEM_LIST_LENGTH=-5 must be a positive integer"),
+    ({"train_batch_size": 0}, "train_batch_size=0 must be a positive integer"),
+    ({"eval_batch_size": -1}, "eval_batch_size=-1 must be a positive integer"),
+    ({"loss_type": "MSE"}, "loss_type='MSE' is not a loss of sequential models"),
+])
+@pytest.mark.parametrize("model", ["BERTRec", "SASRec"])
+def test_config_values_are_checked_before_any_data(model, override, fragment, data_root):
+    with pytest.raises(RecboleLLMError, match=fragment.replace("(", r"\(")):
+        Config(model=model, dataset="ml-tiny", config_dict={"data_path": str(data_root), **TINY, **override})
+
+
+def test_the_command_line_refuses_bad_values_with_one_line(data_root, tmp_path):
+    result = cli("run", "--model=BERTRec", "--dataset=ml-tiny", *slice_args(data_root), "--epochs=-1",
+                 f"--checkpoint_dir={tmp_path / 'saved'}")
+    assert_one_line_error(result, "epochs=-1 must be a positive integer")
+    assert not (tmp_path / "saved").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("epochs: 1\n  hidden_size: [32\n", "is not valid YAML at line"),
+    ("- epochs\n- 1\n", "holds a list, not a mapping"),
+    ("just words", "holds a str, not a mapping"),
+])
+def test_config_files_that_do_not_parse_name_file_and_line(text, fragment, data_root, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(RecboleLLMError, match=f"config file '{bad}' {fragment}"):
+        Config(model="BERTRec", dataset="ml-tiny", config_file_list=[str(bad)],
+               config_dict={"data_path": str(data_root), **TINY})
+    assert_one_line_error(cli("run", "--model=BERTRec", "--dataset=ml-tiny", f"--config_files={bad}",
+                              *slice_args(data_root)), str(bad))
+
+
+def dataset_with(tmp_path: Path, data_root: Path, inter: bytes | None = None, item: bytes | None = None) -> str:
+    folder = tmp_path / "ml-bad"
+    folder.mkdir(exist_ok=True)
+    source = data_root / "ml-tiny"
+    (folder / "ml-bad.inter").write_bytes(inter if inter is not None else (source / "ml-tiny.inter").read_bytes())
+    if item is not None:
+        (folder / "ml-bad.item").write_bytes(item)
+    return str(tmp_path)
+
+
+def load(data_path: str, **extra):
+    config = Config(model="BERTRec", dataset="ml-bad", config_dict={
+        "data_path": data_path, **TINY, "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, **extra})
+    return create_dataset(config)
+
+
+GOOD_ROWS = b"1\t10\t5\t881250949\n1\t11\t3\t881250950\n2\t10\t4\t881250951\n"
+
+
+@pytest.mark.parametrize("inter, fragment", [
+    (b"user_id:token\trating:float\ttimestamp:float\n1\t5\t881250949\n", "has no 'item_id' field"),
+    (b"user_id\titem_id:token\trating:float\ttimestamp:float\n" + GOOD_ROWS, "header field 1 'user_id' has no type"),
+    (b"user_id:token\titem_id:thing\trating:float\ttimestamp:float\n" + GOOD_ROWS, "unknown type 'thing'"),
+    (b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t10\t5\t881250949\n2\t11\t4\tyesterday\n",
+     "line 3, field 'timestamp' (float): 'yesterday' is not a number"),
+    (b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n", "has a header but no rows"),
+    (b"", "is empty"),
+    (b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t10\t5\t881250949\n2\t\xff\xfe\t4\t88125\n",
+     "line 3 is not utf-8 text"),
+    (b"user_id:token\titem_id:token\trating:float\n1\t10\t5\n2\t11\t4\n", "has no 'timestamp' field, which sequential"),
+])
+def test_data_files_fail_with_one_line_naming_file_and_place(inter, fragment, data_root, tmp_path):
+    data_path = dataset_with(tmp_path, data_root, inter=inter)
+    with pytest.raises(RecboleLLMError, match=fragment.replace("(", r"\(").replace(")", r"\)")) as caught:
+        load(data_path)
+    assert "ml-bad.inter" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_sequential_models_load_the_time_field_even_when_load_col_leaves_it_out(data_root, tmp_path):
+    data_path = dataset_with(tmp_path, data_root)
+    dataset = load(data_path, load_col={"inter": ["user_id", "item_id"]})
+    assert "timestamp" in dataset.inter_feat
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weights that do not fit, full disks and leftovers, export arguments
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory) -> dict[str, Path]:
+    """BERTRec and Pop trained briefly on a private copy of ml-tiny (so the test may change its files)."""
+    import os
+
+    from recbole.quick_start import run_recbole
+
+    from conftest import best_checkpoint
+
+    folder = tmp_path_factory.mktemp("trained")
+    shutil.copytree(data_root / "ml-tiny", folder / "data" / "ml-tiny")
+    common = {"data_path": str(folder / "data"), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+              "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "show_progress": False}
+    found = {}
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        for name, extra in (("BERTRec", TINY), ("SASRec", {"hidden_size": 32, "inner_size": 64}), ("Pop", {})):
+            run_recbole(model=name, dataset="ml-tiny", config_dict={
+                **common, **extra, "checkpoint_dir": str(folder / name)})
+            found[name] = best_checkpoint(folder / name)
+    finally:
+        os.chdir(cwd)
+    found["data"] = folder / "data"
+    return found
+
+
+def test_resuming_from_weights_of_another_dataset_or_model_says_what_does_not_match(trained, data_root, tmp_path):
+    common = ["--model=BERTRec", f"--data_path={data_root}", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}",
+              "--pretrained_model_name_or_path=None", "--n_layers=1", "--hidden_size=32", "--inner_size=64",
+              "--MAX_ITEM_LIST_LENGTH=10", "--epochs=2", "--show_progress=False", f"--checkpoint_dir={tmp_path}"]
+    other_data = cli("run", "--dataset=ml-slice", *common, f"--resume_from={trained['BERTRec']}")
+    assert_one_line_error(other_data, "does not fit the model built here", "item_embedding.weight is [")
+    other_model = cli("run", "--dataset=ml-tiny", *common, f"--resume_from={trained['SASRec']}")
+    assert_one_line_error(other_model, "does not fit the model built here")
+
+
+def test_evaluating_after_the_item_count_changed_says_what_does_not_match(trained):
+    from recbole.quick_start import load_data_and_model
+
+    inter = trained["data"] / "ml-tiny" / "ml-tiny.inter"
+    original = inter.read_text()
+    try:
+        inter.write_text(original + "1\t99999\t5\t999999999\n")  # a new item appended after training
+        with pytest.raises(RecboleLLMError, match=r"does not fit the model built here: .* is \[\d+, 32\] in the "):
+            load_data_and_model(str(trained["BERTRec"]))
+        assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}"), "does not fit")
+    finally:
+        inter.write_text(original)
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path):
+    import os
+
+    import torch
+
+    from recbole_llm.trainer import atomic_torch_save
+
+    path = tmp_path / "model.pth"
+    atomic_torch_save({"state_dict": {"w": torch.ones(3)}}, path)
+    os.symlink("/dev/full", f"{path}.partial")  # the kernel answers every write with ENOSPC
+    with pytest.raises(RecboleLLMError, match="could not write checkpoint .*no space left on the device"):
+        atomic_torch_save({"state_dict": {"w": torch.zeros(100_000)}}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
+    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.ones(3))  # ours
+
+
+def test_export_refuses_bad_outputs_and_models_before_loading(trained, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert_one_line_error(cli("export", "--checkpoint", str(trained["BERTRec"]), "--output", str(a_file / "art")),
+                          "which is a file")
+    assert_one_line_error(cli("export", "--checkpoint", str(trained["BERTRec"]), "--output", "/proc/no/art"),
+                          "cannot be created")
+    assert_one_line_error(cli("export", "--checkpoint", str(trained["Pop"]), "--output", str(tmp_path / "pop")),
+                          "Pop is not a sequential model")
+    assert not (tmp_path / "pop").exists()
+
+
+def test_export_cleans_up_what_killed_exports_left(trained, tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    left = tmp_path / f".art.partial-{dead.pid}-abc123"
+    (left / "half").mkdir(parents=True)
+    swapped = tmp_path / f".art.old-{dead.pid}"
+    swapped.mkdir()
+    result = cli("export", "--checkpoint", str(trained["BERTRec"]), "--output", str(tmp_path / "art"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "art" / "model.onnx").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
