@@ -216,6 +216,12 @@ def _install_config_fixes() -> None:
         ):
             final["train_neg_sample_args"] = None
         _check_config_values(final)
+        from recbole_llm.registry import PLUGIN_MODELS
+
+        if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
+            from recbole_llm.model.backbone import check_encoder_settings
+
+            check_encoder_settings(final)
         final.setdefault("detect_anomaly", False)
         final.setdefault("allow_download", False)
         final.setdefault("tail_threshold", 20)  # recbole_llm.metrics: TailNDCG / TailRecall

@@ -34,6 +34,17 @@ def test_config_values_are_checked_before_any_data(model, override, fragment, da
         Config(model=model, dataset="ml-tiny", config_dict={"data_path": str(data_root), **TINY, **override})
 
 
+def test_encoder_limits_are_checked_before_recbole_builds_the_data(data_root):
+    """MAX_ITEM_LIST_LENGTH=100000 made RecBole allocate tens of GB building the dataset before the model's
+    own check; the pretrained encoder's config.json alone says it has 512 positions."""
+    with pytest.raises(RecboleLLMError, match="MAX_ITEM_LIST_LENGTH=100000 exceeds the 512 positions"):
+        config = Config(model="BERTLoRA", dataset="ml-tiny", config_dict={
+            "data_path": str(data_root), "MAX_ITEM_LIST_LENGTH": 100000})
+        create_dataset(config)
+    with pytest.raises(RecboleLLMError, match="backbone_layers=9 but"):
+        Config(model="BERTRec", dataset="ml-tiny", config_dict={"data_path": str(data_root), "backbone_layers": 9})
+
+
 def test_the_command_line_refuses_bad_values_with_one_line(data_root, tmp_path):
     result = cli("run", "--model=BERTRec", "--dataset=ml-tiny", *slice_args(data_root), "--epochs=-1",
                  f"--checkpoint_dir={tmp_path / 'saved'}")

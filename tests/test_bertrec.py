@@ -86,7 +86,7 @@ def test_checkpoint_reload_gives_identical_scores_and_resumes(tiny_bert):
     ],
 )
 def test_bad_model_settings_fail_before_training(tiny_bert, override, fragment):
-    config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, **override})
-    dataset = create_dataset(config)
-    with pytest.raises(RecboleLLMError, match=fragment):
+    with pytest.raises(RecboleLLMError, match=fragment):  # at Config (encoder sizes) or at the model
+        config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, **override})
+        dataset = create_dataset(config)
         get_model("BERTRec")(config, dataset)

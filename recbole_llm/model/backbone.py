@@ -71,6 +71,38 @@ def _load_pretrained_config(name_or_path: str):
         ) from None
 
 
+def check_encoder_settings(config: Any) -> None:
+    """What the config and the encoder's own config.json decide alone, checked before RecBole reads data.
+
+    ``MAX_ITEM_LIST_LENGTH`` against the pretrained position table (RecBole would otherwise build the
+    dataset at that length first: 100,000 needs tens of GB), ``backbone_layers`` against its layers, and
+    ``hidden_size`` against ``n_heads`` for a random encoder. Raises RecboleLLMError.
+    """
+    name_or_path = config["pretrained_model_name_or_path"]
+    if name_or_path is None:
+        if config["hidden_size"] % config["n_heads"]:
+            raise RecboleLLMError(
+                f"hidden_size {config['hidden_size']} is not a multiple of n_heads {config['n_heads']}; "
+                "change one of them"
+            )
+        return
+    _, pretrained_config = _load_pretrained_config(name_or_path)
+    available = pretrained_config.num_hidden_layers
+    layers = config["backbone_layers"]
+    if layers is not None and not 1 <= layers <= available:
+        raise RecboleLLMError(
+            f"backbone_layers={layers} but '{name_or_path}' has {available} layers; "
+            f"set backbone_layers between 1 and {available}, or null for all"
+        )
+    positions = pretrained_config.max_position_embeddings
+    max_length = config["MAX_ITEM_LIST_LENGTH"]
+    if max_length > positions:
+        raise RecboleLLMError(
+            f"MAX_ITEM_LIST_LENGTH={max_length} exceeds the {positions} positions of "
+            f"'{name_or_path}'; set MAX_ITEM_LIST_LENGTH to at most {positions}"
+        )
+
+
 def build_encoder(config: Any):
     """The encoder module for a RecBole ``config``, checked against the keys that size the sequence.
 
@@ -81,6 +113,7 @@ def build_encoder(config: Any):
     """
     from transformers import AutoModel, BertConfig, BertModel
 
+    check_encoder_settings(config)
     max_length = config["MAX_ITEM_LIST_LENGTH"]
     name_or_path = config["pretrained_model_name_or_path"]
     dropouts = {
@@ -103,27 +136,10 @@ def build_encoder(config: Any):
             type_vocab_size=1,
             **dropouts,
         )
-        if config["hidden_size"] % config["n_heads"]:
-            raise RecboleLLMError(
-                f"hidden_size {config['hidden_size']} is not a multiple of n_heads {config['n_heads']}; "
-                "change one of them"
-            )
         encoder = BertModel(bert_config, add_pooling_layer=False)
     else:
-        resolved, pretrained_config = _load_pretrained_config(name_or_path)
-        available = pretrained_config.num_hidden_layers
+        resolved, _ = _load_pretrained_config(name_or_path)
         layers = config["backbone_layers"]
-        if layers is not None and not 1 <= layers <= available:
-            raise RecboleLLMError(
-                f"backbone_layers={layers} but '{name_or_path}' has {available} layers; "
-                f"set backbone_layers between 1 and {available}, or null for all"
-            )
-        positions = pretrained_config.max_position_embeddings
-        if max_length > positions:
-            raise RecboleLLMError(
-                f"MAX_ITEM_LIST_LENGTH={max_length} exceeds the {positions} positions of "
-                f"'{name_or_path}'; set MAX_ITEM_LIST_LENGTH to at most {positions}"
-            )
         overrides = dict(dropouts)
         if layers is not None:
             overrides["num_hidden_layers"] = layers
