@@ -15,6 +15,7 @@ torch's own weights-only list plus exactly the classes RecBole's checkpoints con
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import io
 import os
@@ -294,7 +295,36 @@ def safe_torch_load(f, map_location: Any = None, **kwargs) -> Any:
     )
     if isinstance(loaded, dict) and "config" in loaded:
         follow_this_machine(loaded["config"])
+        apply_overrides(loaded["config"], _OVERRIDES.get())
     return loaded
+
+
+_OVERRIDES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("recbole_llm_overrides", default=None)
+
+
+@contextlib.contextmanager
+def config_overrides(overrides: dict | None) -> Iterator[None]:
+    """While active, every checkpoint's Config loaded gets ``overrides`` (``recbole-llm evaluate/export
+    --data_path=... --key=value``): a checkpoint evaluated or exported from another folder or machine."""
+    token = _OVERRIDES.set(dict(overrides) if overrides else None)
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
+def apply_overrides(config: Any, overrides: dict | None) -> None:
+    """Set ``overrides`` on a loaded Config the way RecBole reads them: command-line strings converted as
+    RecBole converts its own command line, ``data_path`` as the folder holding the dataset's folder."""
+    from recbole.config.configurator import Config
+
+    if not overrides or not isinstance(config, Config):
+        return
+    values = config._convert_config_dict(dict(overrides))
+    for key, value in values.items():
+        if key == "data_path":
+            value = os.path.join(os.fspath(value), config["dataset"])
+        config.final_config_dict[key] = value
 
 
 def follow_this_machine(config: Any) -> None:

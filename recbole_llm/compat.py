@@ -1,7 +1,8 @@
 """RecBole 1.2.1 on today's stack: the fixes that pins in pyproject.toml cannot make.
 
-What a pin fixes (see pyproject.toml): pandas 3 turns RecBole's column ``fillna(inplace=True)`` into a
-silent no-op (pandas < 3).
+What a pin answers (see pyproject.toml), because no fix short of copying RecBole's code exists: pandas 3.
+Its copy-on-write makes RecBole's chained ``feat[field].fillna(..., inplace=True)`` silent no-ops, and its
+``Series.agg(len)`` returns the column's length where ``Dataset._remap`` needs each sequence's.
 
 What this module fixes, each by wrapping a RecBole function rather than copying it:
 
@@ -37,6 +38,7 @@ import functools
 import logging
 import os
 import warnings
+from typing import Any
 
 from recbole_llm.errors import RecboleLLMError
 
@@ -78,10 +80,17 @@ def numpy_aliases() -> None:
 
 
 class _RayMissing:
-    """Stands in for ``ray.tune`` in RecBole's quick_start when ray cannot be imported."""
+    """Stands in for ``ray.tune`` in RecBole's quick_start when ray cannot be imported.
+
+    ``report`` does what ray's does outside a ray session, nothing, so ``objective_function`` (and RecBole's
+    hyperopt-based ``HyperTuning``) still works; anything else says that it needs ray.
+    """
 
     def __init__(self, reason: str) -> None:
         self._reason = reason
+
+    def report(self, *args, **kwargs) -> None:
+        return None
 
     def __getattr__(self, name: str):
         raise RecboleLLMError(
@@ -140,6 +149,30 @@ def _quiet_ray_session_log() -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Config
+
+
+def plain_values(value: Any) -> Any:
+    """``config_dict`` values as plain Python: paths as str, numpy scalars and arrays as numbers and lists,
+    tuples as lists (as YAML would give them; RecBole rejects a tuple ``topk``) except ``gpu_id``, which
+    RecBole reads as a tuple of devices.
+
+    A script naturally passes ``Path`` objects and numpy numbers; pickled into a checkpoint's Config they
+    would name globals the checkpoint allow-list rightly refuses, leaving the run's own checkpoint
+    unloadable (and RecBole's string handling of paths breaks on ``Path``).
+    """
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {key: item if key == "gpu_id" else plain_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _check_yaml_file(path: str, loader) -> None:
@@ -246,6 +279,14 @@ def _install_config_fixes() -> None:
         return original_load_files(self, file_list)
 
     Config._load_config_files = _load_config_files
+
+    original_variable = Config._load_variable_config_dict
+
+    @functools.wraps(original_variable)
+    def _load_variable_config_dict(self, config_dict):
+        return original_variable(self, plain_values(config_dict) if config_dict else config_dict)
+
+    Config._load_variable_config_dict = _load_variable_config_dict
 
     _set_default_parameters.__recbole_llm__ = True
     Config._set_default_parameters = _set_default_parameters
@@ -421,30 +462,57 @@ def _install_atomic_file_checks() -> None:
     Dataset._get_load_and_unload_col = _get_load_and_unload_col
 
 
-def _install_missing_value_fill() -> None:
-    """RecBole's ``_fill_nan`` imputes with ``feat[field].fillna(..., inplace=True)``: under pandas 3's
-    copy-on-write that changes a copy and leaves the NaNs. Whatever it left is filled by assignment, with
-    RecBole's values (0, the ``[PAD]`` id, for tokens; the column mean for floats)."""
-    from recbole.data.dataset import dataset as dataset_module
-    from recbole.utils import FeatureType
+_MODULES_BINDING_CREATE_DATASET = ("recbole.data.utils", "recbole.data", "recbole.quick_start.quick_start")
 
-    Dataset = dataset_module.Dataset
-    if getattr(Dataset._fill_nan, "__recbole_llm__", False):
+
+def _install_dataset_world_and_saved_pickles() -> None:
+    """``create_dataset`` records (or, for a checkpoint's Config, checks) the data's world, and neither it nor
+    ``data_preparation`` unpickles a saved dataset or dataloaders the user did not name.
+
+    RecBole 1.2.1 loads ``<checkpoint_dir>/<dataset>-<Class>.pth`` and ``...-dataloader.pth`` with plain
+    ``pickle.load`` whenever such a file exists: a file dropped there runs code. Only the paths a user sets
+    (``dataset_save_path``, ``dataloaders_save_path``) are loaded, as files they wrote themselves.
+    """
+    import importlib
+
+    from recbole.data import utils as data_utils
+
+    from recbole_llm import world
+
+    original_create = data_utils.create_dataset
+    if getattr(original_create, "__recbole_llm__", False):
         return
-    original = Dataset._fill_nan
+    original_load_dataloaders = data_utils.load_split_dataloaders
 
-    @functools.wraps(original)
-    def _fill_nan(self):
-        original(self)
-        for feat_name in self.feat_name_list:
-            feat = getattr(self, feat_name)
-            for field in feat:
-                kind = self.field2type[field]
-                if kind in (FeatureType.TOKEN, FeatureType.FLOAT) and feat[field].isna().any():
-                    feat[field] = feat[field].fillna(0 if kind == FeatureType.TOKEN else feat[field].mean())
+    @functools.wraps(original_create)
+    def create_dataset(config):
+        final = config.final_config_dict
+        named = final.get("dataset_save_path")
+        if not named:  # RecBole would load its default file if one exists: point it at none
+            final["dataset_save_path"] = os.path.join(final["checkpoint_dir"], ".recbole_llm-no-saved-dataset")
+        try:
+            dataset = original_create(config)
+        finally:
+            final["dataset_save_path"] = named
+        trained = world.stored(config)
+        if trained is not None:  # a checkpoint's Config: the data must be the one it was trained on
+            world.check(trained, dataset)
+        else:
+            world.record(config, dataset)
+        return dataset
 
-    _fill_nan.__recbole_llm__ = True
-    Dataset._fill_nan = _fill_nan
+    @functools.wraps(original_load_dataloaders)
+    def load_split_dataloaders(config):
+        if not config["dataloaders_save_path"]:
+            return None
+        return original_load_dataloaders(config)
+
+    create_dataset.__recbole_llm__ = True
+    for name in _MODULES_BINDING_CREATE_DATASET:
+        module = importlib.import_module(name)
+        if hasattr(module, "create_dataset"):
+            module.create_dataset = create_dataset
+    data_utils.load_split_dataloaders = load_split_dataloaders
 
 
 def _install_plain_metric_values() -> None:
@@ -484,9 +552,9 @@ def install() -> None:
     _install_config_fixes()
     _install_offline_dataset_check()
     _install_plain_metric_values()
-    _install_missing_value_fill()
     _install_race_free_ensure_dir()
     _install_atomic_file_checks()
+    _install_dataset_world_and_saved_pickles()
     numpy_aliases()
     # RecBole leaves anomaly detection on from import until a Config switches it: off by default.
     torch.autograd.set_detect_anomaly(False)

@@ -67,6 +67,8 @@ class ExportOptions:
     max_abs_diff: float | None = None
     min_overlap: float = 0.95  # top-10 overlap for fp16 and int8
     triton_max_batch_size: int = 256
+    # settings applied to the checkpoint's Config (data_path for data moved since training, ...)
+    config_overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -126,9 +128,12 @@ class ScoringGraph(nn.Module):
 # loading
 
 
-def load_for_export(checkpoint: str | os.PathLike):
-    """(config, model, dataset, test_data) from a checkpoint, loaded without running code from it."""
+def load_for_export(checkpoint: str | os.PathLike, overrides: dict | None = None):
+    """(config, model, dataset, test_data) from a checkpoint, loaded without running code from it;
+    ``overrides`` are set on its Config first (see :func:`recbole_llm.checkpoint.config_overrides`)."""
     import sys
+
+    from recbole_llm.checkpoint import config_overrides
 
     # recbole_llm's load_data_and_model checks the file first (one-line errors for missing, foreign or
     # malicious files) and loads it through the allow-list.
@@ -136,7 +141,8 @@ def load_for_export(checkpoint: str | os.PathLike):
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # RecBole reads --key=value from sys.argv
     try:
-        config, model, dataset, _, _, test_data = load_data_and_model(os.fspath(checkpoint))
+        with config_overrides(overrides):
+            config, model, dataset, _, _, test_data = load_data_and_model(os.fspath(checkpoint))
     finally:
         sys.argv = argv
     model.eval()
@@ -390,9 +396,16 @@ def _convert_fp16(path: Path) -> None:
 # metadata and Triton
 
 
-def item_tokens(dataset) -> list[str]:
-    """Internal item id -> the dataset's raw item token; index 0 is padding."""
-    tokens = [str(token) for token in dataset.field2id_token[dataset.iid_field]]
+def item_tokens(config, dataset) -> list[str]:
+    """Internal item id -> raw item token, index 0 padding: the map the checkpoint was trained with
+    (:mod:`recbole_llm.world`), else the dataset's for checkpoints that predate it."""
+    from recbole_llm import world
+
+    trained = world.stored(config)
+    if trained is not None and dataset.iid_field in trained["token_maps"]:
+        tokens = list(trained["token_maps"][dataset.iid_field])
+    else:
+        tokens = [str(token) for token in dataset.field2id_token[dataset.iid_field]]
     tokens[0] = "[PAD]"
     return tokens
 
@@ -489,7 +502,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     _check_output_place(output)
     _check_exportable(checkpoint)
 
-    config, model, dataset, test_data = load_for_export(checkpoint)
+    config, model, dataset, test_data = load_for_export(checkpoint, options.config_overrides)
     if options.top_k is not None and options.top_k >= model.n_items:
         raise RecboleLLMError(f"--top-k {options.top_k} must be below the {model.n_items - 1} items of the model")
     exported, merged = export_model(model)
@@ -541,7 +554,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
             "outputs": ["top_items", "top_scores"] if options.top_k else ["scores"],
             "versions": _versions(options.opset),
             "validation": [asdict(r) for r in reports],
-            "item_tokens": item_tokens(dataset),
+            "item_tokens": item_tokens(config, dataset),
         }
         _write_metadata(onnx_path, metadata)
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=1) + "\n")

@@ -152,16 +152,22 @@ def test_resuming_from_weights_of_another_dataset_or_model_says_what_does_not_ma
     assert_one_line_error(other_model, "does not fit the model built here")
 
 
-def test_evaluating_after_the_item_count_changed_says_what_does_not_match(trained):
+def test_an_older_checkpoint_after_the_item_count_changed_says_what_does_not_match(trained, tmp_path):
+    """A checkpoint from before recbole_llm.world (no id maps in it): the weights' shapes tell."""
+    import torch
     from recbole.quick_start import load_data_and_model
 
+    checkpoint = torch.load(trained["BERTRec"], weights_only=False)  # ours, written by the fixture
+    del checkpoint["config"].recbole_llm_world
+    older = tmp_path / "older.pth"
+    torch.save(checkpoint, older, pickle_protocol=4)
     inter = trained["data"] / "ml-tiny" / "ml-tiny.inter"
     original = inter.read_text()
     try:
         inter.write_text(original + "1\t99999\t5\t999999999\n")  # a new item appended after training
         with pytest.raises(RecboleLLMError, match=r"does not fit the model built here: .* is \[\d+, 32\] in the "):
-            load_data_and_model(str(trained["BERTRec"]))
-        assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}"), "does not fit")
+            load_data_and_model(str(older))
+        assert_one_line_error(cli("evaluate", f"--checkpoint={older}"), "does not fit")
     finally:
         inter.write_text(original)
 
