@@ -399,6 +399,8 @@ def _orders_by_time(dataset, source) -> bool:
     from recbole.utils import FeatureSource, ModelType
 
     eval_args = dataset.config["eval_args"] or {}
+    if dataset.config["benchmark_filename"]:  # pre-split files hold each history as an ordered item list
+        return False
     return (
         source in (FeatureSource.INTERACTION, FeatureSource.INTERACTION.value)
         and bool(dataset.time_field)

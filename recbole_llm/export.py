@@ -176,10 +176,11 @@ def validation_inputs(model, test_data, rows: int, seed: int = 0) -> tuple[np.nd
             break
     item_seq = np.concatenate(sequences)[:rows]
     item_length = np.concatenate(lengths)[:rows]
-    max_length = item_seq.shape[1]
+    # the model's window: pre-split data (benchmark_filename) may hold longer histories than it was trained on
+    max_length = int(model.max_seq_length)
     rng = np.random.default_rng(seed)
     wanted = np.concatenate([[1, max_length, 2], rng.integers(1, max_length + 1, size=len(item_seq))])
-    cut_seq = np.zeros_like(item_seq)
+    cut_seq = np.zeros((len(item_seq), max_length), dtype=item_seq.dtype)
     cut_length = np.zeros_like(item_length)
     for row, (sequence, length) in enumerate(zip(item_seq, item_length)):
         keep = int(min(wanted[row], length))

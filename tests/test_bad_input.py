@@ -213,3 +213,45 @@ def test_export_cleans_up_what_killed_exports_left(trained, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "art" / "model.onnx").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_pre_split_histories_longer_than_the_window_train_and_export_at_the_window(data_root, tmp_path):
+    """benchmark_filename data keeps each history's full item list (here up to hundreds of items) while
+    MAX_ITEM_LIST_LENGTH is 10: the model reads the most recent 10, the export says 10."""
+    import json
+    import os
+
+    from recbole.quick_start import run_recbole
+
+    from conftest import best_checkpoint
+    from recbole_llm.export import ExportOptions, export_checkpoint
+
+    histories: dict[str, list[tuple[float, str]]] = {}
+    for row in (data_root / "ml-tiny" / "ml-tiny.inter").read_text().splitlines()[1:]:
+        user, item, _, stamp = row.split("\t")
+        histories.setdefault(user, []).append((float(stamp), item))
+    folder = tmp_path / "ml-bench"
+    folder.mkdir()
+    longest = 0
+    for offset, split in ((3, "train"), (2, "valid"), (1, "test")):
+        lines = ["user_id:token\titem_id_list:token_seq\titem_id:token"]
+        for user, events in histories.items():
+            items = [item for _, item in sorted(events)]
+            lines.append(f"{user}\t{' '.join(items[:-offset])}\t{items[-offset]}")
+            longest = max(longest, len(items) - offset)
+        (folder / f"ml-bench.{split}.inter").write_text("\n".join(lines) + "\n")
+    assert longest > 100
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = run_recbole(model="BERTRec", dataset="ml-bench", config_dict={
+            "data_path": str(tmp_path), **TINY, "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "show_progress": False,
+            "benchmark_filename": ["train", "valid", "test"], "alias_of_item_id": ["item_id_list"],
+            "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
+            "checkpoint_dir": str(tmp_path / "saved")})
+    finally:
+        os.chdir(cwd)
+    assert result["test_result"]["ndcg@10"] >= 0
+    artifact = export_checkpoint(best_checkpoint(tmp_path / "saved"), tmp_path / "art", ExportOptions(top_k=5))
+    metadata = json.loads((artifact / "metadata.json").read_text())
+    assert metadata["max_length"] == 10 and metadata["validation"][0]["passed"]

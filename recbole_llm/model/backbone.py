@@ -13,6 +13,8 @@ import importlib
 import os
 from typing import Any, Iterator
 
+import torch
+
 from recbole_llm.errors import RecboleLLMError
 
 DEFAULT_PRETRAINED = "sentence-transformers/all-MiniLM-L6-v2"
@@ -69,6 +71,23 @@ def _load_pretrained_config(name_or_path: str):
             f"a reachable hub id, '{DEFAULT_PRETRAINED}' (installed with the package), or null for a "
             "randomly initialised BERT"
         ) from None
+
+
+def most_recent(item_seq: torch.Tensor, item_seq_len: torch.Tensor, max_length: int):
+    """Each history's most recent ``max_length`` items, left-aligned as RecBole pads them.
+
+    ``item_seq`` ``[batch, width]`` (item ids, 0-padded at the end), ``item_seq_len`` ``[batch]``. RecBole
+    cuts its own augmented sequences to ``MAX_ITEM_LIST_LENGTH``, but pre-split data (``benchmark_filename``,
+    item lists in the file) keeps whatever length the file holds, beyond the encoder's position table.
+    Returns ``(item_seq [batch, max_length], item_seq_len)``; inputs already that narrow come back as they are.
+    """
+    if item_seq.size(1) <= max_length:
+        return item_seq, item_seq_len
+    positions = torch.arange(max_length, device=item_seq.device)
+    kept = item_seq_len.clamp(max=max_length)
+    start = (item_seq_len - kept).unsqueeze(-1)
+    window = item_seq.gather(1, (start + positions).clamp(max=item_seq.size(1) - 1))
+    return window * (positions < kept.unsqueeze(-1)), kept
 
 
 def check_encoder_settings(config: Any) -> None:

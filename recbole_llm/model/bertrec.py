@@ -31,7 +31,7 @@ from recbole.model.loss import BPRLoss
 from torch import nn
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.model.backbone import build_encoder, resolve_pretrained
+from recbole_llm.model.backbone import build_encoder, most_recent, resolve_pretrained
 from recbole_llm.model.item_text import item_texts, mean_pool, tokenize_items
 
 ITEM_REPRS = ("id", "text", "id+text")
@@ -185,6 +185,7 @@ class BERTRec(SequentialRecommender):
         return self.run_encoder(inputs_embeds=self.encode_items(item_seq, item_table), attention_mask=attention_mask)
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, item_table: torch.Tensor | None = None):
+        item_seq, item_seq_len = most_recent(item_seq, item_seq_len, self.max_seq_length)
         hidden = self.encoder_output(item_seq, item_table).last_hidden_state
         return self.gather_indexes(hidden, item_seq_len - 1)  # [B, H]
 
