@@ -142,23 +142,35 @@ def _serve(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="recbole-llm serve", allow_abbrev=False)
     parser.add_argument("artifact", help="a folder written by recbole-llm export")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--port", type=int, default=8000, help="port, 1 to 65535 (default 8000)")
     parser.add_argument("--unknown-tokens", default="skip", help="skip (default) or error: unknown item tokens")
     parser.add_argument("--max-batch", type=int, default=256, help="histories per request and per model call")
     parser.add_argument("--max-history", type=int, default=10_000, help="item tokens per history")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
+    parser.add_argument("--body-timeout", type=float, default=10.0,
+                        help="seconds for a request's head, and its body, to arrive (else 408), and for a client "
+                             "to take some of its answer (default 10)")
+    parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                        help="seconds an idle connection stays open (default 5)")
+    parser.add_argument("--shutdown-timeout", type=float, default=10.0,
+                        help="seconds requests in flight may take to finish after SIGTERM or SIGINT (default 10)")
     parser.add_argument("--no-batching", action="store_true", help="one model call per request")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.error = lambda message: sys.exit(_fail(f"{message} (see: recbole-llm serve --help)"))  # one line
     known = parser.parse_args(args)
 
     from recbole_llm.errors import RecboleLLMError
     from recbole_llm.serve import Limits, serve
 
-    for name in ("max_batch", "max_history", "max_body_bytes", "port"):
-        if getattr(known, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be a positive integer")
-    limits = Limits(max_body_bytes=known.max_body_bytes, max_batch=known.max_batch, max_history=known.max_history)
+    if not 1 <= known.port <= 65535:
+        return _fail(f"--port {known.port} is not a TCP port; use 1 to 65535")
+    if known.threads is not None and known.threads < 1:
+        return _fail(f"--threads {known.threads} must be a positive number of threads (leave it out: all cores)")
+    limits = Limits(max_body_bytes=known.max_body_bytes, max_batch=known.max_batch, max_history=known.max_history,
+                    body_timeout=known.body_timeout, keep_alive_timeout=known.keep_alive_timeout,
+                    shutdown_timeout=known.shutdown_timeout)
     try:
+        limits.check()
         serve(known.artifact, known.host, known.port, limits, known.unknown_tokens, not known.no_batching,
               known.threads)
     except RecboleLLMError as error:

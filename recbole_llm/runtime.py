@@ -10,20 +10,53 @@ Needs only onnxruntime and numpy (no RecBole, no torch):
 Histories longer than the model's maximum length keep their most recent items. Unknown tokens follow
 ``unknown_tokens``: ``"skip"`` (default: dropped and counted in the answer) or ``"error"``. A history with
 no known item left is an error.
+
+The artifact is checked when it is loaded, so that a bad one fails at start rather than at the first
+request: ``metadata.json`` must be a JSON object with well-typed keys, ``model.onnx`` must load in ONNX
+Runtime, and the two must agree (inputs and outputs, item count, ``top_k``, ``max_length``, and the keys
+export also wrote into the graph's metadata_props); then one history of ``max_length`` items is run.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
 
 UNKNOWN_TOKEN_POLICIES = ("skip", "error")
+MAX_LENGTH_LIMIT = 1 << 16  # items per history a graph may take (metadata.json's max_length)
+REEXPORT = "export the artifact again: recbole-llm export --checkpoint CHECKPOINT --output FOLDER --force"
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """``text`` for an error message: one line, encodable (control characters and lone surrogates escaped),
+    at most ``limit`` characters and a count."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return shown(lines[0] if lines else type(error).__name__, 300)
+
+
+def _is_token(token: Any) -> bool:
+    return type(token) is str or (
+        isinstance(token, (str, int, np.integer)) and not isinstance(token, (bool, np.bool_)))
+
+
+def _is_sequence(value: Any, ndim: int = 1) -> bool:
+    """A list, tuple or ``ndim``-D array: ordered, and not a string, bytes or mapping."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == ndim
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray, Mapping))
 
 
 @dataclass
@@ -46,16 +79,21 @@ class Recommender:
         import onnxruntime as ort
 
         folder = Path(artifact)
-        if not (folder / "model.onnx").is_file() or not (folder / "metadata.json").is_file():
+        model_path, metadata_path = folder / "model.onnx", folder / "metadata.json"
+        if not model_path.is_file() or not metadata_path.is_file():
             raise RecboleLLMError(
                 f"'{folder}' is not an exported artifact (needs model.onnx and metadata.json); "
                 "create one with: recbole-llm export --checkpoint CHECKPOINT --output FOLDER"
             )
         if unknown_tokens not in UNKNOWN_TOKEN_POLICIES:
             raise RecboleLLMError(f"unknown_tokens '{unknown_tokens}' is not a policy; use 'skip' or 'error'")
-        self.metadata = json.loads((folder / "metadata.json").read_text())
+        if intra_op_threads is not None and (
+                isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 1):
+            raise RecboleLLMError(f"intra_op_threads={intra_op_threads!r} must be a positive number of threads "
+                                  "(or None: all cores)")
+        self.metadata = _read_metadata(metadata_path)
         self.unknown_tokens = unknown_tokens
-        self.max_length = int(self.metadata["max_length"])
+        self.max_length = self.metadata["max_length"]
         self.top_k = self.metadata.get("top_k")
         self.tokens = self.metadata["item_tokens"]
         self.token_to_id = {token: index for index, token in enumerate(self.tokens) if index}
@@ -65,28 +103,72 @@ class Recommender:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime's errors share no public base class
+            raise RecboleLLMError(
+                f"ONNX Runtime cannot load '{model_path}' ({_first_line(error)}); if the file is truncated or "
+                f"corrupt, {REEXPORT}") from None
+        _check_graph(self.session, model_path, metadata_path, self.metadata)
+        self._probe(model_path, metadata_path)
+
+    def _probe(self, model_path: Path, metadata_path: Path) -> None:
+        """One history of ``max_length`` items through the graph: it runs, and its outputs have the shapes and
+        item ids that metadata.json describes."""
+        import onnxruntime as ort
+
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # the failure is reported below, in one line
+        feeds = {"item_seq": np.ones((1, self.max_length), dtype=np.int64),
+                 "item_length": np.array([self.max_length], dtype=np.int64)}
+        names = ["scores"] if self.top_k is None else ["top_items", "top_scores"]
+        if self.top_k is not None:
+            feeds["exclude_seen"] = np.zeros(1, dtype=bool)
+        try:
+            outputs = self.session.run(names, feeds, quiet)
+        except Exception as error:  # noqa: BLE001
+            raise RecboleLLMError(
+                f"'{model_path}' fails on a history of max_length={self.max_length} items ({_first_line(error)}); "
+                f"'{metadata_path}' must hold the max_length the model was exported with, or {REEXPORT}") from None
+        width = len(self.tokens) if self.top_k is None else self.top_k
+        if outputs[0].shape != (1, width):
+            raise RecboleLLMError(
+                f"'{model_path}' returns {names[0]} of shape {list(outputs[0].shape)} for one history, but "
+                f"'{metadata_path}' says [1, {width}]; {REEXPORT}")
+        if self.top_k is not None and not ((outputs[0] >= 0) & (outputs[0] < len(self.tokens))).all():
+            raise RecboleLLMError(
+                f"'{model_path}' returns item ids beyond the {len(self.tokens)} item_tokens of "
+                f"'{metadata_path}'; {REEXPORT}")
 
     def encode(self, histories: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Internal ids, right-padded, most recent ``max_length`` items; lengths; unknown-token counts."""
-        if isinstance(histories, (str, bytes)) or not histories:
-            raise RecboleLLMError("histories must be a non-empty list of histories (lists of item tokens)")
+        if not _is_sequence(histories, ndim=2):
+            raise RecboleLLMError(f"histories must be a list of histories (lists of item tokens), not "
+                                  f"{type(histories).__name__}")
+        if not len(histories):
+            raise RecboleLLMError("histories is empty; pass a non-empty list of histories (lists of item tokens)")
         item_seq = np.zeros((len(histories), self.max_length), dtype=np.int64)
         item_length = np.zeros(len(histories), dtype=np.int64)
         unknown_counts = []
         for row, history in enumerate(histories):
-            if isinstance(history, (str, bytes)):
-                raise RecboleLLMError(f"history {row} is a string; pass a list of item tokens")
+            if not _is_sequence(history):
+                hint = "; pass a list of item tokens" if isinstance(history, (str, bytes)) else ""
+                raise RecboleLLMError(
+                    f"history {row} must be a list of item tokens, not {type(history).__name__}{hint}")
+            for position, token in enumerate(history):
+                if not _is_token(token):
+                    raise RecboleLLMError(f"history {row}, position {position}: item tokens must be strings or "
+                                          f"integers, not {type(token).__name__}")
             ids = [self.token_to_id.get(str(token)) for token in history]
             unknown = [str(token) for token, index in zip(history, ids) if index is None]
             if unknown and self.unknown_tokens == "error":
                 raise RecboleLLMError(
-                    f"history {row} has {len(unknown)} unknown item tokens (first: '{unknown[0]}'); "
+                    f"history {row} has {len(unknown)} unknown item tokens (first: '{shown(unknown[0])}'); "
                     "drop them or use unknown_tokens='skip'"
                 )
             known = [index for index in ids if index is not None][-self.max_length :]
             if not known:
-                what = "is empty" if not history else "has no item the model knows"
+                what = "is empty" if not len(history) else "has no item the model knows"
                 raise RecboleLLMError(f"history {row} {what}; a recommendation needs at least one known item")
             item_seq[row, : len(known)] = known
             item_length[row] = len(known)
@@ -99,8 +181,11 @@ class Recommender:
         return self.top_k or len(self.tokens) - 1
 
     def check_k(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.max_k:
-            raise RecboleLLMError(f"k={k!r} is out of range; this artifact returns 1 to {self.max_k} items")
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+            raise RecboleLLMError(f"k must be an integer from 1 to {self.max_k}, not {type(k).__name__}")
+        if not 1 <= k <= self.max_k:
+            given = f"k={int(k)}" if abs(k) < 10**12 else "a k beyond 10^12"
+            raise RecboleLLMError(f"{given} is out of range; this artifact returns 1 to {self.max_k} items")
 
     def recommend(
         self, histories: Sequence[Sequence[str]], k: int = 10, exclude_seen: bool = True
@@ -147,3 +232,94 @@ class Recommender:
                 unknown_tokens=int(unknown),
             ))
         return answers
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """metadata.json, checked: a JSON object whose keys the runtime reads have the types export writes."""
+    try:
+        metadata = json.loads(path.read_bytes())
+    except OSError as error:
+        raise RecboleLLMError(f"cannot read '{path}' ({error.strerror or error}); check its permissions") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, huge numbers
+        raise RecboleLLMError(f"'{path}' is not JSON ({_first_line(error)}); {REEXPORT}") from None
+    if not isinstance(metadata, dict):
+        raise RecboleLLMError(f"'{path}' holds a JSON {type(metadata).__name__}, not an object; {REEXPORT}")
+    for key in ("max_length", "item_tokens"):
+        if key not in metadata:
+            raise RecboleLLMError(f"'{path}' has no '{key}'; {REEXPORT}")
+
+    def positive_int(key: str) -> bool:
+        value = metadata[key]
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if not positive_int("max_length") or metadata["max_length"] > MAX_LENGTH_LIMIT:
+        raise RecboleLLMError(f"'{path}': max_length must be an integer from 1 to {MAX_LENGTH_LIMIT}, not "
+                              f"{metadata['max_length']!r:.60}; {REEXPORT}")
+    tokens = metadata["item_tokens"]
+    if not isinstance(tokens, list) or len(tokens) < 2:
+        what = f"{len(tokens)} entries" if isinstance(tokens, list) else type(tokens).__name__
+        raise RecboleLLMError(f"'{path}': item_tokens must be a list of padding then item tokens (strings), not "
+                              f"{what}; {REEXPORT}")
+    strange = next((i for i, token in enumerate(tokens) if type(token) is not str), None)
+    if strange is not None:
+        raise RecboleLLMError(f"'{path}': item_tokens[{strange}] is {type(tokens[strange]).__name__} "
+                              f"{tokens[strange]!r:.40}, not a string; {REEXPORT}")
+    if len(set(tokens[1:])) != len(tokens) - 1:
+        seen: set[str] = set()
+        twice = next(token for token in tokens[1:] if token in seen or seen.add(token))
+        raise RecboleLLMError(f"'{path}': item token '{shown(twice)}' is listed twice in item_tokens; {REEXPORT}")
+    if metadata.get("top_k") is not None and (not positive_int("top_k") or metadata["top_k"] >= len(tokens)):
+        raise RecboleLLMError(f"'{path}': top_k must be null or an integer from 1 to {len(tokens) - 1} (the "
+                              f"items), not {metadata['top_k']!r:.60}; {REEXPORT}")
+    if "n_items" in metadata and metadata["n_items"] != len(tokens):
+        raise RecboleLLMError(f"'{path}' says n_items={metadata['n_items']!r:.60} but lists {len(tokens)} "
+                              f"item_tokens; {REEXPORT}")
+    return metadata
+
+
+def _check_graph(session, model_path: Path, metadata_path: Path, metadata: dict[str, Any]) -> None:
+    """The graph's inputs and outputs are those metadata.json describes, and the keys export also wrote into
+    the graph's metadata_props (when they are there) agree with metadata.json."""
+    top_k, n_tokens = metadata.get("top_k"), len(metadata["item_tokens"])
+    inputs = [node.name for node in session.get_inputs()]
+    outputs = {node.name: node.shape for node in session.get_outputs()}
+    if "top_items" in outputs and "top_scores" in outputs:
+        if top_k is None:
+            raise RecboleLLMError(f"'{model_path}' returns top-k items (exported with --top-k) but "
+                                  f"'{metadata_path}' has top_k null; {REEXPORT}")
+        width = outputs["top_items"][1] if len(outputs["top_items"]) == 2 else None
+        if isinstance(width, int) and width != top_k:
+            raise RecboleLLMError(f"'{metadata_path}' has top_k={top_k} but '{model_path}' returns {width} items; "
+                                  f"{REEXPORT}")
+    elif "scores" in outputs:
+        if top_k is not None:
+            raise RecboleLLMError(f"'{model_path}' scores every item (exported without --top-k) but "
+                                  f"'{metadata_path}' has top_k={top_k}; {REEXPORT}")
+        width = outputs["scores"][1] if len(outputs["scores"]) == 2 else None
+        if isinstance(width, int) and width != n_tokens:
+            raise RecboleLLMError(f"'{metadata_path}' lists {n_tokens} item_tokens but '{model_path}' scores "
+                                  f"{width} items; the two files come from different exports: {REEXPORT}")
+    else:
+        raise RecboleLLMError(f"'{model_path}' has neither a 'scores' output nor 'top_items' and 'top_scores' "
+                              f"(outputs: {', '.join(outputs)}); it is not a recbole_llm export: {REEXPORT}")
+    wanted = ["item_seq", "item_length"] + (["exclude_seen"] if top_k is not None else [])
+    if sorted(inputs) != sorted(wanted):
+        raise RecboleLLMError(f"'{model_path}' takes inputs {', '.join(inputs)}, not {', '.join(wanted)}; it is not "
+                              f"a recbole_llm export: {REEXPORT}")
+    props = session.get_modelmeta().custom_metadata_map
+    graph: dict[str, Any] = {}
+    for key in ("max_length", "top_k", "n_items", "item_tokens"):
+        if key in props:
+            try:
+                graph[key] = json.loads(props[key])
+            except (ValueError, RecursionError):  # not written by recbole_llm's export: nothing to compare
+                continue
+    said = {"max_length": metadata["max_length"], "top_k": top_k, "n_items": n_tokens}
+    for key, value in said.items():
+        if key in graph and graph[key] != value:
+            what = f"{n_tokens} item_tokens" if key == "n_items" else f"{key}={value!r}"
+            raise RecboleLLMError(f"'{metadata_path}' has {what} but '{model_path}' was exported with "
+                                  f"{key}={graph[key]!r:.60}; the two files come from different exports: {REEXPORT}")
+    if "item_tokens" in graph and graph["item_tokens"] != metadata["item_tokens"]:
+        raise RecboleLLMError(f"'{metadata_path}' lists other item_tokens than '{model_path}' was exported with; "
+                              f"the two files come from different exports: {REEXPORT}")

@@ -8,8 +8,16 @@
 FastAPI on uvicorn (``pip install "recbole_llm[serve]"``); the model runs in ``recbole_llm.runtime``
 (ONNX Runtime and numpy, no torch or RecBole). Binds 127.0.0.1 unless told otherwise. Requests are read
 and checked by hand rather than by a pydantic model, so that every refusal is one line naming the problem:
-400 for a body that is not JSON, 413 for a body, batch or history over the limits, 422 for well-formed
-JSON with a wrong field, type or value. A refused request never reaches the model.
+400 for a body that is not JSON (or not UTF-8, or nested deeper than any request is), 408 for a body that
+does not arrive within ``body_timeout``, 413 for a body, batch or history over the limits, 422 for
+well-formed JSON with a wrong field, type or value (an integer of more than 20 digits, a string with a lone
+surrogate). A refused request never reaches the model.
+
+Time is bounded for every client: a request's head and body must each arrive within ``body_timeout``
+seconds, and a client that takes none of its answer for as long is dropped; an idle connection is closed
+after ``keep_alive_timeout``. On SIGTERM or SIGINT the service stops accepting connections, answers body reads
+still in flight with 503, lets model calls finish for up to ``shutdown_timeout`` seconds, and exits. A
+client that goes away mid-request costs one log line, not a traceback.
 
 Batching: one worker owns the ONNX Runtime session. When it is free it takes every request waiting (up to
 ``max_batch`` histories) and answers them with one call, so requests that arrive together share a call
@@ -20,6 +28,8 @@ and a lone request waits for nobody. ``--no-batching`` runs one call per request
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
 import asyncio
 import json
+import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,9 +38,12 @@ from typing import Any
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Recommender
+from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Recommender, shown
 
 FIELDS = {"histories", "k", "exclude_seen"}
+MAX_DEPTH = 8  # arrays and objects nested in a body; a request nests 3: {"histories": [["242", ...]]}
+MAX_INT_DIGITS = 20  # an integer item token or k: 64-bit ids fit, longer ones are sent as strings
+log = logging.getLogger("uvicorn.error")  # uvicorn formats it: one line per event
 
 
 @dataclass
@@ -38,12 +51,75 @@ class Limits:
     max_body_bytes: int = 1 << 20  # 1 MiB
     max_batch: int = 256  # histories per request, and per ONNX Runtime call
     max_history: int = 10_000  # tokens per history (only the model's max_length most recent are used)
+    body_timeout: float = 10.0  # seconds for a request's head, and its body, to arrive; and to take some answer
+    keep_alive_timeout: float = 5.0  # seconds an idle connection stays open
+    shutdown_timeout: float = 10.0  # seconds requests in flight may take to finish once told to stop
+
+    def check(self) -> None:
+        """Raises RecboleLLMError naming the first limit out of range."""
+        for name in ("max_body_bytes", "max_batch", "max_history"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecboleLLMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
+        for name in ("body_timeout", "keep_alive_timeout", "shutdown_timeout"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not 0 < value <= 86_400):
+                raise RecboleLLMError(f"--{name.replace('_', '-')} must be a number of seconds above 0 and at most "
+                                      f"86400, not {value!r}")
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, close: bool = False):
         super().__init__(message)
         self.status = status
+        self.close = close  # the body may be unread: the connection cannot carry another request
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request was read."""
+
+
+def json_depth(body: bytes) -> int:
+    """How deep arrays and objects nest in UTF-8 ``body``, not counting brackets inside strings. On any prefix
+    of valid JSON it is the depth a parser reaches, so it bounds the parser's recursion. Linear, in numpy."""
+    data = np.frombuffer(body, dtype=np.uint8)
+    if not data.size:
+        return 0
+    index = np.arange(data.size)
+    last_other = np.maximum.accumulate(np.where(data == 0x5C, -1, index))  # last byte that is not a backslash
+    backslashes_before = index - 1 - np.concatenate(([-1], last_other[:-1]))
+    quotes = (data == 0x22) & (backslashes_before % 2 == 0)  # quotes not escaped
+    step = _BRACKET_STEP[data]
+    step[np.cumsum(quotes) % 2 == 1] = 0  # inside a string (UTF-8 keeps these ASCII bytes out of multi-byte characters)
+    return int(np.cumsum(step, dtype=np.int64).max(initial=0))
+
+
+_BRACKET_STEP = np.zeros(256, dtype=np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise RequestError(422, f"an integer of {digits} digits; integers (item tokens, k) have at most "
+                                f"{MAX_INT_DIGITS}: send longer item ids as strings")
+    return int(text)
+
+
+def _no_constant(name: str):
+    raise RequestError(400, f"body is not valid JSON ({name} is not a JSON value); send a JSON object")
+
+
+def _valid_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape like "\ud800"
+        return False
+    return True
 
 
 @dataclass
@@ -58,14 +134,25 @@ class Job:
 def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
     """The request body, checked and encoded; raises RequestError naming the first problem."""
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RequestError(400, f"body is not valid JSON (not UTF-8: {error}); send a UTF-8 JSON object") from None
+    depth = json_depth(body)
+    if depth > MAX_DEPTH:
+        raise RequestError(400, f"body nests arrays and objects {depth} deep; the limit is {MAX_DEPTH} "
+                                '(a request nests 3: {"histories": [["242", "302"]]})')
+    try:
+        payload = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+    except json.JSONDecodeError as error:
         raise RequestError(400, f"body is not valid JSON ({error}); send a JSON object") from None
+    except RecursionError:  # json_depth bounds it: a second line of defence
+        raise RequestError(400, f"body nests arrays and objects too deep; the limit is {MAX_DEPTH}") from None
     if not isinstance(payload, dict):
         raise RequestError(422, 'body must be a JSON object like {"histories": [["242", "302"]], "k": 10}')
     unknown_fields = sorted(set(payload) - FIELDS)
     if unknown_fields:
-        raise RequestError(422, f"unknown field '{unknown_fields[0]}'; the fields are histories, k, exclude_seen")
+        raise RequestError(422, f"unknown field '{shown(unknown_fields[0])}'; the fields are histories, k, "
+                                "exclude_seen")
     if "histories" not in payload:
         raise RequestError(422, "missing field 'histories': a list of histories, each a list of item tokens")
     histories = payload["histories"]
@@ -85,6 +172,10 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
                 raise RequestError(
                     422, f"history {row}, position {position}: item tokens must be strings or integers, "
                     f"not {type(token).__name__}")
+            if isinstance(token, str) and not _valid_unicode(token):
+                raise RequestError(
+                    422, f"history {row}, position {position}: item token '{shown(token)}' holds a lone UTF-16 "
+                    "surrogate; send valid Unicode")
     if isinstance(k, bool) or not isinstance(k, int):
         raise RequestError(422, f"'k' must be an integer, not {type(k).__name__}")
     if not isinstance(exclude_seen, bool):
@@ -173,6 +264,63 @@ def _require_serving_extra() -> None:
         raise RecboleLLMError(f"serving needs {' and '.join(missing)}: pip install 'recbole_llm[serve]'")
 
 
+class Drain:
+    """The service's stop: set when a shutdown begins. Body reads in flight register their deadlines here,
+    so that the shutdown can end them at once (with a 503) instead of waiting for slow clients."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.reads: set[asyncio.Timeout] = set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        now = asyncio.get_running_loop().time()
+        for deadline in self.reads:
+            deadline.reschedule(now)
+
+
+class _Guard:
+    """ASGI middleware: a request still running when the shutdown drain runs out (uvicorn then cancels it)
+    gets a 503 and one log line instead of a traceback."""
+
+    def __init__(self, app, drain: Drain):
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            if not self.drain.stopping:
+                raise
+            log.warning("%s %s was still running when the shutdown drain ran out; %s", scope["method"],
+                        shown(scope["path"]), "its answer was cut" if started else "it got 503")
+            if not started:
+                body = json.dumps({"error": "the service shut down before answering; send the request again"})
+                try:
+                    async with asyncio.timeout(1):
+                        await send({"type": "http.response.start", "status": 503,
+                                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                        await send({"type": "http.response.body", "body": body.encode()})
+                except (TimeoutError, OSError):
+                    pass
+
+
+def _client(scope) -> str:
+    client = scope.get("client")
+    return f"client {client[0]}:{client[1]}" if client else "a client"
+
+
 def create_app(
     artifact: str | Path,
     limits: Limits | None = None,
@@ -180,7 +328,7 @@ def create_app(
     batching: bool = True,
     intra_op_threads: int | None = None,
 ):
-    """The FastAPI application serving ``artifact``."""
+    """The FastAPI application serving ``artifact``; ``app.state.drain`` is the stop ``serve`` sets."""
     from contextlib import asynccontextmanager
 
     _require_serving_extra()
@@ -188,8 +336,10 @@ def create_app(
     from fastapi.responses import JSONResponse
 
     limits = limits or Limits()
+    limits.check()
     recommender = Recommender(artifact, unknown_tokens=unknown_tokens, intra_op_threads=intra_op_threads)
     batcher = Batcher(recommender, limits.max_batch, batching)
+    drain = Drain()
     public_metadata = {key: value for key, value in recommender.metadata.items() if key != "item_tokens"}
     public_metadata["n_item_tokens"] = len(recommender.tokens) - 1
     public_metadata["service"] = {**asdict(limits), "unknown_tokens": unknown_tokens, "batching": batching,
@@ -203,28 +353,57 @@ def create_app(
         await batcher.stop()
 
     app = FastAPI(title="recbole_llm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, drain=drain)
     app.state.batcher = batcher
+    app.state.drain = drain
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, close: bool = False) -> JSONResponse:
+        headers = {"connection": "close"} if close else None
+        return JSONResponse({"error": shown(message, 1000)}, status_code=status, headers=headers)
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise RequestError(413, f"body of {declared} bytes; the limit is {limits.max_body_bytes}")
+        if declared is not None and declared.isascii() and declared.isdigit() and (
+                len(declared) > 18 or int(declared) > limits.max_body_bytes):
+            raise RequestError(413, f"body of {shown(declared, 20)} bytes; the limit is {limits.max_body_bytes}",
+                               close=True)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise RequestError(413, f"body over {limits.max_body_bytes} bytes; the limit is {limits.max_body_bytes}")
-        return bytes(body)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(limits.body_timeout) as deadline:
+                drain.reads.add(deadline)
+                if drain.stopping:
+                    deadline.reschedule(loop.time())
+                try:
+                    while True:
+                        message = await request.receive()
+                        if message["type"] == "http.disconnect":
+                            raise ClientGone(f"after {len(body)} of {declared or 'unknown'} body bytes")
+                        body += message.get("body", b"")
+                        if len(body) > limits.max_body_bytes:
+                            raise RequestError(413, f"body over {limits.max_body_bytes} bytes; the limit is "
+                                                    f"{limits.max_body_bytes}", close=True)
+                        if not message.get("more_body", False):
+                            return bytes(body)
+                finally:
+                    drain.reads.discard(deadline)
+        except TimeoutError:
+            if drain.stopping:
+                raise RequestError(503, "the service is shutting down; send the request again", close=True) from None
+            log.warning("%s sent %d of %s body bytes in %g s; answered 408", _client(request.scope), len(body),
+                        declared or "unknown", limits.body_timeout)
+            raise RequestError(408, f"the body did not arrive within {limits.body_timeout:g} s (got {len(body)} "
+                                    f"bytes); send the whole request at once", close=True) from None
 
     @app.post("/recommend")
     async def recommend(request: Request):
         try:
             job = parse_request(await read_body(request), recommender, limits)
         except RequestError as refused:
-            return error(refused.status, str(refused))
+            return error(refused.status, str(refused), refused.close)
+        except ClientGone as gone:
+            log.warning("%s went away %s; request dropped", _client(request.scope), gone)
+            return error(400, "the client went away before its body was read", close=True)  # nobody reads it
         try:
             answers = await batcher.submit(job)
         except Exception as failure:  # noqa: BLE001 - the service stays up and says what failed
@@ -241,14 +420,102 @@ def create_app(
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
-        return error(404, f"no route {request.method} {request.url.path}; use POST /recommend, GET /health, "
+        return error(404, f"no route {request.method} {shown(request.url.path)}; use POST /recommend, GET /health, "
                           "GET /metadata")
 
     @app.exception_handler(405)
     async def wrong_method(request: Request, exc):
-        return error(405, f"{request.method} is not allowed on {request.url.path}")
+        return error(405, f"{request.method} is not allowed on {shown(request.url.path)}")
 
     return app
+
+
+def _protocol_class(timeout: float):
+    """uvicorn's h11 protocol with two more deadlines, ``timeout`` seconds each: a request's head (request
+    line and headers) must arrive within it from its first byte, and a client must keep taking its answer
+    (some of it each ``timeout``), else the connection is dropped. uvicorn's keep-alive timeout ends idle
+    connections only after a response; here it also ends a new one that sends nothing."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineProtocol(H11Protocol):
+        head_deadline: asyncio.TimerHandle | None = None
+        write_watch: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
+        def data_received(self, data: bytes) -> None:
+            if self.head_deadline is None and (self.cycle is None or self.cycle.response_complete):
+                self.head_deadline = self.loop.call_later(timeout, self._head_timed_out)
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a whole request head arrived
+                self._disarm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            self._watch_writes(None)
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_deadline()
+            if self.write_watch is not None:
+                self.write_watch.cancel()
+            super().connection_lost(exc)
+
+        def _watch_writes(self, unsent_before: int | None) -> None:
+            """The answer still buffered here must shrink every ``timeout`` seconds: asyncio holds it, and
+            closing the connection waits for it, for as long as a client does not read."""
+            if self.write_watch is not None:
+                self.write_watch.cancel()
+                self.write_watch = None
+            unsent = self.transport.get_write_buffer_size()
+            if not unsent:
+                return
+            if unsent_before is not None and unsent >= unsent_before:
+                log.warning("%s took none of its answer in %g s (%d bytes unsent); connection dropped",
+                            self._who(), timeout, unsent)
+                self.transport.abort()
+                return
+            self.write_watch = self.loop.call_later(timeout, self._watch_writes, unsent)
+
+        def _who(self) -> str:
+            return "client %s:%d" % self.client if self.client else "a client"
+
+        def _disarm_head_deadline(self) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+                self.head_deadline = None
+
+        def _head_timed_out(self) -> None:
+            self.head_deadline = None
+            if not self.transport.is_closing():
+                log.warning("%s sent no whole request head within %g s; connection closed", self._who(), timeout)
+                self.timeout_keep_alive_handler()  # uvicorn's close of an idle connection
+
+    return DeadlineProtocol
+
+
+def _server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server; its shutdown first ends the body reads in flight (``Drain``), then drains as
+        uvicorn does, for at most ``timeout_graceful_shutdown`` seconds."""
+
+        def __init__(self, config, drain: Drain):
+            super().__init__(config)
+            self.drain = drain
+
+        async def shutdown(self, sockets=None) -> None:
+            self.drain.stop()
+            await super().shutdown(sockets)
+
+    return DrainingServer
 
 
 def serve(
@@ -260,11 +527,24 @@ def serve(
     batching: bool = True,
     intra_op_threads: int | None = None,
 ) -> None:
-    """Run the service until interrupted."""
+    """Run the service until interrupted (SIGINT or SIGTERM: a drain bounded by ``limits.shutdown_timeout``)."""
     _require_serving_extra()
     import uvicorn
 
+    limits = limits or Limits()
+    limits.check()
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise RecboleLLMError(f"--port {port!r} is not a TCP port; use 1 to 65535")
     if unknown_tokens not in UNKNOWN_TOKEN_POLICIES:
         raise RecboleLLMError(f"--unknown-tokens '{unknown_tokens}' is not a policy; use skip or error")
     app = create_app(artifact, limits, unknown_tokens, batching, intra_op_threads)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False,
+        http=_protocol_class(limits.body_timeout),
+        timeout_keep_alive=limits.keep_alive_timeout,
+        timeout_graceful_shutdown=limits.shutdown_timeout,
+    )
+    try:
+        _server_class()(config, app.state.drain).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained for: the drain is done
+        pass
