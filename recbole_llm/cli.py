@@ -1,8 +1,9 @@
 """The ``recbole-llm`` command line, with RecBole's ``--key=value`` conventions.
 
     recbole-llm run --model=BERTRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
-    recbole-llm evaluate --checkpoint=saved/BERTRec-....pth
+    recbole-llm evaluate --checkpoint=saved/BERTRec-....pth [--data_path=DIR] [--key=value ...]
     recbole-llm export --checkpoint saved/BERTRec-....pth --output DIR [--top-k K] [--optimize] [--int8] ...
+                       [--data_path=DIR] [--key=value ...]
     recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error] ...
     recbole-llm models
 
@@ -14,6 +15,7 @@ files > model YAML > RecBole defaults).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Sequence
@@ -24,10 +26,10 @@ commands:
   run      train and test a model with RecBole's run_recbole
            recbole-llm run --model=BERTRec --dataset=ml-100k [--config_files="a.yaml b.yaml"] [--key=value ...]
   evaluate test a saved RecBole checkpoint (loaded safely, with RecBole's load_data_and_model)
-           recbole-llm evaluate --checkpoint=saved/BERTRec-Nov-28-2026_09-00-00.pth
+           recbole-llm evaluate --checkpoint=saved/BERTRec-Nov-28-2026_09-00-00.pth [--data_path=DIR] [--key=value ...]
   export   turn a checkpoint into a validated ONNX artifact for ONNX Runtime or Triton
            recbole-llm export --checkpoint saved/X.pth --output DIR [--top-k K] [--opset 17]
-               [--optimize] [--int8 | --fp16] [--triton] [--force]
+               [--optimize] [--int8 | --fp16] [--triton] [--force] [--data_path=DIR] [--key=value ...]
   serve    an HTTP JSON service over an exported artifact (needs: pip install "recbole_llm[serve]")
            recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
                [--max-batch 256] [--max-history 10000] [--max-body-bytes 1048576] [--no-batching]
@@ -78,20 +80,37 @@ def _run(args: Sequence[str]) -> int:
     return 0
 
 
+def _overrides(rest: Sequence[str]) -> dict | int:
+    """``--key=value`` settings for a checkpoint's Config (evaluate, export), or the exit code of a refusal."""
+    overrides = {}
+    for arg in rest:
+        key, equals, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not key or not equals:
+            return _fail(f"cannot read {arg!r}: pass settings for the checkpoint's config as --key=value "
+                         "(e.g. --data_path=DIR)")
+        overrides[key] = value
+    return overrides
+
+
 def _evaluate(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="recbole-llm evaluate", allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a .pth file RecBole's trainer saved")
-    known = parser.parse_args(args)
+    known, rest = parser.parse_known_args(args)
+    overrides = _overrides(rest)
+    if isinstance(overrides, int):
+        return overrides
 
     import recbole_llm  # noqa: F401
     from recbole.quick_start import load_data_and_model
     from recbole.utils import get_trainer, set_color
 
+    from recbole_llm.checkpoint import config_overrides
     from recbole_llm.errors import RecboleLLMError
 
     sys.argv = sys.argv[:1]
     try:
-        config, model, _, _, _, test_data = load_data_and_model(known.checkpoint)
+        with config_overrides(overrides):
+            config, model, _, _, _, test_data = load_data_and_model(known.checkpoint)
     except RecboleLLMError as error:
         return _fail(str(error))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
@@ -111,14 +130,17 @@ def _export(args: Sequence[str]) -> int:
     parser.add_argument("--fp16", action="store_true", help="fp16 weights (GPU)")
     parser.add_argument("--triton", action="store_true", help="also write a Triton model repository")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-    known = parser.parse_args(args)
+    known, rest = parser.parse_known_args(args)
+    overrides = _overrides(rest)
+    if isinstance(overrides, int):
+        return overrides
 
     from recbole_llm.errors import RecboleLLMError
     from recbole_llm.export import ExportOptions, export_checkpoint
 
     options = ExportOptions(
         opset=known.opset, top_k=known.top_k, optimize=known.optimize, int8=known.int8,
-        fp16=known.fp16, triton=known.triton, force=known.force,
+        fp16=known.fp16, triton=known.triton, force=known.force, config_overrides=overrides,
     )
     try:
         artifact = export_checkpoint(known.checkpoint, known.output, options)
@@ -193,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command in ("run", "evaluate", "export", "models") and importlib.util.find_spec("recbole") is None:
+        return _fail(
+            f"'{command}' needs RecBole 1.2.1, which is not installed: pip install recbole==1.2.1 "
+            "(on Python >= 3.12: pip install --no-deps recbole==1.2.1)"
+        )
     if command == "run":
         return _run(rest)
     if command == "evaluate":

@@ -469,7 +469,8 @@ _MODULES_BINDING_CREATE_DATASET = ("recbole.data.utils", "recbole.data", "recbol
 
 def _install_dataset_world_and_saved_pickles() -> None:
     """``create_dataset`` records (or, for a checkpoint's Config, checks) the data's world, and neither it nor
-    ``data_preparation`` unpickles a saved dataset or dataloaders the user did not name.
+    ``data_preparation`` unpickles a saved dataset or dataloaders the user did not name; saving dataloaders
+    leaves the run's shuffling as it was.
 
     RecBole 1.2.1 loads ``<checkpoint_dir>/<dataset>-<Class>.pth`` and ``...-dataloader.pth`` with plain
     ``pickle.load`` whenever such a file exists: a file dropped there runs code. Only the paths a user sets
@@ -509,7 +510,22 @@ def _install_dataset_world_and_saved_pickles() -> None:
             return None
         return original_load_dataloaders(config)
 
+    original_save_dataloaders = data_utils.save_split_dataloaders
+
+    @functools.wraps(original_save_dataloaders)
+    def save_split_dataloaders(config, dataloaders):
+        # RecBole sets each loader's generator to None to pickle it and never puts it back: the run that
+        # saves then shuffles from the global RNG and its numbers differ from the same run without saving.
+        generators = [(loader, loader.generator, getattr(loader.sampler, "generator", None))
+                      for loader in dataloaders]
+        try:
+            return original_save_dataloaders(config, dataloaders)
+        finally:
+            for loader, generator, sampler_generator in generators:
+                loader.generator, loader.sampler.generator = generator, sampler_generator
+
     create_dataset.__recbole_llm__ = True
+    data_utils.save_split_dataloaders = save_split_dataloaders
     for name in _MODULES_BINDING_CREATE_DATASET:
         module = importlib.import_module(name)
         if hasattr(module, "create_dataset"):
