@@ -21,9 +21,10 @@ and fail loudly past a tolerance):
    everything passed: a failed export leaves nothing behind.
 
 The graph: inputs ``item_seq`` int64 [batch, length] (internal item ids, right-padded with 0) and
-``item_length`` int64 [batch]; with ``top_k`` also ``exclude_seen`` bool [batch] (drop items already in
-that row's history), and outputs ``top_items`` int64 / ``top_scores`` float [batch, K]; without it, one
-output ``scores`` float [batch, n_items] (column 0 is padding).
+``item_length`` int64 [batch]; with ``top_k`` also ``exclude_items`` int64 [batch, n] (items never to
+return, 0-padded: the user's whole history when seen items are excluded, which may be longer than the
+model's window of ``max_length`` items), and outputs ``top_items`` int64 / ``top_scores`` float [batch, K];
+without it, one output ``scores`` float [batch, n_items] (column 0 is padding).
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ import torch
 from torch import nn
 
 from recbole_llm.errors import RecboleLLMError
-
-FORMAT_VERSION = 1
+from recbole_llm.runtime import FORMAT_VERSION  # the artifact format, defined beside its reader
 VALIDATION_TOP = 10
 
 
@@ -111,13 +111,13 @@ class ScoringGraph(nn.Module):
         hidden = model.gather_indexes(model.forward(padded), item_length - 1)
         return hidden @ model.item_embedding.weight[: model.n_items].t() + model.output_bias
 
-    def forward(self, item_seq, item_length, exclude_seen=None):
+    def forward(self, item_seq, item_length, exclude_items=None):
         scores = self.scores(item_seq, item_length)
         if self.top_k is None:
             return scores
-        history = torch.ones_like(item_seq, dtype=torch.bool)
-        seen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, item_seq, history)
-        drop = seen & exclude_seen.unsqueeze(-1)
+        # exclude_items: [batch, n] ids never to return (0-padded), e.g. the whole raw history
+        drop = torch.zeros_like(scores, dtype=torch.bool).scatter(
+            1, exclude_items, torch.ones_like(exclude_items, dtype=torch.bool))
         drop[:, 0] = True  # padding is never recommended
         masked = scores.masked_fill(drop, float("-inf"))
         top_scores, top_items = torch.topk(masked, self.top_k, dim=-1)
@@ -234,7 +234,7 @@ def validate(
     feeds = {"item_seq": item_seq, "item_length": item_length}
     k = options.top_k
     if k is not None:
-        feeds["exclude_seen"] = np.zeros(len(item_seq), dtype=bool)
+        feeds["exclude_items"] = np.zeros((len(item_seq), 1), dtype=np.int64)
         top_items, top_scores = _ort_outputs(onnx_path, feeds, precision == "fp16", batch_sizes)
         top = min(VALIDATION_TOP, k)
         ref_order = np.argsort(-reference, axis=1, kind="stable")[:, :k]
@@ -296,9 +296,9 @@ def _trace(graph: ScoringGraph, path: Path, max_length: int, opset: int) -> None
     names = ["item_seq", "item_length"]
     dynamic_axes: dict[str, dict[int, str]] = {"item_seq": {0: "batch", 1: "length"}, "item_length": {0: "batch"}}
     if graph.top_k is not None:
-        inputs += (torch.zeros(2, dtype=torch.bool),)
-        names.append("exclude_seen")
-        dynamic_axes["exclude_seen"] = {0: "batch"}
+        inputs += (torch.tensor([[3, 5, 0], [0, 0, 0]], dtype=torch.long),)
+        names.append("exclude_items")
+        dynamic_axes["exclude_items"] = {0: "batch", 1: "excluded"}
         outputs = ["top_items", "top_scores"]
     else:
         outputs = ["scores"]
@@ -437,7 +437,7 @@ def triton_config(name: str, top_k: int | None, n_items: int, max_batch_size: in
         '  { name: "item_length" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } }',
     ]
     if top_k is not None:
-        inputs.append('  { name: "exclude_seen" data_type: TYPE_BOOL dims: [ 1 ] reshape: { shape: [ ] } }')
+        inputs.append('  { name: "exclude_items" data_type: TYPE_INT64 dims: [ -1 ] }')
         outputs = [
             f'  {{ name: "top_items" data_type: TYPE_INT64 dims: [ {top_k} ] }}',
             f'  {{ name: "top_scores" data_type: TYPE_FP32 dims: [ {top_k} ] }}',
@@ -551,7 +551,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
             "fused_operators": fused,
             "adapters_merged": merged,
             "item_repr": config["item_repr"] or "id",
-            "inputs": ["item_seq", "item_length"] + (["exclude_seen"] if options.top_k else []),
+            "inputs": ["item_seq", "item_length"] + (["exclude_items"] if options.top_k else []),
             "outputs": ["top_items", "top_scores"] if options.top_k else ["scores"],
             "versions": _versions(options.opset),
             "validation": [asdict(r) for r in reports],

@@ -23,12 +23,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
 
+# The artifact format this runtime reads, written by recbole_llm.export. 2: top-k graphs take
+# exclude_items (every item of the raw history) instead of format 1's exclude_seen bool, which could only
+# drop the items inside the model's window.
+FORMAT_VERSION = 2
 UNKNOWN_TOKEN_POLICIES = ("skip", "error")
 MAX_LENGTH_LIMIT = 1 << 16  # items per history a graph may take (metadata.json's max_length)
 REEXPORT = "export the artifact again: recbole-llm export --checkpoint CHECKPOINT --output FOLDER --force"
@@ -64,6 +68,31 @@ class Recommendation:
     items: list[str]
     scores: list[float]
     unknown_tokens: int  # tokens of this history that the model does not know (skipped)
+
+
+class Encoded(NamedTuple):
+    """Histories as the graph takes them, plus what post-processing needs."""
+
+    item_seq: np.ndarray  # int64 [rows, max_length]: the most recent known items, 0-padded at the end
+    item_length: np.ndarray  # int64 [rows]
+    unknown: list[int]  # unknown tokens skipped, per row
+    seen: list[np.ndarray]  # every known item id of each row's whole history, unique
+
+    @staticmethod
+    def join(parts: Sequence["Encoded"]) -> "Encoded":
+        """Rows of several requests, in order, for one model call."""
+        return Encoded(np.concatenate([p.item_seq for p in parts]), np.concatenate([p.item_length for p in parts]),
+                       [u for p in parts for u in p.unknown], [s for p in parts for s in p.seen])
+
+
+def exclusions(seen: Sequence[np.ndarray], exclude_seen: Sequence[bool]) -> np.ndarray:
+    """The graph's ``exclude_items`` input, int64 [rows, n] 0-padded: each row's whole history where
+    ``exclude_seen`` is set, nothing (a padding column) where it is not."""
+    rows = [ids if flag else ids[:0] for ids, flag in zip(seen, exclude_seen)]
+    out = np.zeros((len(rows), max([1, *(len(r) for r in rows)])), dtype=np.int64)
+    for row, ids in enumerate(rows):
+        out[row, : len(ids)] = ids
+    return out
 
 
 class Recommender:
@@ -123,7 +152,7 @@ class Recommender:
                  "item_length": np.array([self.max_length], dtype=np.int64)}
         names = ["scores"] if self.top_k is None else ["top_items", "top_scores"]
         if self.top_k is not None:
-            feeds["exclude_seen"] = np.zeros(1, dtype=bool)
+            feeds["exclude_items"] = np.zeros((1, 1), dtype=np.int64)
         try:
             outputs = self.session.run(names, feeds, quiet)
         except Exception as error:  # noqa: BLE001
@@ -140,8 +169,9 @@ class Recommender:
                 f"'{model_path}' returns item ids beyond the {len(self.tokens)} item_tokens of "
                 f"'{metadata_path}'; {REEXPORT}")
 
-    def encode(self, histories: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Internal ids, right-padded, most recent ``max_length`` items; lengths; unknown-token counts."""
+    def encode(self, histories: Sequence[Sequence[str]]) -> Encoded:
+        """Internal ids, right-padded, most recent ``max_length`` items; lengths; unknown-token counts; and
+        every known item of each history, however long (what ``exclude_seen`` drops)."""
         if not _is_sequence(histories, ndim=2):
             raise RecboleLLMError(f"histories must be a list of histories (lists of item tokens), not "
                                   f"{type(histories).__name__}")
@@ -149,7 +179,7 @@ class Recommender:
             raise RecboleLLMError("histories is empty; pass a non-empty list of histories (lists of item tokens)")
         item_seq = np.zeros((len(histories), self.max_length), dtype=np.int64)
         item_length = np.zeros(len(histories), dtype=np.int64)
-        unknown_counts = []
+        unknown_counts, seen = [], []
         for row, history in enumerate(histories):
             if not _is_sequence(history):
                 hint = "; pass a list of item tokens" if isinstance(history, (str, bytes)) else ""
@@ -166,14 +196,16 @@ class Recommender:
                     f"history {row} has {len(unknown)} unknown item tokens (first: '{shown(unknown[0])}'); "
                     "drop them or use unknown_tokens='skip'"
                 )
-            known = [index for index in ids if index is not None][-self.max_length :]
+            every = [index for index in ids if index is not None]
+            known = every[-self.max_length :]
             if not known:
                 what = "is empty" if not len(history) else "has no item the model knows"
                 raise RecboleLLMError(f"history {row} {what}; a recommendation needs at least one known item")
             item_seq[row, : len(known)] = known
             item_length[row] = len(known)
             unknown_counts.append(len(unknown))
-        return item_seq, item_length, unknown_counts
+            seen.append(np.unique(np.asarray(every, dtype=np.int64)))
+        return Encoded(item_seq, item_length, unknown_counts, seen)
 
     @property
     def max_k(self) -> int:
@@ -191,39 +223,30 @@ class Recommender:
         self, histories: Sequence[Sequence[str]], k: int = 10, exclude_seen: bool = True
     ) -> list[Recommendation]:
         self.check_k(k)
-        item_seq, item_length, unknown_counts = self.encode(histories)
-        rows = len(item_seq)
-        return self.rank(item_seq, item_length, [k] * rows, [bool(exclude_seen)] * rows, unknown_counts)
+        encoded = self.encode(histories)
+        rows = len(encoded.item_seq)
+        return self.rank(encoded, [k] * rows, [bool(exclude_seen)] * rows)
 
-    def rank(
-        self,
-        item_seq: np.ndarray,
-        item_length: np.ndarray,
-        ks: Sequence[int],
-        exclude_seen: Sequence[bool],
-        unknown_counts: Sequence[int],
-    ) -> list[Recommendation]:
-        """Encoded rows (``encode``) to answers in one ONNX Runtime call; k and exclude_seen per row, so
-        rows of different requests can share the call."""
-        exclude = np.asarray(exclude_seen, dtype=bool)
+    def rank(self, encoded: Encoded, ks: Sequence[int], exclude_seen: Sequence[bool]) -> list[Recommendation]:
+        """Encoded rows (``encode``, or several concatenated with :meth:`Encoded.join`) to answers in one
+        ONNX Runtime call; k and exclude_seen per row, so rows of different requests can share the call.
+        ``exclude_seen`` drops every item of the row's history, not only the model's window."""
         k_max = max(ks)
-        feeds = {"item_seq": item_seq, "item_length": item_length}
+        exclude_items = exclusions(encoded.seen, exclude_seen)
+        feeds = {"item_seq": encoded.item_seq, "item_length": encoded.item_length}
         if self.top_k is not None:
-            feeds["exclude_seen"] = exclude
+            feeds["exclude_items"] = exclude_items
             top_items, top_scores = self.session.run(["top_items", "top_scores"], feeds)
             top_items, top_scores = top_items[:, :k_max], top_scores[:, :k_max]
         else:
             (scores,) = self.session.run(["scores"], feeds)
             scores = scores.astype(np.float32, copy=True)
-            if exclude.any():
-                seen = np.zeros(scores.shape, dtype=bool)
-                np.put_along_axis(seen, item_seq, True, axis=1)
-                scores[seen & exclude[:, None]] = -np.inf
+            np.put_along_axis(scores, exclude_items, -np.inf, axis=1)  # column 0 absorbs the padding
             scores[:, 0] = -np.inf  # padding is not an item
             top_items = np.argsort(-scores, axis=1, kind="stable")[:, :k_max]
             top_scores = np.take_along_axis(scores, top_items, axis=1)
         answers = []
-        for items, scores_row, k, unknown in zip(top_items, top_scores, ks, unknown_counts):
+        for items, scores_row, k, unknown in zip(top_items, top_scores, ks, encoded.unknown):
             items, scores_row = items[:k], scores_row[:k]
             finite = np.isfinite(scores_row)  # fewer than k recommendable items left after exclusions
             answers.append(Recommendation(
@@ -247,6 +270,12 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     for key in ("max_length", "item_tokens"):
         if key not in metadata:
             raise RecboleLLMError(f"'{path}' has no '{key}'; {REEXPORT}")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        why = (" (format 1 artifacts drop only the items inside the model's window when excluding seen items)"
+               if version == 1 else "")
+        raise RecboleLLMError(f"'{path}' is artifact format {version!r:.20}, this runtime reads format "
+                              f"{FORMAT_VERSION}{why}; {REEXPORT}")
 
     def positive_int(key: str) -> bool:
         value = metadata[key]
@@ -302,7 +331,7 @@ def _check_graph(session, model_path: Path, metadata_path: Path, metadata: dict[
     else:
         raise RecboleLLMError(f"'{model_path}' has neither a 'scores' output nor 'top_items' and 'top_scores' "
                               f"(outputs: {', '.join(outputs)}); it is not a recbole_llm export: {REEXPORT}")
-    wanted = ["item_seq", "item_length"] + (["exclude_seen"] if top_k is not None else [])
+    wanted = ["item_seq", "item_length"] + (["exclude_items"] if top_k is not None else [])
     if sorted(inputs) != sorted(wanted):
         raise RecboleLLMError(f"'{model_path}' takes inputs {', '.join(inputs)}, not {', '.join(wanted)}; it is not "
                               f"a recbole_llm export: {REEXPORT}")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Recommender, shown
+from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender, shown
 
 FIELDS = {"histories", "k", "exclude_seen"}
 MAX_DEPTH = 8  # arrays and objects nested in a body; a request nests 3: {"histories": [["242", ...]]}
@@ -124,11 +124,9 @@ def _valid_unicode(text: str) -> bool:
 
 @dataclass
 class Job:
-    item_seq: np.ndarray
-    item_length: np.ndarray
+    encoded: Encoded
     ks: list[int]
     exclude: list[bool]
-    unknown: list[int]
 
 
 def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
@@ -182,11 +180,11 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
         raise RequestError(422, f"'exclude_seen' must be true or false, not {type(exclude_seen).__name__}")
     try:
         recommender.check_k(k)
-        item_seq, item_length, unknown = recommender.encode(histories)  # it maps int tokens by str()
+        encoded = recommender.encode(histories)  # it maps int tokens by str()
     except RecboleLLMError as error:
         raise RequestError(422, str(error)) from None
     rows = len(histories)
-    return Job(item_seq, item_length, [k] * rows, [exclude_seen] * rows, unknown)
+    return Job(encoded, [k] * rows, [exclude_seen] * rows)
 
 
 class Batcher:
@@ -248,11 +246,9 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> list:
         return self.recommender.rank(
-            np.concatenate([job.item_seq for job in jobs]),
-            np.concatenate([job.item_length for job in jobs]),
+            Encoded.join([job.encoded for job in jobs]),
             [k for job in jobs for k in job.ks],
             [e for job in jobs for e in job.exclude],
-            [u for job in jobs for u in job.unknown],
         )
 
 

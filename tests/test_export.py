@@ -61,7 +61,7 @@ import sys, numpy as np, onnxruntime as ort
 inputs = np.load(sys.argv[2])
 session = ort.InferenceSession(sys.argv[1] + "/model.onnx", providers=["CPUExecutionProvider"])
 feeds = {"item_seq": inputs["item_seq"], "item_length": inputs["item_length"],
-         "exclude_seen": np.zeros(len(inputs["item_seq"]), dtype=bool)}
+         "exclude_items": np.zeros((len(inputs["item_seq"]), 1), dtype=np.int64)}
 top_items, top_scores = session.run(["top_items", "top_scores"], feeds)
 np.save(sys.argv[3], top_items)
 """
@@ -148,7 +148,7 @@ def test_triton_repository_parses_against_tritons_schema(checkpoints, tmp_path):
     )
     assert config.backend == "onnxruntime" and config.max_batch_size > 0
     assert config.HasField("dynamic_batching")
-    assert [i.name for i in config.input] == ["item_seq", "item_length", "exclude_seen"]
+    assert [i.name for i in config.input] == ["item_seq", "item_length", "exclude_items"]
     assert (artifact / "triton" / "sasrec" / "1" / "model.onnx").read_bytes() == (artifact / "model.onnx").read_bytes()
 
 
