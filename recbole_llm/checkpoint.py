@@ -157,22 +157,17 @@ def _recommender_class(module: str, name: str) -> type | None:
     return None
 
 
-def _refuse(message: str) -> None:
-    raise pickle.UnpicklingError(message)
-
-
 def _holds_foreign_callable(value: Any, depth: int = 0) -> bool:
     """Whether a call's arguments hold a class or function the pickle may not call.
 
     Some admitted functions call an argument (torch's ``_rebuild_from_type_v2(func, new_type, args,
     state)`` runs ``func(*args)``): a state, enum, value or model class passed that way would be called.
     """
-    if callable(value) and not isinstance(value, (int, float, str, bytes)):
-        if isinstance(value, type) or isinstance(value, (types.FunctionType, types.BuiltinFunctionType)):
-            return id(value) not in _allow_lists().callable_ids
-    if depth < 4 and isinstance(value, (tuple, list)):
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        return id(value) not in _allow_lists().callable_ids
+    if depth < 8 and isinstance(value, (tuple, list)):
         return any(_holds_foreign_callable(item, depth + 1) for item in value)
-    if depth < 4 and isinstance(value, dict):
+    if depth < 8 and isinstance(value, dict):
         return any(_holds_foreign_callable(item, depth + 1) for pair in value.items() for item in pair)
     return False
 

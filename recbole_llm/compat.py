@@ -445,7 +445,7 @@ def _install_atomic_file_checks() -> None:
             )
         try:
             return original_load(self, filepath, source)
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError):
             where = _locate_bad_row(filepath, separator, encoding, fields)
             if not where:
                 raise

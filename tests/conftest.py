@@ -35,6 +35,20 @@ def write_ml100k_slice(folder: Path, name: str, n_users: int) -> Path:
     return target
 
 
+def train_checkpoint(folder: Path, model: str, dataset: str, config_dict: dict) -> Path:
+    """``run_recbole`` in ``folder`` (its log/ lands there) with checkpoints in ``folder/saved``; the best one."""
+    from recbole.quick_start import run_recbole
+
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        run_recbole(model=model, dataset=dataset, config_dict={
+            "show_progress": False, **config_dict, "checkpoint_dir": str(folder / "saved")})
+    finally:
+        os.chdir(cwd)
+    return best_checkpoint(folder / "saved")
+
+
 def best_checkpoint(folder: Path, pattern: str = "*.pth") -> Path:
     """The one best-model checkpoint a run wrote to ``folder`` (the plugin trainer also writes -latest.pth)."""
     (found,) = [p for p in Path(folder).glob(pattern) if not p.name.endswith("-latest.pth")]

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from recbole.quick_start import run_recbole
 
-from conftest import best_checkpoint
+from conftest import train_checkpoint
 from recbole_llm import RecboleLLMError, load_checkpoint
 from recbole_llm.checkpoint import allowed_globals
 
@@ -84,19 +83,10 @@ def plant(real: Path, ops: bytes, target: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def real_checkpoint(data_root, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("real")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        run_recbole(model="BERTRec", dataset="ml-tiny", config_dict={
-            "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-            "pretrained_model_name_or_path": None, "n_layers": 1, "n_heads": 2, "hidden_size": 32,
-            "inner_size": 64, "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "show_progress": False,
-            "checkpoint_dir": str(folder / "saved"), "save_latest": True,
-        })
-    finally:
-        os.chdir(cwd)
-    return best_checkpoint(folder / "saved")
+    return train_checkpoint(tmp_path_factory.mktemp("real"), "BERTRec", "ml-tiny", {
+        "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "pretrained_model_name_or_path": None, "n_layers": 1, "n_heads": 2, "hidden_size": 32,
+        "inner_size": 64, "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "save_latest": True})
 
 
 def test_a_planted_harmless_value_loads(real_checkpoint, tmp_path):

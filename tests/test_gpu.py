@@ -7,7 +7,6 @@ runs on a lent GPU machine through the device kit (``benchmarks/gpu/``).
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import best_checkpoint
+from conftest import train_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -94,21 +93,10 @@ def test_ddp_over_nccl_with_one_rank(data_root, tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_checkpoint(data_root, tmp_path_factory) -> str:
-    from recbole.quick_start import run_recbole
-
-    folder = tmp_path_factory.mktemp("gpu-export")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        run_recbole(model="BERTLoRA", dataset="ml-slice", config_dict={
-            "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-            "pretrained_model_name_or_path": None, "hidden_size": 64, "inner_size": 128, "n_layers": 1,
-            "MAX_ITEM_LIST_LENGTH": 20, "show_progress": False, "epochs": 4, "learning_rate": 0.003,
-            "gpu_id": "0", "checkpoint_dir": str(folder / "saved"),
-        })
-    finally:
-        os.chdir(cwd)
-    return str(best_checkpoint(folder / "saved"))
+    return str(train_checkpoint(tmp_path_factory.mktemp("gpu-export"), "BERTLoRA", "ml-slice", {
+        "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "pretrained_model_name_or_path": None, "hidden_size": 64, "inner_size": 128, "n_layers": 1,
+        "MAX_ITEM_LIST_LENGTH": 20, "epochs": 4, "learning_rate": 0.003, "gpu_id": "0"}))
 
 
 @needs_ort_cuda

@@ -8,13 +8,11 @@ through the runtime (top-k and full-score artifacts), the graph's own exclude_it
 from __future__ import annotations
 
 import collections
-import os
 
 import numpy as np
 import pytest
-from recbole.quick_start import run_recbole
 
-from conftest import best_checkpoint
+from conftest import train_checkpoint
 from recbole_llm.export import ExportOptions, export_checkpoint
 from recbole_llm.runtime import Recommender, exclusions
 
@@ -24,17 +22,10 @@ WINDOW = 8
 @pytest.fixture(scope="module")
 def artifacts(data_root, tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("seen")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        run_recbole(model="BERTRec", dataset="ml-slice", config_dict={
-            "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-            "pretrained_model_name_or_path": None, "n_layers": 1, "n_heads": 2, "hidden_size": 32,
-            "inner_size": 64, "MAX_ITEM_LIST_LENGTH": WINDOW, "epochs": 2, "learning_rate": 0.003,
-            "show_progress": False, "checkpoint_dir": str(folder / "saved")})
-    finally:
-        os.chdir(cwd)
-    checkpoint = best_checkpoint(folder / "saved")
+    checkpoint = train_checkpoint(folder, "BERTRec", "ml-slice", {
+        "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "pretrained_model_name_or_path": None, "n_layers": 1, "n_heads": 2, "hidden_size": 32,
+        "inner_size": 64, "MAX_ITEM_LIST_LENGTH": WINDOW, "epochs": 2, "learning_rate": 0.003})
     return {"top_k": str(export_checkpoint(checkpoint, folder / "top", ExportOptions(top_k=10))),
             "scores": str(export_checkpoint(checkpoint, folder / "scores", ExportOptions()))}
 

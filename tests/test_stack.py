@@ -33,8 +33,6 @@ def test_without_ray_only_ray_based_search_says_it_needs_ray():
 
 
 def test_numpy_aliases_recbole_uses_exist_without_overriding_numpy():
-    from recbole.config import Config  # noqa: F401  (RecBole's import path ran)
-
     assert np.float is np.float64 and np.int is np.int_ and np.bool8 is np.bool_
     if np.__version__ >= "2":
         assert np.bool is np.bool_  # numpy 2's own alias, not replaced
