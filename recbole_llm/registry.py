@@ -9,10 +9,13 @@ entry point.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
 import importlib
+import importlib.util
 import os
+import pkgutil
 from pathlib import Path
 from typing import Callable
 
@@ -62,12 +65,80 @@ def plugin_model_yamls(model_name: str) -> list[Path]:
     return [folder / name for name in names if (folder / name).is_file()]
 
 
-def recbole_model_names() -> list[str]:
-    """RecBole's own model names, read from its property files (one YAML per model)."""
-    import recbole
+# The packages recbole.utils.get_model searches, in its order: a model is the class named like the first
+# module ``recbole.model.<package>.<name.lower()>`` found there.
+RECBOLE_MODEL_PACKAGES = (
+    "general_recommender",
+    "context_aware_recommender",
+    "sequential_recommender",
+    "knowledge_aware_recommender",
+    "exlib_recommender",
+)
 
-    folder = Path(recbole.__file__).parent / "properties" / "model"
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+@functools.lru_cache(maxsize=None)
+def recbole_models() -> dict[str, str]:
+    """RecBole's own models, ``{name: "recbole.model.<package>.<module>"}``, as ``recbole.utils.get_model``
+    finds them: each module of its model packages and the class in it whose lower-cased name is the module's.
+
+    The modules are read, not imported: importing them all takes seconds, switches autograd anomaly detection
+    on (sine.py) and fails on optional dependencies (exlib_recommender needs lightgbm and xgboost), while
+    listing names must not. Models without a property file (``Random``) or with a lower-case one
+    (``LightGBM``: lightgbm.yaml) are found too.
+    """
+    models: dict[str, str] = {}
+    searched: set[str] = set()
+    for package in RECBOLE_MODEL_PACKAGES:
+        spec = importlib.util.find_spec(f"recbole.model.{package}")  # imports recbole.model, not the package
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for module in pkgutil.iter_modules(spec.submodule_search_locations):
+            if module.ispkg or module.name in searched:
+                continue  # get_model stops at the first package holding a module of that name
+            searched.add(module.name)
+            for name in _defined_names(_module_source(module)):
+                if name.lower() == module.name:
+                    models[name] = f"recbole.model.{package}.{module.name}"
+    return models
+
+
+def _module_source(module: pkgutil.ModuleInfo) -> Path | None:
+    spec = module.module_finder.find_spec(module.name)
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def _parsed(path: Path | None) -> ast.Module:
+    try:
+        return ast.parse(path.read_text(encoding="utf-8")) if path is not None else ast.Module(body=[])
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return ast.Module(body=[])
+
+
+def _defined_names(path: Path | None) -> list[str]:
+    """Top-level names a module binds to classes: its ``class`` statements and ``from ... import`` names."""
+    names = []
+    for node in _parsed(path).body:
+        if isinstance(node, ast.ClassDef):
+            names.append(node.name)
+        elif isinstance(node, ast.ImportFrom):
+            names += [alias.asname or alias.name for alias in node.names]
+    return names
+
+
+def _third_party_imports(path: Path | None) -> set[str]:
+    """Top-level packages a module imports, RecBole excluded."""
+    roots = set()
+    for node in _parsed(path).body:
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots - {"recbole", "__future__"}
+
+
+def recbole_model_names() -> list[str]:
+    """RecBole's own model names (``recbole_models``), sorted case-insensitively."""
+    return sorted(recbole_models(), key=str.lower)
 
 
 def available_models() -> list[str]:
@@ -76,8 +147,31 @@ def available_models() -> list[str]:
 
 
 def get_plugin_model(model_name: str) -> type:
+    """The class of a plugin model, imported on first use."""
     module_name, class_name = PLUGIN_MODELS[model_name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def _missing_packages(module_name: str, error: ModuleNotFoundError) -> list[str]:
+    """Packages a RecBole model needs that are not installed: the one that failed to import and any other
+    top-level import of the model's module that is absent (XGBoost: its package imports lightgbm first)."""
+    missing = {(error.name or "").split(".")[0]} - {"", "recbole"}
+    package, _, module = module_name.rpartition(".")
+    spec = importlib.util.find_spec(package)  # imports recbole.model, not the package that failed
+    if spec is not None and spec.submodule_search_locations:
+        for info in pkgutil.iter_modules(spec.submodule_search_locations):
+            if info.name == module:
+                missing |= {name for name in _third_party_imports(_module_source(info))
+                            if importlib.util.find_spec(name) is None}
+    return sorted(missing)
+
+
+def _unknown_model(model_name: str) -> RecboleLLMError:
+    names = available_models()
+    same_but_case = [name for name in names if name.lower() == model_name.lower()]
+    close = same_but_case or difflib.get_close_matches(model_name, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return RecboleLLMError(f"unknown model '{model_name}'.{hint} Available models: {', '.join(names)}")
 
 
 def _wrap_get_model(recbole_get_model: Callable[[str], type]) -> Callable[[str], type]:
@@ -85,16 +179,21 @@ def _wrap_get_model(recbole_get_model: Callable[[str], type]) -> Callable[[str],
     def get_model(model_name: str) -> type:
         if model_name in PLUGIN_MODELS:
             return get_plugin_model(model_name)
-        if model_name in recbole_model_names():
+        module_name = recbole_models().get(model_name)
+        if module_name is None:
+            # RecBole would walk its model packages and fail on an optional one ("No module named
+            # 'lightgbm'") or on a class name in the wrong case, which says nothing about the real mistake.
+            raise _unknown_model(model_name)
+        try:
             return recbole_get_model(model_name)
-        # RecBole would walk its model packages and fail on an optional one ("No module named
-        # 'lightgbm'"), which says nothing about the real mistake.
-        names = available_models()
-        close = difflib.get_close_matches(model_name, names, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise RecboleLLMError(
-            f"unknown model '{model_name}'.{hint} Available models: {', '.join(names)}"
-        )
+        except ModuleNotFoundError as error:
+            missing = _missing_packages(module_name, error)
+            if not missing:
+                raise
+            raise RecboleLLMError(
+                f"model '{model_name}' needs {' and '.join(missing)}, not installed; install "
+                f"{'it' if len(missing) == 1 else 'them'}: pip install {' '.join(missing)}"
+            ) from None
 
     get_model.__recbole_llm__ = True
     return get_model

@@ -24,8 +24,8 @@ PEFT_VARIANTS = {
 }
 
 
-def build(model_name: str, config_dict: dict):
-    config = Config(model=model_name, dataset="ml-slice", config_dict=config_dict)
+def build(model_name: str, config_dict: dict, dataset: str = "ml-slice", config_file_list: list | None = None):
+    config = Config(model=model_name, dataset=dataset, config_dict=config_dict, config_file_list=config_file_list)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
@@ -154,15 +154,115 @@ def test_adalora_adds_its_orthogonal_regulariser(tiny_bert):
     assert model.encoder.peft_config["default"].total_step == expected_steps
 
 
+SAMPLINGS = {
+    "CE, no sampling": {"loss_type": "CE", "train_neg_sample_args": None},
+    "BPR, uniform x1": {"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
+    "BPR, uniform x3": {"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 3}},
+    "BPR, popularity x2": {"loss_type": "BPR",
+                           "train_neg_sample_args": {"distribution": "popularity", "sample_num": 2}},
+}
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLINGS))
+def test_adalora_schedule_spans_the_steps_the_trainer_takes(tiny_bert, sampling):
+    """total_step is the optimizer steps PluginTrainer really takes: RecBole's TrainDataLoader makes more,
+    smaller batches when it samples several negatives per positive."""
+    from peft.tuners.adalora import SVDLinear
+
+    settings = {**tiny_bert, **SAMPLINGS[sampling], "epochs": 2, "deltaT": 1, "train_batch_size": 512}
+    config, model, train_data, _, _ = build("BERTAdaLoRA", settings, dataset="ml-tiny")
+    schedule = model.encoder.peft_config["default"]
+    planned = schedule.total_step
+    trainer = get_trainer(config["MODEL_TYPE"], "BERTAdaLoRA")(config, model)
+    trainer.fit(train_data, None, saved=False, show_progress=False)
+
+    assert trainer.global_step == 2 * len(train_data)
+    assert planned == trainer.global_step, (sampling, planned, trainer.global_step)
+    assert 0 < schedule.tinit < schedule.total_step - schedule.tfinal < schedule.total_step
+    assert (schedule.tinit, schedule.tfinal) == (int(0.1 * planned), int(0.2 * planned))  # the YAML's ratios
+    # the budget was fixed at total_step - tfinal, inside the run: every matrix ended at target_r on average
+    adapted = sum(1 for module in model.encoder.modules() if isinstance(module, SVDLinear))
+    assert model.rank_budget() == schedule.target_r * adapted
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"total_step": 5}, "total_step=5 does not match the 16 optimizer steps of this run"),
+    ({"tinit": 10, "tfinal": 6}, "tinit=10 and tfinal=6 leave no steps to reallocate ranks in"),
+    ({"tinit_ratio": 0.6, "tfinal_ratio": 0.5}, "tinit_ratio=0.6 and tfinal_ratio=0.5 leave no steps"),
+    ({"tinit": "soon"}, "tinit='soon' must be a whole number of steps"),
+])
+def test_adalora_refuses_a_schedule_other_than_the_runs(tiny_bert, override, fragment):
+    settings = {**tiny_bert, "epochs": 1, "train_batch_size": 512, **override}
+    with pytest.raises(RecboleLLMError, match=fragment) as error:
+        build("BERTAdaLoRA", settings, dataset="ml-tiny")
+    assert "\n" not in str(error.value)
+
+
+def adapted_module_names(model) -> set[str]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name for name, module in model.encoder.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+@pytest.mark.parametrize("model_name, extra", [
+    ("BERTLoRA", {}), ("BERTAdaLoRA", {"epochs": 1}), ("BERTPEFT", {"peft_type": "LOHA"}),
+])
+@pytest.mark.parametrize("source", ["command line", "config_dict", "yaml"])
+def test_target_modules_as_a_bare_name_means_that_module(tiny_bert, tmp_path, monkeypatch, model_name, extra,
+                                                           source):
+    settings, files = {**tiny_bert, **extra, "n_layers": 2}, None
+    if source == "command line":
+        monkeypatch.setattr("sys.argv", ["recbole-llm", "--target_modules=query"])
+    elif source == "config_dict":
+        settings["target_modules"] = "query"
+    else:
+        (tmp_path / "user.yaml").write_text("target_modules: query\n")
+        files = [str(tmp_path / "user.yaml")]
+    _, model, *_ = build(model_name, settings, dataset="ml-tiny", config_file_list=files)
+    adapted = adapted_module_names(model)
+    assert len(adapted) == 2 and all(name.endswith(".attention.self.query") for name in adapted), adapted
+
+
+@pytest.mark.parametrize("target_modules, adapted_leaves", [
+    ("query, value", {"query", "value"}),  # --target_modules=query,value
+    ("[query,value]", {"query", "value"}),  # --target_modules=[query,value], as in YAML
+    (r".*\.self\.(key|value)", {"key", "value"}),  # anything else stays peft's regex full match
+])
+def test_target_modules_strings_name_lists_or_stay_regexes(tiny_bert, target_modules, adapted_leaves):
+    _, model, *_ = build("BERTLoRA", {**tiny_bert, "target_modules": target_modules}, dataset="ml-tiny")
+    assert {name.rsplit(".", 1)[-1] for name in adapted_module_names(model)} == adapted_leaves
+
+
+def test_target_modules_that_match_nothing_list_the_encoders_modules(tiny_bert):
+    with pytest.raises(RecboleLLMError) as error:
+        build("BERTLoRA", {**tiny_bert, "target_modules": "querry"}, dataset="ml-tiny")
+    message = str(error.value)
+    assert "target_modules ['querry'] match no module of the encoder" in message and "\n" not in message
+    encoder = build("BERTRec", tiny_bert, dataset="ml-tiny")[1].encoder
+    existing = {name.rsplit(".", 1)[-1] for name, module in encoder.named_modules()
+                if name and any(True for _ in module.parameters(recurse=False))}
+    assert {"query", "key", "value", "dense", "LayerNorm", "word_embeddings"} <= existing
+    listed = message.split("its modules are ", 1)[1]
+    assert all(name in listed for name in existing), (existing, message)
+
+
+def test_target_modules_the_method_cannot_adapt_say_so(tiny_bert):
+    with pytest.raises(RecboleLLMError) as error:
+        build("BERTLoRA", {**tiny_bert, "target_modules": ["LayerNorm"]}, dataset="ml-tiny")
+    message = str(error.value)
+    assert "LORA cannot adapt target_modules ['LayerNorm']" in message and "match no module" not in message
+    assert "dense, key, query, value" in message and "\n" not in message  # the encoder's linear layers
+
+
 @pytest.mark.parametrize(
     "model_name, override, fragment",
     [
         ("BERTPEFT", {"peft_type": "NOPE"}, "unknown peft_type 'NOPE'"),
         ("BERTPEFT", {"peft_type": "PROMPT_TUNING"}, "prompt-learning method"),
-        ("BERTLoRA", {"target_modules": ["no_such_module"]}, "match nothing in the encoder"),
+        ("BERTLoRA", {"target_modules": ["no_such_module"]}, "match no module of the encoder"),
         ("BERTLoRA", {"r": 0}, "r=0 must be a positive rank"),
         ("BERTAdapter", {"adapter_size": 0}, "adapter_size=0 must be a positive integer"),
-        ("BERTAdaLoRA", {"epochs": 0}, "AdaLoRA needs training steps"),
+        ("BERTAdaLoRA", {"epochs": 0}, "epochs=0 must be a positive integer"),  # Config refuses it first
     ],
 )
 def test_bad_peft_settings_fail_at_construction(tiny_bert, model_name, override, fragment):

@@ -107,3 +107,120 @@ def test_missing_dataset_is_a_clear_error_not_a_download_prompt(base_config, tmp
         assert f"dataset '{dataset}' not found" in message and str(empty / dataset) in message
         assert "data_path" in message
         assert ("allow_download" in message) == mentions_download
+
+
+# recbole.utils.get_model's search order (a list inside that function)
+RECBOLE_PACKAGES = ("general_recommender", "context_aware_recommender", "sequential_recommender",
+                    "knowledge_aware_recommender", "exlib_recommender")
+
+
+def recbole_registry() -> tuple[dict[str, type], dict[str, str]]:
+    """RecBole's models found by importing its model packages as its get_model does: the classes named like
+    their module, and the modules of packages that cannot be imported (module -> the missing package)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import recbole.model
+
+    subpackages = {m.name for m in pkgutil.iter_modules(recbole.model.__path__) if m.ispkg}
+    assert subpackages == set(RECBOLE_PACKAGES)  # a new RecBole package would need a look here
+    classes, unimportable, searched = {}, {}, set()
+    for package in RECBOLE_PACKAGES:
+        spec = importlib.util.find_spec(f"recbole.model.{package}")
+        modules = [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.ispkg]
+        try:
+            importlib.import_module(f"recbole.model.{package}")
+        except ModuleNotFoundError as error:
+            unimportable.update({module: error.name for module in modules if module not in searched})
+            searched.update(modules)
+            continue
+        for module in modules:
+            if module in searched:
+                continue
+            searched.add(module)
+            loaded = importlib.import_module(f"recbole.model.{package}.{module}")
+            classes.update({name: obj for name, obj in vars(loaded).items()
+                            if inspect.isclass(obj) and name.lower() == module})
+    return classes, unimportable
+
+
+def test_every_recbole_model_resolves_as_in_recbole():
+    import recbole.quick_start.quick_start as quick_start
+    import recbole.utils
+
+    import recbole_llm
+    from recbole_llm.registry import recbole_model_names
+
+    recbole_get_model = recbole.utils.get_model.__wrapped__  # RecBole's own, without the plugin
+    anomaly = torch.is_anomaly_enabled()
+    try:
+        classes, unimportable = recbole_registry()
+        assert "Random" in classes and len(classes) > 80
+        for name, cls in classes.items():
+            assert recbole_get_model(name) is cls
+            assert recbole.utils.get_model(name) is cls, name
+            assert quick_start.get_model(name) is cls, name
+        # optional dependencies missing here (lightgbm, xgboost): a one-line error naming what to install
+        for module, missing in unimportable.items():
+            (name,) = [n for n in recbole_llm.available_models() if n.lower() == module]
+            with pytest.raises(ModuleNotFoundError):
+                recbole_get_model(name)
+            with pytest.raises(RecboleLLMError) as error:
+                recbole.utils.get_model(name)
+            message = str(error.value)
+            assert f"model '{name}' needs" in message and f"pip install {missing}" in message, message
+            assert "\n" not in message
+            classes[name] = None
+    finally:
+        torch.autograd.set_detect_anomaly(anomaly)  # sine.py switches it on at import
+    assert sorted(classes, key=str.lower) == recbole_model_names()
+    assert recbole_llm.available_models() == list(recbole_llm.registry.PLUGIN_MODELS) + recbole_model_names()
+    assert {"Random", "LightGBM", "XGBoost"} <= set(classes) and "lightgbm" not in classes
+
+
+@pytest.mark.parametrize("name, suggestion", [
+    ("lightgbm", "LightGBM"),  # RecBole's YAML file name, not its model name
+    ("sasrec", "SASRec"),
+    ("Randomm", "Random"),
+])
+def test_unknown_names_still_get_one_line_with_a_suggestion(name, suggestion):
+    import recbole.utils
+
+    with pytest.raises(RecboleLLMError) as error:
+        recbole.utils.get_model(name)
+    message = str(error.value)
+    assert message.startswith(f"unknown model '{name}'. Did you mean '{suggestion}'?") and "\n" not in message
+    assert "Random" in message.split("Available models: ")[1].split(", ")
+
+
+def test_random_runs_with_the_plugin_imported(data_root):
+    from recbole.quick_start import run_recbole
+
+    result = run_recbole(model="Random", dataset="ml-tiny", config_dict={
+        "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "show_progress": False, "topk": [10], "metrics": ["Recall"], "valid_metric": "Recall@10",
+        "save_model": False,
+    })
+    assert 0.0 <= result["test_result"]["recall@10"] <= 1.0
+
+
+def test_models_command_lists_recboles_models(capsys):
+    from recbole_llm.cli import main
+
+    assert main(["models"]) == 0
+    rows = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert rows["BERTRec"] == "recbole_llm"
+    assert rows["Random"] == rows["LightGBM"] == rows["XGBoost"] == rows["SASRec"] == "recbole"
+    assert "lightgbm" not in rows
+
+
+def test_command_line_names_the_package_a_model_needs(data_root):
+    import importlib.util
+
+    from test_cli import assert_one_line_error, cli, slice_args
+
+    if importlib.util.find_spec("lightgbm") is not None:
+        pytest.skip("lightgbm is installed here")
+    assert_one_line_error(cli("run", "--model=LightGBM", "--dataset=ml-tiny", *slice_args(data_root)),
+                          "model 'LightGBM' needs lightgbm", "pip install lightgbm")

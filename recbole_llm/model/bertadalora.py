@@ -7,19 +7,47 @@ Reference:
 
 BERTRec with a frozen encoder and peft's AdaLoRA: LoRA whose rank budget is reallocated during training
 from ``init_r`` towards ``target_r`` per matrix by importance. RecBole's trainer knows nothing of it, so:
-``total_step`` is derived from the training data and ``epochs`` at construction, the plugin trainer calls
-``update_and_allocate`` after every optimizer step (``after_optimizer_step``), and AdaLoRA's orthogonal
-regulariser is added to RecBole's loss (``orth_reg_weight``).
+``total_step`` is the optimizer steps the plugin trainer will take (the batches of RecBole's training
+DataLoader for this data and negative sampling, times ``epochs``), known at construction; the plugin
+trainer calls ``update_and_allocate`` after every optimizer step (``after_optimizer_step``), and AdaLoRA's
+orthogonal regulariser is added to RecBole's loss (``orth_reg_weight``).
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.model.bertpeft import BERTPEFT, peft_config_from
+
+
+def optimizer_steps_per_epoch(config: Any, dataset: Any) -> int:
+    """The optimizer steps the plugin trainer takes per epoch: the batches of RecBole's training DataLoader.
+
+    RecBole's TrainDataLoader yields ``train_batch_size // times`` rows per batch, where ``times`` depends on
+    negative sampling (``sample_num`` for pairwise BPR, ``1 + sample_num`` for pointwise models, 1 without
+    sampling), and splits rows across ranks in distributed runs; building one for ``dataset`` counts its
+    batches exactly as the trainer iterates them. Nothing is sampled: no batch is drawn.
+    """
+    from recbole.data.utils import get_dataloader
+
+    return len(get_dataloader(config, "train")(config, dataset, None, shuffle=False))
+
+
+def _step_count(config: Any, key: str) -> int | None:
+    """A step count the user set (None when unset), refused in one line unless a whole number >= 0."""
+    value = config[key]
+    if value is None:
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0 or count != value:
+        raise RecboleLLMError(f"{key}={value!r} must be a whole number of steps >= 0; fix or remove it")
+    return count
 
 
 class BERTAdaLoRA(BERTPEFT):
@@ -28,19 +56,40 @@ class BERTAdaLoRA(BERTPEFT):
     peft_type = "ADALORA"
 
     def build_peft_config(self, config, peft_type: str):
-        steps_per_epoch = math.ceil(len(self._train_dataset) / config["train_batch_size"])
+        steps_per_epoch = optimizer_steps_per_epoch(config, self._train_dataset)
         total_step = steps_per_epoch * int(config["epochs"] or 0)
         if total_step <= 0:
             raise RecboleLLMError(
                 f"AdaLoRA needs training steps but epochs={config['epochs']} and the training data has "
                 f"{len(self._train_dataset)} sequences; set epochs to 1 or more"
             )
+        given = {key: _step_count(config, key) for key in ("total_step", "tinit", "tfinal")}
+        if given["total_step"] is not None and given["total_step"] != total_step:
+            raise RecboleLLMError(
+                f"total_step={given['total_step']} does not match the {total_step} optimizer steps of this run "
+                f"({steps_per_epoch} batches per epoch x epochs={config['epochs']}); remove total_step, the "
+                "plugin derives it"
+            )
+        tinit_ratio = float(config["tinit_ratio"] or 0.0)
+        tfinal_ratio = float(config["tfinal_ratio"] or 0.0)
+        if tinit_ratio < 0 or tfinal_ratio < 0 or tinit_ratio + tfinal_ratio >= 1:
+            raise RecboleLLMError(
+                f"tinit_ratio={tinit_ratio} and tfinal_ratio={tfinal_ratio} leave no steps to reallocate ranks in; "
+                "set both to 0 or more with a sum below 1 (defaults 0.1 and 0.2)"
+            )
         # tinit/tfinal as fractions of the run, so the budget schedule fits any dataset and epoch count
         defaults = {
             "total_step": total_step,
-            "tinit": int(float(config["tinit_ratio"] or 0.0) * total_step),
-            "tfinal": int(float(config["tfinal_ratio"] or 0.0) * total_step),
+            "tinit": int(tinit_ratio * total_step),
+            "tfinal": int(tfinal_ratio * total_step),
         }
+        tinit = defaults["tinit"] if given["tinit"] is None else given["tinit"]
+        tfinal = defaults["tfinal"] if given["tfinal"] is None else given["tfinal"]
+        if tinit + tfinal >= total_step:
+            raise RecboleLLMError(
+                f"tinit={tinit} and tfinal={tfinal} leave no steps to reallocate ranks in this run's "
+                f"total_step={total_step}; lower them, or remove them and set tinit_ratio/tfinal_ratio"
+            )
         return peft_config_from(config, peft_type, defaults=defaults)
 
     def __init__(self, config, dataset):

@@ -18,6 +18,7 @@ frozen weights): loading onto a different backbone is refused.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import torch
@@ -46,6 +47,25 @@ class EncoderWithLossSlot(nn.Module):
         return output
 
 
+# peft fields that name encoder modules; peft reads a str in them as a regex full match on the whole module path
+MODULE_NAME_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save")
+# "query", "query,value", "[query, value]", "['query', 'value']", "attention.self.query": names, not patterns
+_PLAIN_NAMES = re.compile(r"\[?\s*(['\"]?[\w.]+['\"]?\s*,\s*)*['\"]?[\w.]+['\"]?\s*,?\s*\]?")
+
+
+def module_names(value: Any) -> Any:
+    """Module names given as a string (``--target_modules=query``, ``target_modules: query,value``) as a list.
+
+    peft matches a list by module name (``query`` adapts every ``....query``) but a str as a regex against the
+    whole module path, so a bare name would match nothing. Strings that are only names, commas and brackets
+    become lists; any other string (a regex, peft's ``all-linear``) and non-strings pass through unchanged.
+    """
+    if not isinstance(value, str) or not _PLAIN_NAMES.fullmatch(value.strip()):
+        return value
+    names = (name.strip().strip("'\"") for name in value.strip().strip("[]").split(","))
+    return [name for name in names if name]
+
+
 def peft_config_from(config: Any, peft_type: str, defaults: dict | None = None):
     """A peft config of ``peft_type`` from the RecBole config keys that carry its fields' names."""
     from peft import PeftType, PromptLearningConfig
@@ -71,6 +91,7 @@ def peft_config_from(config: Any, peft_type: str, defaults: dict | None = None):
         if field.init and field.name not in ("peft_type", "task_type") and field.name in config:
             value = config[field.name]
             if value is not None:
+                value = module_names(value) if field.name in MODULE_NAME_FIELDS else value
                 arguments[field.name] = list(value) if isinstance(value, tuple) else value
     if "r" in arguments and int(arguments["r"]) <= 0:
         raise RecboleLLMError(f"r={arguments['r']} must be a positive rank; set r to 1 or more (e.g. 8)")
@@ -108,11 +129,18 @@ class BERTPEFT(FrozenBackboneMixin, BERTRec):
             return get_peft_model(EncoderWithLossSlot(encoder), peft_config)
         except ValueError as error:
             message = str(error).splitlines()[0]
-            if "not found in the base model" in message or "Target module" in message:
-                names = sorted({name.rsplit(".", 1)[-1] for name, _ in encoder.named_modules() if name})
+            targets = _shown(peft_config.target_modules)
+            names, linear = encoder_module_names(encoder)
+            if "not found in the base model" in message:
                 raise RecboleLLMError(
-                    f"target_modules {peft_config.target_modules} match nothing in the encoder; "
-                    f"use module names such as {', '.join(n for n in names if n in ('query', 'key', 'value', 'dense'))}"
+                    f"target_modules {targets} match no module of the encoder; its modules are "
+                    f"{', '.join(names)}; set target_modules to some of them (its linear layers: {', '.join(linear)})"
+                ) from None
+            if "Target module" in message and "is not supported" in message:
+                method = getattr(peft_config.peft_type, "value", peft_config.peft_type)
+                raise RecboleLLMError(
+                    f"{method} cannot adapt target_modules {targets}: {message} Set target_modules to layers it "
+                    f"supports, e.g. the encoder's linear layers {', '.join(linear)}"
                 ) from None
             raise RecboleLLMError(f"peft could not adapt the encoder: {message}") from None
 
@@ -143,6 +171,26 @@ class BERTPEFT(FrozenBackboneMixin, BERTRec):
     def save_adapter(self, directory: str) -> None:
         """Write the adapter in peft's own ``save_pretrained`` format (adapter_config.json + weights)."""
         self.encoder.save_pretrained(directory)
+
+
+def encoder_module_names(encoder: nn.Module) -> tuple[list[str], list[str]]:
+    """The names target_modules can use: leaf names of the encoder's modules that hold weights, and of its
+    ``nn.Linear`` layers (for BERT: query, key, value, dense)."""
+    names, linear = set(), set()
+    for path, module in encoder.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        if path and not name.isdigit() and any(True for _ in module.parameters(recurse=False)):
+            names.add(name)
+            if isinstance(module, nn.Linear):
+                linear.add(name)
+    return sorted(names, key=str.lower), sorted(linear, key=str.lower)
+
+
+def _shown(target_modules: Any) -> str:
+    """target_modules as the user wrote them: a regex quoted, names as a sorted list."""
+    if isinstance(target_modules, str):
+        return repr(target_modules)
+    return repr(sorted(target_modules or []))
 
 
 class _PlainEncoder(nn.Module):
