@@ -3,31 +3,100 @@
 ``import recbole_llm`` is all a RecBole user needs: it makes RecBole 1.2.1 work on today's stack
 (:mod:`recbole_llm.compat`) and registers the plugin's models with RecBole's own entry points
 (:mod:`recbole_llm.registry`), so ``run_recbole(model='BERTRec', dataset='ml-100k')`` just works.
+
+It does so when RecBole is imported, not before: importing ``recbole_llm`` (or its serving modules,
+:mod:`recbole_llm.runtime` and :mod:`recbole_llm.serve`) imports neither RecBole nor torch. If RecBole is
+already imported, the plugin is installed at once; otherwise the first ``import recbole...`` installs it,
+right after RecBole's own package ``__init__`` ran and before the import that asked for it returns.
 """
 
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import threading
+from typing import Any
+
 from recbole_llm import compat as _compat
+from recbole_llm.errors import RecboleLLMError
 
 __version__ = "0.1.0"
 
 # Before RecBole is imported: its import prints deprecation warnings from ray and pkg_resources.
 _compat.silence_stack_noise()
 
-import importlib.util  # noqa: E402
+_installed = False
+_lock = threading.RLock()
 
-from recbole_llm.errors import RecboleLLMError  # noqa: E402
 
-# A serving-only install (onnxruntime and numpy, no RecBole) can still use recbole_llm.runtime.
-if importlib.util.find_spec("recbole") is not None:
-    _compat.import_quick_start()  # after the filters above; ray is optional
+def _install() -> None:
+    """Make RecBole work on today's stack and register the plugin. Idempotent."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+        _compat.import_quick_start()  # ray is optional
+        from recbole_llm import distributed, registry
 
-    from recbole_llm import distributed as _distributed
-    from recbole_llm import registry as _registry
+        _compat.install()
+        registry.install()
+        distributed.install()
 
-    _compat.install()
-    _registry.install()
-    _distributed.install()
 
-    from recbole_llm.checkpoint import load_checkpoint
-    from recbole_llm.registry import available_models
+class _InstallAfterRecBole(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``recbole`` with the other finders, runs its ``__init__``, then installs the plugin."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None):
+        if fullname != "recbole" or "recbole" in sys.modules:
+            return None
+        # Asked by an import or by a mere importlib.util.find_spec: stay in place until RecBole executes.
+        index = sys.meta_path.index(self)
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec("recbole")
+        finally:
+            sys.meta_path.insert(index, self)
+        if spec is None or spec.loader is None:
+            return spec
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def __getattr__(self, name: str) -> Any:  # resource readers, get_source ...: RecBole's own loader
+        loader = self.__dict__.get("_loader")
+        if loader is None:
+            raise AttributeError(name)
+        return getattr(loader, name)
+
+    def exec_module(self, module) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # RecBole is being imported: its job is done after this
+        self._loader.exec_module(module)
+        _install()
+
+
+if "recbole" in sys.modules:
+    _install()
+elif importlib.util.find_spec("recbole") is not None:
+    sys.meta_path.insert(0, _InstallAfterRecBole())
+
+
+def __getattr__(name: str) -> Any:
+    # These import RecBole, which installs the plugin first.
+    if name == "load_checkpoint":
+        from recbole_llm.checkpoint import load_checkpoint
+
+        return load_checkpoint
+    if name == "available_models":
+        from recbole_llm.registry import available_models
+
+        return available_models
+    raise AttributeError(f"module 'recbole_llm' has no attribute '{name}'")
+
 
 __all__ = ["RecboleLLMError", "available_models", "load_checkpoint", "__version__"]

@@ -197,3 +197,28 @@ def test_serve_refuses_a_folder_that_is_not_an_artifact(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("recbole-llm: error:") and "not an exported artifact" in result.stderr
+
+
+SERVING_PROCESS = """
+import json, sys
+from recbole_llm.runtime import Recommender
+from recbole_llm.serve import create_app
+from recbole_llm.cli import main
+recommender = Recommender(sys.argv[1])
+[answer] = recommender.recommend([recommender.tokens[1:6]], k=5)
+create_app(sys.argv[1])
+main(["--help"])
+print(json.dumps({"items": answer.items, "heavy": sorted(m for m in ("torch", "recbole", "transformers", "peft")
+                                                        if m in sys.modules)}))
+"""
+
+
+def test_serving_imports_neither_torch_nor_recbole(artifact):
+    """The runtime, the service and the CLI's help answer without importing torch or RecBole."""
+    run = subprocess.run([sys.executable, "-c", SERVING_PROCESS, artifact], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    recommender = Recommender(artifact)
+    assert result["items"] == direct(artifact, [recommender.tokens[1:6]], k=5)[0]["items"]
