@@ -37,6 +37,10 @@ commands:
 """
 
 
+OVERRIDES_HELP = ("--key=value (or --key value): settings for the checkpoint's config, e.g. --data_path=DIR for "
+                  "data moved since training, --eval_batch_size=256")
+
+
 def _fail(message: str) -> int:
     print(f"recbole-llm: error: {message}", file=sys.stderr)
     return 2
@@ -83,8 +87,12 @@ def _run(args: Sequence[str]) -> int:
 def _overrides(rest: Sequence[str]) -> dict | int:
     """``--key=value`` settings for a checkpoint's Config (evaluate, export), or the exit code of a refusal."""
     overrides = {}
-    for arg in rest:
+    args = list(rest)
+    while args:
+        arg = args.pop(0)
         key, equals, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if key and not equals and args and not args[0].startswith("--"):
+            value, equals = args.pop(0), "="  # --key value
         if not key or not equals:
             return _fail(f"cannot read {arg!r}: pass settings for the checkpoint's config as --key=value "
                          "(e.g. --data_path=DIR)")
@@ -93,7 +101,8 @@ def _overrides(rest: Sequence[str]) -> dict | int:
 
 
 def _evaluate(args: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recbole-llm evaluate", allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="recbole-llm evaluate", allow_abbrev=False,
+                                     epilog=OVERRIDES_HELP)
     parser.add_argument("--checkpoint", required=True, help="a .pth file RecBole's trainer saved")
     known, rest = parser.parse_known_args(args)
     overrides = _overrides(rest)
@@ -120,7 +129,7 @@ def _evaluate(args: Sequence[str]) -> int:
 
 
 def _export(args: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recbole-llm export", allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="recbole-llm export", allow_abbrev=False, epilog=OVERRIDES_HELP)
     parser.add_argument("--checkpoint", required=True, help="a .pth file RecBole's trainer saved")
     parser.add_argument("--output", required=True, help="the artifact folder to create")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (14-20, default 17)")
@@ -210,6 +219,14 @@ def _models() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `recbole-llm models | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
@@ -229,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         return _serve(rest)
     if command == "models":
+        if rest:
+            print("usage: recbole-llm models   (lists the models 'run' accepts: the plugin's, then RecBole's)")
+            return 0 if rest[0] in ("-h", "--help") else 2
         return _models()
     return _fail(
         f"unknown command '{command}'; commands: run, evaluate, export, serve, models (see recbole-llm --help)"

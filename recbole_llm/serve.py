@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -540,6 +541,9 @@ def serve(
         timeout_keep_alive=limits.keep_alive_timeout,
         timeout_graceful_shutdown=limits.shutdown_timeout,
     )
+    providers = ", ".join(app.state.batcher.recommender.session.get_providers())
+    print(f"recbole-llm serve: {artifact} on http://{host}:{port} ({providers}); SIGINT or SIGTERM stops it",
+          file=sys.stderr, flush=True)
     try:
         _server_class()(config, app.state.drain).run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained for: the drain is done

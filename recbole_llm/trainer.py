@@ -65,6 +65,8 @@ class PluginTrainer(Trainer):
             raise RecboleLLMError(f"adv_epsilon={self.adv_epsilon} must be > 0 with adversarial: fgm")
         # Mixed precision only on GPU: on CPU autocast is slower for these models (measured) and fp16 unsafe.
         self.autocast_dtype = PRECISIONS[key] if self.device.type == "cuda" else None
+        if PRECISIONS[key] is not None and self.autocast_dtype is None:
+            self.logger.warning(f"mixed_precision={precision} applies on GPU only: training on {self.device} in fp32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.scheduler = None
         self.global_step = 0
