@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import types
+import zipfile
 from typing import Any, Iterator
 
 from recbole_llm.errors import RecboleLLMError
@@ -284,14 +285,49 @@ def safe_torch_load(f, map_location: Any = None, **kwargs) -> Any:
     kwargs.pop("pickle_module", None)
     if map_location is None and not torch.cuda.is_available():
         map_location = "cpu"
+    if isinstance(f, (str, os.PathLike)) and not zipfile.is_zipfile(f):
+        # torch's legacy formats (tar, raw pickle) put other pickles in the file: a tar's first member
+        # name is the file's first bytes, which plain pickle.load elsewhere would run. RecBole and torch
+        # have written zip checkpoints since torch 1.6.
+        raise ValueError("not a zip checkpoint (torch >= 1.6 format)")
     # torch.serialization.load, not torch.load: the latter is swapped while RecBole loads.
     loaded = torch.serialization.load(
         f, map_location=map_location, pickle_module=restricted_pickle, weights_only=False, **kwargs
     )
     if isinstance(loaded, dict) and "config" in loaded:
-        follow_this_machine(loaded["config"])
-        apply_overrides(loaded["config"], _OVERRIDES.get())
+        config = loaded["config"]
+        _distrust(config)
+        follow_this_machine(config)
+        apply_overrides(config, _OVERRIDES.get())
     return loaded
+
+
+# Keys of a checkpoint's Config that would make RecBole unpickle a file (its saved dataset or dataloaders):
+# a checkpoint is data, so they are cleared; a user may set them again with --key=value.
+_PICKLE_PATH_KEYS = ("dataset_save_path", "dataloaders_save_path")
+
+
+def _distrust(config: Any) -> None:
+    """A checkpoint's Config, made safe to use: no pickle paths, and model and dataset plain names.
+
+    ``model`` and ``dataset`` become file and folder names (logs, data paths): a path in them would write
+    or read elsewhere. Raises UnpicklingError (reported as a refusal) for a Config that is not one.
+    """
+    from recbole.config.configurator import Config
+
+    from recbole_llm.registry import available_models
+
+    final = getattr(config, "final_config_dict", None) if isinstance(config, Config) else None
+    if not isinstance(final, dict):
+        raise pickle.UnpicklingError(f"Unsupported config: a {type(config).__name__}, not a RecBole Config")
+    for key in _PICKLE_PATH_KEYS:
+        if final.get(key):
+            final[key] = None
+    model, dataset = final.get("model"), final.get("dataset")
+    if not isinstance(model, str) or model not in available_models():
+        raise pickle.UnpicklingError(f"Unsupported config: model {model!r:.60} is not a known model")
+    if not isinstance(dataset, str) or not dataset or any(c in dataset for c in "/\\\0") or dataset in (".", ".."):
+        raise pickle.UnpicklingError(f"Unsupported config: dataset {dataset!r:.60} is not a dataset name")
 
 
 _OVERRIDES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("recbole_llm_overrides", default=None)
@@ -367,6 +403,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"'{path}' is not a RecBole checkpoint (unreadable pickle); "
             "pass the .pth file that RecBole's trainer saved under saved/"
         ) from None
+    except RecboleLLMError:
+        raise
     except Exception as error:  # torch's and pickle's many ways of failing on a file that is not one
         raise RecboleLLMError(
             f"'{path}' is not a RecBole checkpoint ({type(error).__name__}); "
@@ -473,6 +511,16 @@ def _fitting_weights(resume):
 
     @functools.wraps(resume)
     def resume_checkpoint(self, resume_file):
+        from recbole_llm import world
+
+        trained = world.stored(load_checkpoint(resume_file)["config"])
+        here = world.stored(self.config)
+        if trained and here and trained["token_maps"] != here["token_maps"]:
+            raise RecboleLLMError(
+                f"resume_from '{resume_file}' was trained on data whose ids differ from this run's "
+                f"('{self.config['dataset']}' at {self.config['data_path']}): its weights would score other items; "
+                "resume on the data it was trained with"
+            )
         try:
             return resume(self, resume_file)
         except RuntimeError as error:

@@ -500,6 +500,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     output = Path(output).resolve()
     if output.exists() and not options.force:
         raise RecboleLLMError(f"output '{output}' exists; choose another --output or pass --force to replace it")
+    if output.exists() and not (output.is_dir() and (output / "metadata.json").is_file()):
+        # --force replaces an artifact, never a folder of other things (".", a home folder) or a file
+        raise RecboleLLMError(f"output '{output}' exists and is not an artifact (no metadata.json): --force "
+                              "replaces artifacts only; choose a new folder")
+    if output == Path.cwd() or output in Path.cwd().parents:
+        raise RecboleLLMError(f"output '{output}' holds the current folder: choose a new folder")
     _check_output_place(output)
     _check_exportable(checkpoint)
 

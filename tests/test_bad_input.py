@@ -255,3 +255,31 @@ def test_pre_split_histories_longer_than_the_window_train_and_export_at_the_wind
     artifact = export_checkpoint(best_checkpoint(tmp_path / "saved"), tmp_path / "art", ExportOptions(top_k=5))
     metadata = json.loads((artifact / "metadata.json").read_text())
     assert metadata["max_length"] == 10 and metadata["validation"][0]["passed"]
+
+
+def test_export_force_replaces_artifacts_only(trained, tmp_path, monkeypatch):
+    precious = tmp_path / "work"
+    (precious / "notes").mkdir(parents=True)
+    (precious / "notes" / "thesis.txt").write_text("years of work")
+    assert_one_line_error(cli("export", "--checkpoint", str(trained["BERTRec"]), "--output", str(precious), "--force"),
+                          "is not an artifact")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert_one_line_error(cli("export", "--checkpoint", str(trained["BERTRec"]), "--output", str(a_file), "--force"),
+                          "is not an artifact")
+    assert (precious / "notes" / "thesis.txt").read_text() == "years of work" and a_file.read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_resuming_on_data_whose_ids_moved_is_refused(trained, tmp_path):
+    """Same shapes, other ids: the weights would load and silently score other items."""
+    moved = tmp_path / "data" / "ml-tiny"
+    moved.mkdir(parents=True)
+    header, *rows = (trained["data"] / "ml-tiny" / "ml-tiny.inter").read_text().splitlines()
+    (moved / "ml-tiny.inter").write_text("\n".join([header, *reversed(rows)]) + "\n")
+    result = cli("run", "--model=BERTRec", "--dataset=ml-tiny", f"--data_path={tmp_path / 'data'}",
+                 "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--pretrained_model_name_or_path=None",
+                 "--n_layers=1", "--hidden_size=32", "--inner_size=64", "--MAX_ITEM_LIST_LENGTH=10", "--epochs=2",
+                 "--show_progress=False", f"--checkpoint_dir={tmp_path / 'saved'}",
+                 f"--resume_from={trained['BERTRec']}")
+    assert_one_line_error(result, "was trained on data whose ids differ from this run's")

@@ -207,3 +207,37 @@ def test_a_checkpoint_saved_on_cuda_loads_on_this_cpu(real_checkpoint, tmp_path)
     assert "test result" in evaluate.stdout + evaluate.stderr
     export = cli("export", "--checkpoint", str(cuda_tagged), "--output", str(tmp_path / "artifact"))
     assert export.returncode == 0, export.stderr[-2000:]
+
+
+def test_a_checkpoint_cannot_point_recbole_at_a_pickle(real_checkpoint, tmp_path):
+    """A crafted Config naming a saved dataset/dataloaders file (here a payload pickle) would make RecBole
+    pickle.load it; and torch's legacy tar format lets a file start with a pickle. Both are refused."""
+    sentinel = tmp_path / "sentinel"
+    payload = tmp_path / "payload.pkl"
+    payload.write_bytes(call_ops("posix.system", (f"touch {sentinel}",)).replace(b"cposix", b"\x80\x02cposix", 1)
+                        + b".")
+    checkpoint = torch.load(real_checkpoint, weights_only=False)  # ours
+    for key in ("dataset_save_path", "dataloaders_save_path"):
+        checkpoint["config"].final_config_dict[key] = str(payload)
+    pointing = tmp_path / "pointing.pth"
+    torch.save(checkpoint, pointing)
+    result = cli("evaluate", f"--checkpoint={pointing}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_checkpoint(pointing)["config"]["dataset_save_path"] is None
+    legacy = tmp_path / "legacy.pth"
+    legacy.write_bytes(payload.read_bytes() + b"\0" * 512)  # not a zip: torch's legacy formats are refused
+    assert cli("evaluate", f"--checkpoint={legacy}").returncode == 2
+    with pytest.raises(RecboleLLMError, match="is not a RecBole checkpoint"):
+        load_checkpoint(legacy)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("key, value", [("model", "/tmp/elsewhere/dir"), ("dataset", "../../etc"),
+                                        ("model", "NoSuchModel")])
+def test_a_checkpoint_config_names_a_model_and_a_dataset_not_paths(real_checkpoint, tmp_path, key, value):
+    checkpoint = torch.load(real_checkpoint, weights_only=False)  # ours
+    checkpoint["config"].final_config_dict[key] = value
+    crafted = tmp_path / "crafted.pth"
+    torch.save(checkpoint, crafted)
+    with pytest.raises(RecboleLLMError, match=f"refusing to load .*unsupported config: {key}"):
+        load_checkpoint(crafted)
