@@ -351,11 +351,17 @@ def apply_overrides(config: Any, overrides: dict | None) -> None:
 
     if not overrides or not isinstance(config, Config):
         return
+    from recbole_llm.compat import check_config_values
+
     values = config._convert_config_dict(dict(overrides))
     for key, value in values.items():
+        if key in ("model", "dataset", "device"):
+            raise RecboleLLMError(f"--{key} cannot change for a checkpoint: it was trained with "
+                                  f"{key}={config[key]!r}")
         if key == "data_path":
             value = os.path.join(os.fspath(value), config["dataset"])
         config.final_config_dict[key] = value
+    check_config_values(config.final_config_dict)
 
 
 def follow_this_machine(config: Any) -> None:

@@ -46,8 +46,15 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _parser(prog: str, **kwargs) -> argparse.ArgumentParser:
+    """argparse, with its usage errors as one line and exit status 2 like every other error here."""
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, **kwargs)
+    parser.error = lambda message: sys.exit(_fail(f"{message} (see: {prog} --help)"))
+    return parser
+
+
 def _run(args: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recbole-llm run", allow_abbrev=False)
+    parser = _parser("recbole-llm run", epilog="--key=value: any RecBole or plugin setting, e.g. --epochs=2")
     parser.add_argument("--model", "-m", default="BERTRec", help="model name (default: BERTRec)")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (default: ml-100k)")
     parser.add_argument("--config_files", default=None, help="space-separated YAML config files")
@@ -61,6 +68,10 @@ def _run(args: Sequence[str]) -> int:
     malformed = [arg for arg in rest if not arg.startswith("--") or "=" not in arg]
     if malformed:
         return _fail(f"cannot read {malformed[0]!r}: pass settings as --key=value")
+    keys = [arg[2:].split("=", 1)[0] for arg in rest]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice:
+        return _fail(f"--{twice} is given twice: keep one")
     config_files = known.config_files.split() if known.config_files else None
     for path in config_files or []:
         if not os.path.isfile(path):
@@ -101,8 +112,7 @@ def _overrides(rest: Sequence[str]) -> dict | int:
 
 
 def _evaluate(args: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recbole-llm evaluate", allow_abbrev=False,
-                                     epilog=OVERRIDES_HELP)
+    parser = _parser("recbole-llm evaluate", epilog=OVERRIDES_HELP)
     parser.add_argument("--checkpoint", required=True, help="a .pth file RecBole's trainer saved")
     known, rest = parser.parse_known_args(args)
     overrides = _overrides(rest)
@@ -129,7 +139,7 @@ def _evaluate(args: Sequence[str]) -> int:
 
 
 def _export(args: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recbole-llm export", allow_abbrev=False, epilog=OVERRIDES_HELP)
+    parser = _parser("recbole-llm export", epilog=OVERRIDES_HELP)
     parser.add_argument("--checkpoint", required=True, help="a .pth file RecBole's trainer saved")
     parser.add_argument("--output", required=True, help="the artifact folder to create")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (14-20, default 17)")

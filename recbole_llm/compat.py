@@ -202,7 +202,7 @@ _POSITIVE_INTS = ("epochs", "train_batch_size", "eval_batch_size")
 _SEQUENTIAL_LOSSES = ("CE", "BPR")
 
 
-def _check_config_values(final: dict) -> None:
+def check_config_values(final: dict) -> None:
     """Values every run depends on, checked before RecBole reads any data: one line naming key and fix."""
     from recbole.utils import ModelType
 
@@ -215,6 +215,10 @@ def _check_config_values(final: dict) -> None:
 
     for key in _POSITIVE_INTS:
         positive_int(key)
+    topk = final.get("topk")
+    for k in topk if isinstance(topk, list) else [topk]:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise RecboleLLMError(f"topk={topk!r} must be a positive integer or a list of them: e.g. --topk=[10]")
     rate = final.get("learning_rate")
     if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
         raise RecboleLLMError(f"learning_rate={rate!r} must be a number above 0: e.g. --learning_rate=0.001")
@@ -248,7 +252,7 @@ def _install_config_fixes() -> None:
             and not user_set_sampling
         ):
             final["train_neg_sample_args"] = None
-        _check_config_values(final)
+        check_config_values(final)
         from recbole_llm.registry import PLUGIN_MODELS
 
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths

@@ -20,6 +20,7 @@ export also wrote into the graph's metadata_props); then one history of ``max_le
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,10 @@ def _first_line(error: BaseException) -> str:
 
 
 def _is_token(token: Any) -> bool:
+    """A string, or an integer short enough to have a decimal form (Python refuses str() past 4,300 digits)."""
     return type(token) is str or (
-        isinstance(token, (str, int, np.integer)) and not isinstance(token, (bool, np.bool_)))
+        isinstance(token, (str, int, np.integer)) and not isinstance(token, (bool, np.bool_))
+        and (isinstance(token, str) or abs(int(token)) < 10**100))
 
 
 def _is_sequence(value: Any, ndim: int = 1) -> bool:
@@ -116,10 +119,12 @@ class Recommender:
             )
         if unknown_tokens not in UNKNOWN_TOKEN_POLICIES:
             raise RecboleLLMError(f"unknown_tokens '{unknown_tokens}' is not a policy; use 'skip' or 'error'")
+        most = 4 * (os.cpu_count() or 1)  # ONNX Runtime would create them all (thousands took GBs and hung)
         if intra_op_threads is not None and (
-                isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 1):
-            raise RecboleLLMError(f"intra_op_threads={intra_op_threads!r} must be a positive number of threads "
-                                  "(or None: all cores)")
+                isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int)
+                or not 1 <= intra_op_threads <= most):
+            raise RecboleLLMError(f"intra_op_threads={intra_op_threads!r:.30} must be a number of threads from 1 to "
+                                  f"{most} (4 per core), or None: all cores")
         self.metadata = _read_metadata(metadata_path)
         self.unknown_tokens = unknown_tokens
         self.max_length = self.metadata["max_length"]

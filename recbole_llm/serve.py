@@ -253,6 +253,22 @@ class Batcher:
         )
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind once before loading anything: a port in use or a host that is not this machine's is one line
+    (uvicorn would log an error and exit 3 after the model loaded)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise RecboleLLMError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port "
+                              "or --host") from None
+
+
 def _require_serving_extra() -> None:
     import importlib.util
 
@@ -534,6 +550,7 @@ def serve(
         raise RecboleLLMError(f"--port {port!r} is not a TCP port; use 1 to 65535")
     if unknown_tokens not in UNKNOWN_TOKEN_POLICIES:
         raise RecboleLLMError(f"--unknown-tokens '{unknown_tokens}' is not a policy; use skip or error")
+    _check_can_listen(host, port)
     app = create_app(artifact, limits, unknown_tokens, batching, intra_op_threads)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False,

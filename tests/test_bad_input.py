@@ -27,6 +27,8 @@ TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32,
     ({"train_batch_size": 0}, "train_batch_size=0 must be a positive integer"),
     ({"eval_batch_size": -1}, "eval_batch_size=-1 must be a positive integer"),
     ({"loss_type": "MSE"}, "loss_type='MSE' is not a loss of sequential models"),
+    ({"topk": 0}, "topk=0 must be a positive integer"),
+    ({"topk": [10, -1]}, "topk=.10, -1. must be a positive integer"),
 ])
 @pytest.mark.parametrize("model", ["BERTRec", "SASRec"])
 def test_config_values_are_checked_before_any_data(model, override, fragment, data_root):
@@ -283,3 +285,24 @@ def test_resuming_on_data_whose_ids_moved_is_refused(trained, tmp_path):
                  "--show_progress=False", f"--checkpoint_dir={tmp_path / 'saved'}",
                  f"--resume_from={trained['BERTRec']}")
     assert_one_line_error(result, "was trained on data whose ids differ from this run's")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ({"n_heads": 0}, "n_heads=0 must be a positive integer for the random encoder"),
+    ({"hidden_size": -32}, "hidden_size=-32 must be a positive integer"),
+    ({"hidden_dropout_prob": 2}, "hidden_dropout_prob=2 must be a probability in [0, 1)"),
+    ({"attn_dropout_prob": -0.1}, "attn_dropout_prob=-0.1 must be a probability"),
+])
+def test_random_encoder_sizes_and_dropouts_are_checked(override, fragment, data_root):
+    with pytest.raises(RecboleLLMError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        Config(model="BERTRec", dataset="ml-tiny", config_dict={"data_path": str(data_root), **TINY, **override})
+
+
+def test_command_line_usage_errors_are_one_line(data_root, trained):
+    assert_one_line_error(cli("run", "--nproc=abc"), "invalid int value")
+    assert_one_line_error(cli("export", "--opset", "abc", "--checkpoint", "x", "--output", "y"), "invalid int value")
+    assert_one_line_error(cli("evaluate"), "--checkpoint")
+    assert_one_line_error(cli("run", "--model=BERTRec", "--epochs=1", "--epochs=2"), "--epochs is given twice")
+    for bad in ("--eval_batch_size=0", "--topk=0"):  # settings for a checkpoint go through the same checks
+        assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}", bad), "must be a positive integer")
+    assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}", "--model=SASRec"), "cannot change")

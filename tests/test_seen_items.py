@@ -88,3 +88,25 @@ def test_artifacts_of_the_window_only_format_are_refused(artifacts, tmp_path):
     with pytest.raises(RecboleLLMError, match="format 1 artifacts drop only the items inside the model's window"):
         Recommender(old)
     assert np.all(exclusions([np.array([3, 4]), np.array([5])], [True, False]) == [[3, 4], [0, 0]])
+
+
+def test_runtime_and_service_bounds_found_by_the_hostile_review(artifacts, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from recbole_llm import RecboleLLMError
+
+    with pytest.raises(RecboleLLMError, match="must be a number of threads from 1 to"):
+        Recommender(artifacts["top_k"], intra_op_threads=100_000)
+    recommender = Recommender(artifacts["top_k"])
+    with pytest.raises(RecboleLLMError, match="item tokens must be strings or integers"):
+        recommender.recommend([[10**5000]], k=3)  # str() of it raises ValueError in Python
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "recbole_llm", "serve", artifacts["top_k"], "--port", str(port)],
+                                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot listen on 127.0.0.1" in result.stderr and "Address already in use" in result.stderr

@@ -97,8 +97,17 @@ def check_encoder_settings(config: Any) -> None:
     dataset at that length first: 100,000 needs tens of GB), ``backbone_layers`` against its layers, and
     ``hidden_size`` against ``n_heads`` for a random encoder. Raises RecboleLLMError.
     """
+    for key in ("hidden_dropout_prob", "attn_dropout_prob"):
+        value = config[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+            raise RecboleLLMError(f"{key}={value!r} must be a probability in [0, 1): e.g. --{key}=0.1")
     name_or_path = config["pretrained_model_name_or_path"]
     if name_or_path is None:
+        for key in ("n_layers", "n_heads", "hidden_size", "inner_size"):
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecboleLLMError(f"{key}={value!r} must be a positive integer for the random encoder "
+                                      f"(pretrained_model_name_or_path: null): e.g. --{key}=64")
         if config["hidden_size"] % config["n_heads"]:
             raise RecboleLLMError(
                 f"hidden_size {config['hidden_size']} is not a multiple of n_heads {config['n_heads']}; "
