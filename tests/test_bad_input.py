@@ -149,7 +149,7 @@ def test_resuming_from_weights_of_another_dataset_or_model_says_what_does_not_ma
               "--pretrained_model_name_or_path=None", "--n_layers=1", "--hidden_size=32", "--inner_size=64",
               "--MAX_ITEM_LIST_LENGTH=10", "--epochs=2", "--show_progress=False", f"--checkpoint_dir={tmp_path}"]
     other_data = cli("run", "--dataset=ml-slice", *common, f"--resume_from={trained['BERTRec']}")
-    assert_one_line_error(other_data, "does not fit the model built here", "item_embedding.weight is [")
+    assert_one_line_error(other_data, "was trained on data whose ids differ from this run's")
     other_model = cli("run", "--dataset=ml-tiny", *common, f"--resume_from={trained['SASRec']}")
     assert_one_line_error(other_model, "does not fit the model built here")
 
