@@ -2,7 +2,8 @@
 
 ``import recbole_llm`` is all a RecBole user needs: it makes RecBole 1.2.1 work on today's stack
 (:mod:`recbole_llm.compat`) and registers the plugin's models with RecBole's own entry points
-(:mod:`recbole_llm.registry`), so ``run_recbole(model='BERTRec', dataset='ml-100k')`` just works.
+(:mod:`recbole_llm.registry`), so ``run_recbole(model='BERTRec', dataset='ml-100k')`` just works. Every
+change to RecBole is one entry of :mod:`recbole_llm.patches`, installed once.
 
 It does so when RecBole is imported, not before: importing ``recbole_llm`` (or its serving modules,
 :mod:`recbole_llm.runtime` and :mod:`recbole_llm.serve`) imports neither RecBole nor torch. If RecBole is
@@ -37,12 +38,9 @@ def _install() -> None:
         if _installed:
             return
         _installed = True
-        _compat.import_quick_start()  # ray is optional
-        from recbole_llm import distributed, registry
+        from recbole_llm import patches
 
-        _compat.install()
-        registry.install()
-        distributed.install()
+        patches.install()
 
 
 class _InstallAfterRecBole(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -23,9 +23,15 @@ import pickle
 import re
 import types
 import zipfile
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from recbole_llm.errors import RecboleLLMError
+
+if TYPE_CHECKING:  # RecBole is imported when these are used, not when this module is
+    from recbole.config import Config
+    from recbole.data.dataloader import AbstractDataLoader
+    from recbole.data.dataset import Dataset
+    from recbole.model.abstract_recommender import AbstractRecommender
 
 
 def _numpy_multiarray():
@@ -144,7 +150,7 @@ def _recommender_class(module: str, name: str) -> type | None:
 
     from recbole.model.abstract_recommender import AbstractRecommender
 
-    from recbole_llm.registry import PLUGIN_MODELS
+    from recbole_llm.catalog import PLUGIN_MODELS
 
     plugin_modules = {target.split(":")[0] for target in PLUGIN_MODELS.values()}
     if not (module.startswith("recbole.model.") or module in plugin_modules):
@@ -315,7 +321,7 @@ def _distrust(config: Any) -> None:
     """
     from recbole.config.configurator import Config
 
-    from recbole_llm.registry import available_models
+    from recbole_llm.catalog import available_models
 
     final = getattr(config, "final_config_dict", None) if isinstance(config, Config) else None
     if not isinstance(final, dict):
@@ -385,8 +391,14 @@ def follow_this_machine(config: Any) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a RecBole checkpoint safely, or fail with a one-line error that says why."""
+    """Load a RecBole checkpoint safely, or fail with a one-line error that says why.
+
+    Inside :func:`read_once` for the same file: the dict read there, not a second read.
+    """
     path = os.fspath(path)
+    already = _already_read(path)
+    if already is not None:
+        return already
     if not os.path.isfile(path):
         raise RecboleLLMError(
             f"checkpoint '{path}' does not exist: pass the .pth file RecBole saved (see saved/)"
@@ -425,38 +437,96 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return checkpoint
 
 
+def _recbole_torch_load(f, map_location=None, *args, **kwargs):
+    """What RecBole's ``torch.load`` calls become inside :func:`recbole_loads_safely`."""
+    already = _already_read(f)
+    if already is not None:
+        return already
+    return safe_torch_load(f, map_location, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def recbole_loads_safely() -> Iterator[None]:
-    """While active, RecBole's own ``torch.load`` calls go through :func:`safe_torch_load`."""
+    """While active, RecBole's own ``torch.load`` calls go through :func:`safe_torch_load`, and a file
+    :func:`read_once` already read is not read again."""
     import torch
 
-    if getattr(torch.load, "__recbole_llm__", False):  # nested: already safe
+    if torch.load is _recbole_torch_load:  # nested: already safe
         yield
         return
     original = torch.load
-
-    @functools.wraps(original)
-    def load(f, map_location=None, *args, **kwargs):
-        return safe_torch_load(f, map_location, *args, **kwargs)
-
-    load.__recbole_llm__ = True
-    torch.load = load
+    torch.load = _recbole_torch_load
     try:
         yield
     finally:
         torch.load = original
 
 
-def loads_safely(function):
-    """Decorate a RecBole function that calls ``torch.load`` on a checkpoint."""
+# Checkpoints read by the active read_once contexts, by real path.
+_READ: contextvars.ContextVar[dict[str, dict]] = contextvars.ContextVar("recbole_llm_read_checkpoints", default={})
 
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
+
+def _already_read(f: Any) -> dict | None:
+    if not isinstance(f, (str, os.PathLike)):
+        return None
+    return _READ.get().get(os.path.realpath(os.fspath(f)))
+
+
+@contextlib.contextmanager
+def read_once(path: str | os.PathLike, map_location: Any = "cpu") -> Iterator[dict]:
+    """The checkpoint at ``path``, read and checked once (:func:`load_checkpoint`); while active, every
+    further load of ``path`` (``load_checkpoint``, RecBole's own ``torch.load``) returns this same dict.
+
+    Nested for the same file, the outer context's dict is used and ``map_location`` is the outer one's.
+    """
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    token = _READ.set({**_READ.get(), os.path.realpath(os.fspath(path)): checkpoint})
+    try:
         with recbole_loads_safely():
-            return function(*args, **kwargs)
+            yield checkpoint
+    finally:
+        _READ.reset(token)
 
-    wrapper.__recbole_llm__ = True
-    return wrapper
+
+def _recbole_load_data_and_model() -> Callable:
+    """RecBole's own ``load_data_and_model``, which :mod:`recbole_llm.patches` keeps under the plugin's."""
+    from recbole.quick_start import quick_start
+
+    function = quick_start.load_data_and_model
+    return getattr(function, "__wrapped__", function)
+
+
+def load_for_use(
+    path: str | os.PathLike,
+    overrides: dict | None = None,
+    check: Callable[[Config], None] | None = None,
+) -> tuple[Config, AbstractRecommender, Dataset, AbstractDataLoader, AbstractDataLoader, AbstractDataLoader]:
+    """RecBole's ``load_data_and_model`` with the checkpoint read once: ``(config, model, dataset,
+    train_data, valid_data, test_data)``.
+
+    The file is read and checked once (one-line errors for a missing, foreign or refused file); ``overrides``
+    are set on its Config (:func:`config_overrides`; without them the active ``config_overrides`` apply);
+    ``check(config)`` runs before any data is built, to refuse early what the caller cannot use. Then
+    RecBole's own ``load_data_and_model`` builds data and model from that same dict, with ``sys.argv`` out
+    of its reach (RecBole reads ``--key=value`` from it).
+    """
+    import sys
+
+    path = os.fspath(path)
+    with config_overrides(overrides) if overrides else contextlib.nullcontext():
+        with read_once(path, map_location=None) as checkpoint:  # None: where RecBole's own call puts tensors
+            if check is not None:
+                check(checkpoint["config"])
+            argv, sys.argv = sys.argv, sys.argv[:1]
+            try:
+                return _recbole_load_data_and_model()(path)
+            except RuntimeError as error:
+                explained = explain_unfitting_weights(error, path)
+                if explained is None:
+                    raise
+                raise explained from None
+            finally:
+                sys.argv = argv
 
 
 def explain_unfitting_weights(error: RuntimeError, path: str) -> RecboleLLMError | None:
@@ -479,67 +549,60 @@ def explain_unfitting_weights(error: RuntimeError, path: str) -> RecboleLLMError
     )
 
 
-def install() -> None:
-    """Route RecBole's checkpoint loads (evaluate, resume, load_data_and_model) through the safe loader."""
-    import recbole.quick_start as quick_start_package
-    from recbole.quick_start import quick_start
-    from recbole.trainer import trainer
+def check_same_ids(trained_config: Any, config: Any, resume_file: str) -> None:
+    """Refuse to resume on data whose ids differ from the data the checkpoint was trained on."""
+    from recbole_llm import world
 
-    for cls in {trainer.Trainer, *_subclasses(trainer.Trainer)}:
-        for method in ("evaluate", "resume_checkpoint"):
-            function = cls.__dict__.get(method)
-            if function is not None and not getattr(function, "__recbole_llm__", False):
-                setattr(cls, method, loads_safely(_fitting_weights(function) if method == "resume_checkpoint"
-                                                  else function))
-
-    original = quick_start.load_data_and_model
-    if not getattr(original, "__recbole_llm__", False):
-
-        @functools.wraps(original)
-        def load_data_and_model(model_file):
-            load_checkpoint(model_file)  # a clear one-line error for a file that is not a checkpoint
-            with recbole_loads_safely():
-                try:
-                    return original(model_file)
-                except RuntimeError as error:
-                    explained = explain_unfitting_weights(error, os.fspath(model_file))
-                    if explained is None:
-                        raise
-                    raise explained from None
-
-        load_data_and_model.__recbole_llm__ = True
-        quick_start.load_data_and_model = load_data_and_model
-        quick_start_package.load_data_and_model = load_data_and_model
+    trained, here = world.stored(trained_config), world.stored(config)
+    if trained and here and trained["token_maps"] != here["token_maps"]:
+        raise RecboleLLMError(
+            f"resume_from '{resume_file}' was trained on data whose ids differ from this run's "
+            f"('{config['dataset']}' at {config['data_path']}): its weights would score other items; "
+            "resume on the data it was trained with"
+        )
 
 
-def _fitting_weights(resume):
-    """RecBole's ``resume_checkpoint`` with weights that do not fit explained in one line."""
+# ---------------------------------------------------------------------------------------------------------
+# patch bodies (installed by recbole_llm.patches)
 
-    @functools.wraps(resume)
+
+def wrap_load_data_and_model(original: Callable) -> Callable:
+    """``load_data_and_model`` as :func:`load_for_use`: the checkpoint read once, safely."""
+
+    @functools.wraps(original)
+    def load_data_and_model(model_file):
+        return load_for_use(model_file)
+
+    return load_data_and_model
+
+
+def wrap_resume_checkpoint(original: Callable) -> Callable:
+    """``Trainer.resume_checkpoint`` reading the file once, safely; other data's ids and weights that do not
+    fit refused in one line."""
+
+    @functools.wraps(original)
     def resume_checkpoint(self, resume_file):
-        from recbole_llm import world
-
-        trained = world.stored(load_checkpoint(resume_file)["config"])
-        here = world.stored(self.config)
-        if trained and here and trained["token_maps"] != here["token_maps"]:
-            raise RecboleLLMError(
-                f"resume_from '{resume_file}' was trained on data whose ids differ from this run's "
-                f"('{self.config['dataset']}' at {self.config['data_path']}): its weights would score other items; "
-                "resume on the data it was trained with"
-            )
-        try:
-            return resume(self, resume_file)
-        except RuntimeError as error:
-            explained = explain_unfitting_weights(error, os.fspath(resume_file))
-            if explained is None:
-                raise
-            raise explained from None
+        with read_once(resume_file, map_location=self.device) as checkpoint:
+            check_same_ids(checkpoint["config"], self.config, os.fspath(resume_file))
+            try:
+                return original(self, resume_file)
+            except RuntimeError as error:
+                explained = explain_unfitting_weights(error, os.fspath(resume_file))
+                if explained is None:
+                    raise
+                raise explained from None
 
     return resume_checkpoint
 
 
-def _subclasses(cls: type) -> set[type]:
-    found = set()
-    for sub in cls.__subclasses__():
-        found |= {sub, *_subclasses(sub)}
-    return found
+def wrap_evaluate(original: Callable) -> Callable:
+    """``Trainer.evaluate(load_best_model=True)`` reading the best checkpoint once, safely."""
+
+    @functools.wraps(original)
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if not (eval_data and load_best_model):
+            return original(self, eval_data, load_best_model, model_file, show_progress)
+        with read_once(model_file or self.saved_model_file, map_location=self.device):
+            return original(self, eval_data, load_best_model, model_file, show_progress)
+
+    return evaluate

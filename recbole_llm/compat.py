@@ -4,7 +4,8 @@ What a pin answers (see pyproject.toml), because no fix short of copying RecBole
 Its copy-on-write makes RecBole's chained ``feat[field].fillna(..., inplace=True)`` silent no-ops, and its
 ``Series.agg(len)`` returns the column's length where ``Dataset._remap`` needs each sequence's.
 
-What this module fixes, each by wrapping a RecBole function rather than copying it:
+What this module fixes, each by wrapping a RecBole function rather than copying it (the bodies are here;
+:mod:`recbole_llm.patches` installs them, each naming the RecBole line it answers):
 
 - ``recbole/quick_start/quick_start.py`` imports ray at module level (``from ray import tune``, used only
   by ``objective_function``'s ``tune.report``), and RecBole 1.2.1 pins ray<=2.6.3, which has no wheels for
@@ -231,18 +232,13 @@ def check_config_values(final: dict) -> None:
             )
 
 
-def _install_config_fixes() -> None:
-    import torch
-    from recbole.config import configurator
+def wrap_set_default_parameters(original):
+    """``Config._set_default_parameters``: CE without negative sampling, values checked, encoder limits."""
     from recbole.utils import ModelType
 
-    Config = configurator.Config
-    if getattr(Config._set_default_parameters, "__recbole_llm__", False):
-        return
-    original_defaults = Config._set_default_parameters
-    original_init_device = Config._init_device
+    from recbole_llm.catalog import PLUGIN_MODELS
 
-    @functools.wraps(original_defaults)
+    @functools.wraps(original)
     def _set_default_parameters(self):
         final = self.final_config_dict
         user_set_sampling = "train_neg_sample_args" in self.external_config_dict
@@ -253,64 +249,66 @@ def _install_config_fixes() -> None:
         ):
             final["train_neg_sample_args"] = None
         check_config_values(final)
-        from recbole_llm.registry import PLUGIN_MODELS
-
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
             from recbole_llm.model.backbone import check_encoder_settings
 
             check_encoder_settings(final)
-        final.setdefault("detect_anomaly", False)
-        final.setdefault("allow_download", False)
-        final.setdefault("tail_threshold", 20)  # recbole_llm.metrics: TailNDCG / TailRecall
-        final.setdefault("dist_backend", None)  # recbole_llm.distributed: None = nccl with CUDA, else gloo
-        original_defaults(self)
+        original(self)
 
-    @functools.wraps(original_init_device)
+    return _set_default_parameters
+
+
+def wrap_init_device(original):
+    """``Config._init_device``: the gloo backend for CPU processes, and anomaly detection as configured."""
+    import torch
+
+    from recbole_llm import distributed
+
+    @functools.wraps(original)
     def _init_device(self):
-        original_init_device(self)
+        if not distributed.init_gloo_device(self.final_config_dict):
+            original(self)  # one process, or RecBole's own nccl set-up
         # RecBole's sine.py turned this on at import; it costs a quarter of the wall time for nothing.
         torch.autograd.set_detect_anomaly(bool(self.final_config_dict.get("detect_anomaly")))
 
-    def compatibility_settings(self):
-        numpy_aliases()
+    return _init_device
 
-    original_load_files = Config._load_config_files
 
-    @functools.wraps(original_load_files)
+def compatibility_settings(self) -> None:
+    """``Config.compatibility_settings`` without numpy 2's missing aliases: only those numpy lacks."""
+    numpy_aliases()
+
+
+def wrap_load_config_files(original):
+    """``Config._load_config_files``: a file that does not read or parse, in one line naming file and line."""
+
+    @functools.wraps(original)
     def _load_config_files(self, file_list):
         for file in file_list or []:
             _check_yaml_file(file, self.yaml_loader)
-        return original_load_files(self, file_list)
+        return original(self, file_list)
 
-    Config._load_config_files = _load_config_files
+    return _load_config_files
 
-    original_variable = Config._load_variable_config_dict
 
-    @functools.wraps(original_variable)
+def wrap_load_variable_config_dict(original):
+    """``Config._load_variable_config_dict``: ``config_dict`` values as plain Python (:func:`plain_values`)."""
+
+    @functools.wraps(original)
     def _load_variable_config_dict(self, config_dict):
-        return original_variable(self, plain_values(config_dict) if config_dict else config_dict)
+        return original(self, plain_values(config_dict) if config_dict else config_dict)
 
-    Config._load_variable_config_dict = _load_variable_config_dict
-
-    _set_default_parameters.__recbole_llm__ = True
-    Config._set_default_parameters = _set_default_parameters
-    Config._init_device = _init_device
-    Config.compatibility_settings = compatibility_settings
+    return _load_variable_config_dict
 
 
-def _install_offline_dataset_check() -> None:
-    from recbole.data.dataset import dataset as dataset_module
+def wrap_download(original):
+    """``Dataset._download``: a dataset not on disk is a one-line error, not a prompt on standard input."""
 
-    Dataset = dataset_module.Dataset
-    if getattr(Dataset._download, "__recbole_llm__", False):
-        return
-    original_download = Dataset._download
-
-    @functools.wraps(original_download)
+    @functools.wraps(original)
     def _download(self):
         name, path = self.dataset_name, os.path.abspath(self.dataset_path)
         if self.config["allow_download"] and self._get_download_url("url", allow_none=True):
-            return original_download(self)
+            return original(self)
         known = self._get_download_url("url", allow_none=True) is not None
         fix = (
             f"put RecBole atomic files ({name}.inter, ...) in '{path}' or set data_path to the folder "
@@ -320,28 +318,12 @@ def _install_offline_dataset_check() -> None:
             fix += " (RecBole can download it: set allow_download=True)"
         raise RecboleLLMError(f"dataset '{name}' not found: no folder '{path}'; {fix}")
 
-    _download.__recbole_llm__ = True
-    Dataset._download = _download
+    return _download
 
 
-# Every module that bound RecBole's ensure_dir by name at import time.
-_MODULES_BINDING_ENSURE_DIR = (
-    "recbole.utils.utils", "recbole.utils", "recbole.utils.logger", "recbole.trainer.trainer",
-    "recbole.data.dataset.dataset", "recbole.data.utils",
-)
-
-
-def _install_race_free_ensure_dir() -> None:
-    import importlib
-
-    def ensure_dir(dir_path):
-        os.makedirs(dir_path, exist_ok=True)
-
-    ensure_dir.__recbole_llm__ = True
-    for name in _MODULES_BINDING_ENSURE_DIR:
-        module = importlib.import_module(name)
-        if hasattr(module, "ensure_dir") and not getattr(module.ensure_dir, "__recbole_llm__", False):
-            module.ensure_dir = ensure_dir
+def ensure_dir(dir_path) -> None:
+    """RecBole's ``ensure_dir`` without its check-then-create race between DDP ranks."""
+    os.makedirs(dir_path, exist_ok=True)
 
 
 _TYPES = "token, token_seq, float, float_seq"
@@ -413,22 +395,15 @@ def _orders_by_time(dataset, source) -> bool:
     )
 
 
-def _install_atomic_file_checks() -> None:
-    """RecBole's atomic-file reading with one-line errors, and the fields sequential models need loaded."""
-    from recbole.data.dataset import dataset as dataset_module
+def wrap_load_feat(original):
+    """``Dataset._load_feat``: an atomic file's header, id fields and bad rows in one line naming the fix."""
     from recbole.utils import FeatureSource
 
-    Dataset = dataset_module.Dataset
-    if getattr(Dataset._load_feat, "__recbole_llm__", False):
-        return
-    original_load = Dataset._load_feat
-    original_cols = Dataset._get_load_and_unload_col
-
-    @functools.wraps(original_load)
+    @functools.wraps(original)
     def _load_feat(self, filepath, source):
-        load_col, _ = _get_load_and_unload_col(self, source)
+        load_col, _ = self._get_load_and_unload_col(source)
         if load_col == set():  # RecBole does not read this file
-            return original_load(self, filepath, source)
+            return original(self, filepath, source)
         separator, encoding = self.config["field_separator"], self.config["encoding"]
         fields = _atomic_header(filepath, separator, encoding)
         names = {name for name, _ in fields}
@@ -448,57 +423,48 @@ def _install_atomic_file_checks() -> None:
                 "TIME_FIELD to yours, or set eval_args order: RO"
             )
         try:
-            return original_load(self, filepath, source)
+            return original(self, filepath, source)
         except (ValueError, UnicodeDecodeError):
             where = _locate_bad_row(filepath, separator, encoding, fields)
             if not where:
                 raise
             raise RecboleLLMError(f"{filepath}: {where}") from None
 
-    @functools.wraps(original_cols)
+    return _load_feat
+
+
+def wrap_get_load_and_unload_col(original):
+    """``Dataset._get_load_and_unload_col``: a sequential model's time field is loaded even where ``load_col``
+    leaves it out."""
+
+    @functools.wraps(original)
     def _get_load_and_unload_col(self, source):
-        load_col, unload_col = original_cols(self, source)
-        # A sequential model needs the time field: load it even where load_col leaves it out.
+        load_col, unload_col = original(self, source)
         if load_col and _orders_by_time(self, source):
             load_col = set(load_col) | {self.time_field}
         return load_col, unload_col
 
-    _load_feat.__recbole_llm__ = True
-    Dataset._load_feat = _load_feat
-    Dataset._get_load_and_unload_col = _get_load_and_unload_col
+    return _get_load_and_unload_col
 
 
-_MODULES_BINDING_CREATE_DATASET = ("recbole.data.utils", "recbole.data", "recbole.quick_start.quick_start")
+def wrap_create_dataset(original):
+    """``create_dataset`` records (or, for a checkpoint's Config, checks) the data's world, and unpickles no
+    saved dataset the user did not name.
 
-
-def _install_dataset_world_and_saved_pickles() -> None:
-    """``create_dataset`` records (or, for a checkpoint's Config, checks) the data's world, and neither it nor
-    ``data_preparation`` unpickles a saved dataset or dataloaders the user did not name; saving dataloaders
-    leaves the run's shuffling as it was.
-
-    RecBole 1.2.1 loads ``<checkpoint_dir>/<dataset>-<Class>.pth`` and ``...-dataloader.pth`` with plain
-    ``pickle.load`` whenever such a file exists: a file dropped there runs code. Only the paths a user sets
-    (``dataset_save_path``, ``dataloaders_save_path``) are loaded, as files they wrote themselves.
+    RecBole 1.2.1 loads ``<checkpoint_dir>/<dataset>-<Class>.pth`` with plain ``pickle.load`` whenever such
+    a file exists: a file dropped there runs code. Only ``dataset_save_path``, a file a user set and wrote
+    themselves, is loaded.
     """
-    import importlib
-
-    from recbole.data import utils as data_utils
-
     from recbole_llm import world
 
-    original_create = data_utils.create_dataset
-    if getattr(original_create, "__recbole_llm__", False):
-        return
-    original_load_dataloaders = data_utils.load_split_dataloaders
-
-    @functools.wraps(original_create)
+    @functools.wraps(original)
     def create_dataset(config):
         final = config.final_config_dict
         named = final.get("dataset_save_path")
         if not named:  # RecBole would load its default file if one exists: point it at none
             final["dataset_save_path"] = os.path.join(final["checkpoint_dir"], ".recbole_llm-no-saved-dataset")
         try:
-            dataset = original_create(config)
+            dataset = original(config)
         finally:
             final["dataset_save_path"] = named
         trained = world.stored(config)
@@ -508,42 +474,44 @@ def _install_dataset_world_and_saved_pickles() -> None:
             world.record(config, dataset)
         return dataset
 
-    @functools.wraps(original_load_dataloaders)
+    return create_dataset
+
+
+def wrap_load_split_dataloaders(original):
+    """``load_split_dataloaders`` unpickles only the file ``dataloaders_save_path`` names, never RecBole's
+    default ``<checkpoint_dir>/<dataset>-for-<model>-dataloader.pth`` (a file dropped there would run code)."""
+
+    @functools.wraps(original)
     def load_split_dataloaders(config):
         if not config["dataloaders_save_path"]:
             return None
-        return original_load_dataloaders(config)
+        return original(config)
 
-    original_save_dataloaders = data_utils.save_split_dataloaders
+    return load_split_dataloaders
 
-    @functools.wraps(original_save_dataloaders)
+
+def wrap_save_split_dataloaders(original):
+    """``save_split_dataloaders`` leaves the run's shuffling as it was.
+
+    RecBole sets each loader's generator to None to pickle it and never puts it back: the run that saves
+    then shuffles from the global RNG and its numbers differ from the same run without saving.
+    """
+
+    @functools.wraps(original)
     def save_split_dataloaders(config, dataloaders):
-        # RecBole sets each loader's generator to None to pickle it and never puts it back: the run that
-        # saves then shuffles from the global RNG and its numbers differ from the same run without saving.
         generators = [(loader, loader.generator, getattr(loader.sampler, "generator", None))
                       for loader in dataloaders]
         try:
-            return original_save_dataloaders(config, dataloaders)
+            return original(config, dataloaders)
         finally:
             for loader, generator, sampler_generator in generators:
                 loader.generator, loader.sampler.generator = generator, sampler_generator
 
-    create_dataset.__recbole_llm__ = True
-    data_utils.save_split_dataloaders = save_split_dataloaders
-    for name in _MODULES_BINDING_CREATE_DATASET:
-        module = importlib.import_module(name)
-        if hasattr(module, "create_dataset"):
-            module.create_dataset = create_dataset
-    data_utils.load_split_dataloaders = load_split_dataloaders
+    return save_split_dataloaders
 
 
-def _install_plain_metric_values() -> None:
-    from recbole.evaluator import evaluator as evaluator_module
-
-    Evaluator = evaluator_module.Evaluator
-    if getattr(Evaluator.evaluate, "__recbole_llm__", False):
-        return
-    original = Evaluator.evaluate
+def wrap_evaluator_evaluate(original):
+    """``Evaluator.evaluate`` returns Python floats: numpy 2 prints numpy scalars as ``np.float64(0.05)``."""
 
     @functools.wraps(original)
     def evaluate(self, dataobject):
@@ -555,28 +523,10 @@ def _install_plain_metric_values() -> None:
                 result[key] = value.item()
         return result
 
-    evaluate.__recbole_llm__ = True
-    Evaluator.evaluate = evaluate
+    return evaluate
 
 
-def install() -> None:
-    """Apply every fix. Idempotent; called by ``import recbole_llm``."""
+def quiet_stack() -> None:
+    """Warnings and log records of RecBole's dependencies that say nothing the user can act on, silenced."""
     silence_stack_noise()
     _quiet_ray_session_log()
-    import torch
-
-    from recbole_llm import checkpoint
-
-    checkpoint.install()
-    from recbole_llm import metrics
-
-    metrics.install()
-    _install_config_fixes()
-    _install_offline_dataset_check()
-    _install_plain_metric_values()
-    _install_race_free_ensure_dir()
-    _install_atomic_file_checks()
-    _install_dataset_world_and_saved_pickles()
-    numpy_aliases()
-    # RecBole leaves anomaly detection on from import until a Config switches it: off by default.
-    torch.autograd.set_detect_anomaly(False)

@@ -19,7 +19,6 @@ ranks wait for rank 0's save to finish before going on (RecBole lets rank 1 load
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -44,66 +43,44 @@ def is_distributed(config) -> bool:
 
 
 def run_recboles(rank, *args):
-    """RecBole's per-process entry point for ``mp.spawn``; importing this module registers the plugin."""
-    import recbole_llm  # noqa: F401
-    from recbole.quick_start import quick_start
+    """RecBole's per-process entry point for ``mp.spawn``, which pickles it by name: a new process imports
+    this module, and with it ``recbole_llm``, whose import hook installs the plugin when RecBole is imported
+    below, before RecBole builds any model."""
+    from recbole.quick_start import quick_start  # noqa: F401  (installs the plugin in a fresh process)
 
-    return quick_start._recbole_run_recboles(rank, *args)
-
-
-def _install_gloo_device() -> None:
-    from recbole.config import configurator
-
-    Config = configurator.Config
-    if getattr(Config._init_device, "__recbole_llm_distributed__", False):
-        return
-    original_init_device = Config._init_device
-
-    @functools.wraps(original_init_device)
-    def _init_device(self):
-        final = self.final_config_dict
-        if "local_rank" not in final or backend_of(final) == "nccl":
-            return original_init_device(self)
-        # RecBole's distributed set-up with the gloo backend: same rendezvous, ranks and bookkeeping.
-        rank = final["local_rank"] + final["offset"]
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(
-                backend="gloo", rank=rank, world_size=final["world_size"],
-                init_method=f"tcp://{final['ip']}:{final['port']}",
-            )
-        if "OMP_NUM_THREADS" not in os.environ:  # ranks share this machine's cores, as torchrun arranges
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, final.get("nproc") or 1)))
-        final["gpu_id"] = str(final["gpu_id"])
-        final["device"] = torch.device("cpu")
-        final["single_spec"] = False
-        if final["local_rank"] != 0:
-            final["state"] = "error"
-            final["show_progress"] = False
-            final["verbose"] = False
-        torch.autograd.set_detect_anomaly(bool(final.get("detect_anomaly")))
-        return None
-
-    _init_device.__recbole_llm_distributed__ = True
-    Config._init_device = _init_device
+    return run_recboles.__wrapped__(rank, *args)  # RecBole's own, kept there by recbole_llm.patches
 
 
-def _cpu_aware_ddp(module, device_ids=None, **kwargs):
+def init_gloo_device(final: dict) -> bool:
+    """RecBole's distributed set-up with the gloo backend (same rendezvous, ranks and bookkeeping as its
+    nccl one) for ``Config._init_device``; False where RecBole's own set-up applies (one process, or nccl)."""
+    if "local_rank" not in final or backend_of(final) == "nccl":
+        return False
+    rank = final["local_rank"] + final["offset"]
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="gloo", rank=rank, world_size=final["world_size"],
+            init_method=f"tcp://{final['ip']}:{final['port']}",
+        )
+    if "OMP_NUM_THREADS" not in os.environ:  # ranks share this machine's cores, as torchrun arranges
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, final.get("nproc") or 1)))
+    final["gpu_id"] = str(final["gpu_id"])
+    final["device"] = torch.device("cpu")
+    final["single_spec"] = False
+    if final["local_rank"] != 0:
+        final["state"] = "error"
+        final["show_progress"] = False
+        final["verbose"] = False
+    return True
+
+
+def cpu_aware_ddp(module, device_ids=None, **kwargs):
+    """RecBole's ``DistributedDataParallel(model, device_ids=[local_rank])``, without device ids for a CPU
+    module (torch refuses them there)."""
     from torch.nn.parallel import DistributedDataParallel
 
     on_cpu = all(p.device.type == "cpu" for p in module.parameters())
     return DistributedDataParallel(module, device_ids=None if on_cpu else device_ids, **kwargs)
-
-
-def install() -> None:
-    """Idempotent; called by ``import recbole_llm``."""
-    from recbole.quick_start import quick_start
-    from recbole.trainer import trainer
-
-    _install_gloo_device()
-    trainer.DistributedDataParallel = _cpu_aware_ddp
-    if not hasattr(quick_start, "_recbole_run_recboles"):
-        quick_start._recbole_run_recboles = quick_start.run_recboles
-        quick_start.run_recboles = run_recboles
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,7 +98,9 @@ def share_checkpoint_name(config, saved_model_file: str) -> str:
 
 def share_backbone_hash(config, model) -> None:
     """DDP copied rank 0's weights to every rank: its frozen backbone's hash is every rank's."""
-    if not is_distributed(config) or not hasattr(model, "backbone_hash"):
+    from recbole_llm.model.contract import PluginModel
+
+    if not is_distributed(config) or not isinstance(model, PluginModel) or model.backbone_hash is None:
         return
     hashes = [model.backbone_hash]
     torch.distributed.broadcast_object_list(hashes, src=0)

@@ -85,32 +85,36 @@ class TailRecall(_TailMetric):
 PLUGIN_METRICS = (F1, TailNDCG, TailRecall)
 
 
-def install() -> None:
-    """Register the metrics in RecBole's tables and teach the collector ``rec.positive_items``. Idempotent."""
-    from recbole.evaluator import collector, register
+def register() -> None:
+    """Put the metrics in RecBole's metric tables, where ``metrics: [...]`` finds them by name. Idempotent."""
+    from recbole.evaluator import register as tables
 
     for metric in PLUGIN_METRICS:
         name = metric.__name__.lower()
-        register.metrics_dict[name] = metric
-        register.metric_information[name] = metric.metric_need
-        register.metric_types[name] = metric.metric_type
+        tables.metrics_dict[name] = metric
+        tables.metric_information[name] = metric.metric_need
+        tables.metric_types[name] = metric.metric_type
 
-    Collector = collector.Collector
-    if getattr(Collector.eval_batch_collect, "__recbole_llm__", False):
-        return
-    original_collect = Collector.eval_batch_collect
-    original_get = Collector.get_data_struct
 
-    @functools.wraps(original_collect)
+def wrap_eval_batch_collect(original):
+    """``Collector.eval_batch_collect`` also keeps ``rec.positive_items`` when a metric needs it."""
+
+    @functools.wraps(original)
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
-        original_collect(self, scores_tensor, interaction, positive_u, positive_i)
+        original(self, scores_tensor, interaction, positive_u, positive_i)
         if self.register.need(POSITIVE_ITEMS):
             first = torch.full((scores_tensor.shape[0],), -1, dtype=torch.long, device=positive_i.device)
             # rows with several positives keep their first one (leave-one-out has exactly one)
             first[positive_u.flip(0)] = positive_i.flip(0)
             self.data_struct.update_tensor(POSITIVE_ITEMS, first)
 
-    @functools.wraps(original_get)
+    return eval_batch_collect
+
+
+def wrap_get_data_struct(original):
+    """``Collector.get_data_struct`` with non-tensor resources (``data.count_items``) passed through."""
+
+    @functools.wraps(original)
     def get_data_struct(self):
         # RecBole calls .cpu() on every resource, but data.count_items is a Counter (RecBole's own
         # AveragePopularity fails the same way): set non-tensors aside while it does.
@@ -118,13 +122,11 @@ def install() -> None:
         others = {key: value for key, value in stored.items() if not isinstance(value, torch.Tensor)}
         for key in others:
             del stored[key]
-        returned = original_get(self)
+        returned = original(self)
         stored.update(others)
         returned._data_dict.update(others)
         if POSITIVE_ITEMS in self.data_struct:
             del self.data_struct[POSITIVE_ITEMS]  # per evaluation, like RecBole's own rec.* resources
         return returned
 
-    eval_batch_collect.__recbole_llm__ = True
-    Collector.eval_batch_collect = eval_batch_collect
-    Collector.get_data_struct = get_data_struct
+    return get_data_struct

@@ -33,8 +33,9 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_llm import distributed
-from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.checkpoint import read_once
 from recbole_llm.errors import RecboleLLMError
+from recbole_llm.model.contract import PluginModel
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,24 +46,24 @@ class PluginTrainer(Trainer):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.lr_scheduler_name = (config["lr_scheduler"] or "constant").lower()
-        self.warmup_ratio = float(config["warmup_ratio"] or 0.0)
+        # The defaults live in properties/PluginTrainer.yaml only: null is a documented "off" or an error.
+        schedule, warmup = config["lr_scheduler"], config["warmup_ratio"]
+        if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
+            raise RecboleLLMError(f"lr_scheduler={schedule!r} is not supported; use one of {', '.join(SCHEDULES)}")
+        if not _is_number(warmup) or not 0.0 <= warmup < 1.0:
+            raise RecboleLLMError(f"warmup_ratio={warmup!r} must be a number in [0, 1)")
+        self.lr_scheduler_name, self.warmup_ratio = schedule.lower(), float(warmup)
         precision = config["mixed_precision"]
-        self.adversarial = (config["adversarial"] or "none").lower()
-        self.adv_epsilon = float(config["adv_epsilon"] or 0.0)
-        if self.lr_scheduler_name not in SCHEDULES:
-            raise RecboleLLMError(
-                f"lr_scheduler '{config['lr_scheduler']}' is not supported; use one of {', '.join(SCHEDULES)}"
-            )
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise RecboleLLMError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         key = precision.lower() if isinstance(precision, str) else precision
         if key not in PRECISIONS:
             raise RecboleLLMError(f"mixed_precision '{precision}' is not supported; use bf16, fp16 or null")
+        adversarial, epsilon = config["adversarial"], config["adv_epsilon"]
+        self.adversarial = "none" if adversarial is None else str(adversarial).lower()  # null: off
         if self.adversarial not in ("none", "fgm"):
-            raise RecboleLLMError(f"adversarial '{config['adversarial']}' is not supported; use fgm or null")
-        if self.adversarial == "fgm" and self.adv_epsilon <= 0:
-            raise RecboleLLMError(f"adv_epsilon={self.adv_epsilon} must be > 0 with adversarial: fgm")
+            raise RecboleLLMError(f"adversarial '{adversarial}' is not supported; use fgm or null")
+        if self.adversarial == "fgm" and not (_is_number(epsilon) and epsilon > 0):
+            raise RecboleLLMError(f"adv_epsilon={epsilon!r} must be a number > 0 with adversarial: fgm")
+        self.adv_epsilon = float(epsilon) if self.adversarial == "fgm" else None  # read by _fgm_step only
         # Mixed precision only on GPU: on CPU autocast is slower for these models (measured) and fp16 unsafe.
         self.autocast_dtype = PRECISIONS[key] if self.device.type == "cuda" else None
         if PRECISIONS[key] is not None and self.autocast_dtype is None:
@@ -123,7 +124,7 @@ class PluginTrainer(Trainer):
             if show_progress
             else train_data
         )
-        after_step = getattr(self.model, "after_optimizer_step", None)
+        after_step = self.model.after_optimizer_step if isinstance(self.model, PluginModel) else None
         total_loss = None
         for interaction in iter_data:
             interaction = interaction.to(self.device)
@@ -180,13 +181,13 @@ class PluginTrainer(Trainer):
         return result
 
     def _checkpoint_state(self, epoch: int) -> dict:
-        state_dict_of = getattr(self.model, "checkpoint_state_dict", None)
+        plugin = isinstance(self.model, PluginModel)  # RecBole's DDP keeps the bare model in self.model
         return {
             "config": self.config,
             "epoch": epoch,
             "cur_step": self.cur_step,
             "best_valid_score": self.best_valid_score,
-            "state_dict": state_dict_of() if state_dict_of is not None else self.model.state_dict(),
+            "state_dict": self.model.checkpoint_state_dict() if plugin else self.model.state_dict(),
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
         }
@@ -223,8 +224,8 @@ class PluginTrainer(Trainer):
         resume_file = str(resume_file)
         if not os.path.isfile(resume_file):
             raise RecboleLLMError(f"resume_from '{resume_file}' is not a file; pass a checkpoint this trainer wrote")
-        state = load_checkpoint(resume_file, map_location=self.device)  # a refused file: one line, first
-        super().resume_checkpoint(resume_file)
+        with read_once(resume_file, map_location=self.device) as state:  # RecBole's resume reads this same dict
+            super().resume_checkpoint(resume_file)
         self._resumed_state = state
         if "best_model_file" in state:  # a latest checkpoint: keep writing the run's two files
             self.saved_model_file = state["best_model_file"]
@@ -257,6 +258,10 @@ class PluginTrainer(Trainer):
         generator = getattr(self._train_data, "generator", None)
         if generator is not None and state["train_data"] is not None:
             generator.set_state(state["train_data"])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def atomic_torch_save(state: dict, path: str | os.PathLike) -> None:
