@@ -100,7 +100,7 @@ def prepare(device: str, workdir: Path, out: Path, budget: float) -> None:
         if runtime in ARTIFACTS:
             # the benchmark reports the int8 / fp16 overlap itself, so export does not refuse on it
             options = ExportOptions(force=True, min_overlap=0.0, **ARTIFACTS[runtime])
-            folder = export_checkpoint(trainer.saved_model_file, workdir / runtime, options)
+            folder = export_checkpoint(trainer.saved_model_file, workdir / runtime, options).path
             metadata = json.loads((folder / "metadata.json").read_text())
             artifacts[runtime] = {"folder": str(folder), "validation": metadata["validation"][-1],
                                   "size_mb": round((folder / "model.onnx").stat().st_size / 2**20, 1)}

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from inference import parity  # noqa: E402
 
-from recbole_llm.export import _scoring_nodes  # noqa: E402
+from recbole_llm.export.optimize import scoring_nodes  # noqa: E402
 
 WORK = HERE / "scratch" / "inference_cpu"
 
@@ -67,7 +67,7 @@ def variants(inputs) -> None:
         out = WORK / "variant.onnx"
         options = dict(options)
         weight_type = options.pop("weight_type", QuantType.QInt8)
-        quantize_dynamic(str(source), str(out), weight_type=weight_type, nodes_to_exclude=_scoring_nodes(source, n_items),
+        quantize_dynamic(str(source), str(out), weight_type=weight_type, nodes_to_exclude=scoring_nodes(source, n_items),
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **options)
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         scores = session.run(["scores"], {"item_seq": seq, "item_length": length})[0]

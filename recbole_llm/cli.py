@@ -162,20 +162,10 @@ def _export(args: Sequence[str]) -> int:
         fp16=known.fp16, triton=known.triton, force=known.force, config_overrides=overrides,
     )
     try:
-        artifact = export_checkpoint(known.checkpoint, known.output, options)
+        result = export_checkpoint(known.checkpoint, known.output, options)
     except RecboleLLMError as error:
         return _fail(str(error))
-    import json
-
-    metadata = json.loads((artifact / "metadata.json").read_text())
-    for report in metadata["validation"]:
-        fused = f", fused {report['fused_operators']}" if report["fused_operators"] else ""
-        print(
-            f"validated {report['precision']}: {report['rows']} test histories, lengths "
-            f"{report['lengths'][0]}-{report['lengths'][-1]}, max |diff| {report['max_abs_diff']:.2e}, "
-            f"top-10 overlap {report['top10_overlap']:.3f}{fused}"
-        )
-    print(f"wrote {artifact}")
+    print("\n".join(result.summary()))
     return 0
 
 

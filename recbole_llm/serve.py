@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender, shown
+from recbole_llm.export.artifact import shown
+from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender
 
 FIELDS = {"histories", "k", "exclude_seen"}
 MAX_DEPTH = 8  # arrays and objects nested in a body; a request nests 3: {"histories": [["242", ...]]}

@@ -1,13 +1,18 @@
-"""Shared fixtures: a slice of RecBole's bundled ml-100k and a tiny random encoder.
+"""Shared fixtures: a slice of RecBole's bundled ml-100k, a tiny random encoder, and exported artifacts.
 
 Tests run RecBole's real code paths on a few hundred users so that the whole suite stays within minutes
 on two CPU cores. Each test runs in its own working folder, so RecBole's log/, log_tensorboard/ and saved/
 never land in the repository.
+
+The serving tests need only artifacts: with ``RECBOLE_LLM_TEST_ARTIFACTS`` set to a folder written by
+``python tests/conftest.py FOLDER`` (in an environment with torch), they run in a serving install without
+torch or RecBole (CI does so); otherwise the artifacts are built here, once per session.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,5 +137,47 @@ def pop_ndcg(data_root, tmp_path_factory) -> float:
     return result["test_result"]["ndcg@10"]
 
 
+SERVING_MODEL = {  # BERTLoRA on the random encoder: a real plugin model, trained in seconds
+    "pretrained_model_name_or_path": None, "hidden_size": 32, "inner_size": 64, "n_layers": 1,
+    "MAX_ITEM_LIST_LENGTH": 12, "epochs": 1, "train_batch_size": 512,
+}
+SERVING_TOP_K = 5
+
+
+def build_serving_artifacts(folder: Path) -> dict[str, str]:
+    """BERTLoRA trained on ml-tiny, exported twice into ``folder``: ``scores`` (every item's score) and ``top``
+    (top-5 with exclusions); also its checkpoint. Paths as strings."""
+    from recbole_llm.export import ExportOptions, export_checkpoint
+
+    folder = Path(folder).resolve()
+    write_ml100k_slice(folder / "data", "ml-tiny", TINY_USERS)
+    checkpoint = train_checkpoint(folder, "BERTLoRA", "ml-tiny", {
+        "data_path": str(folder / "data"), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        **SERVING_MODEL})
+    return {
+        "checkpoint": str(checkpoint),
+        "scores": str(export_checkpoint(checkpoint, folder / "scores", ExportOptions()).path),
+        "top": str(export_checkpoint(checkpoint, folder / "top", ExportOptions(top_k=SERVING_TOP_K)).path),
+    }
+
+
+@pytest.fixture(scope="session")
+def serving_artifacts(tmp_path_factory) -> dict[str, str]:
+    """{"scores": artifact folder, "top": top-k artifact folder}: from RECBOLE_LLM_TEST_ARTIFACTS, or built."""
+    given = os.environ.get("RECBOLE_LLM_TEST_ARTIFACTS")
+    if given:
+        found = {name: str(Path(given, name).resolve()) for name in ("scores", "top")}
+        missing = [path for path in found.values() if not Path(path, "metadata.json").is_file()]
+        if missing:
+            raise pytest.UsageError(f"RECBOLE_LLM_TEST_ARTIFACTS: no artifact at {missing[0]}; write them with "
+                                    f"python tests/conftest.py {given}")
+        return found
+    return build_serving_artifacts(tmp_path_factory.mktemp("serving"))
+
+
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+
+
+if __name__ == "__main__":  # python tests/conftest.py FOLDER: the serving tests' artifacts, for another venv
+    print(build_serving_artifacts(Path(sys.argv[1])))

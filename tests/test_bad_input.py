@@ -254,7 +254,7 @@ def test_pre_split_histories_longer_than_the_window_train_and_export_at_the_wind
     finally:
         os.chdir(cwd)
     assert result["test_result"]["ndcg@10"] >= 0
-    artifact = export_checkpoint(best_checkpoint(tmp_path / "saved"), tmp_path / "art", ExportOptions(top_k=5))
+    artifact = export_checkpoint(best_checkpoint(tmp_path / "saved"), tmp_path / "art", ExportOptions(top_k=5)).path
     metadata = json.loads((artifact / "metadata.json").read_text())
     assert metadata["max_length"] == 10 and metadata["validation"][0]["passed"]
 

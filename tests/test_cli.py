@@ -142,3 +142,24 @@ def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path, p
     with pytest.raises(RecboleLLMError):
         load_checkpoint(raw)
     assert not marker.exists()
+
+
+LIGHT_COMMAND_LINE = """
+import sys
+from recbole_llm.cli import main
+for args in ({cases}):
+    try:
+        main(list(args))
+    except SystemExit:
+        pass
+print(sorted(m for m in ("torch", "recbole", "sklearn", "ray", "transformers", "onnx") if m in sys.modules))
+"""
+
+
+def test_help_and_argument_errors_import_nothing_heavy():
+    """--help, every subcommand's --help and argument errors answer before torch, RecBole or ONNX load."""
+    cases = [["--help"], ["nosuch"], ["export"], ["serve"], ["run", "--epochs"], ["evaluate"],
+             *([name, "--help"] for name in ("run", "evaluate", "export", "serve", "models"))]
+    run = subprocess.run([sys.executable, "-c", LIGHT_COMMAND_LINE.format(cases=repr(cases))],
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout[-2000:] + run.stderr[-2000:]

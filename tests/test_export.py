@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ np.save(sys.argv[3], top_items)
 
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_export_validates_and_a_fresh_process_ranks_like_pytorch(model_name, checkpoints, tmp_path):
-    artifact = export_checkpoint(checkpoints[model_name], tmp_path / "artifact", ExportOptions(top_k=10))
+    artifact = export_checkpoint(checkpoints[model_name], tmp_path / "artifact", ExportOptions(top_k=10)).path
     metadata = json.loads((artifact / "metadata.json").read_text())
     (report,) = metadata["validation"]
     assert report["passed"] and report["max_abs_diff"] <= 1e-4
@@ -77,6 +78,9 @@ def test_export_validates_and_a_fresh_process_ranks_like_pytorch(model_name, che
     assert metadata["model"] == model_name and metadata["max_length"] == 12
     assert metadata["adapters_merged"] == (model_name == "BERTLoRA")
     assert {"recbole", "torch", "opset", "recbole_llm"} <= set(metadata["versions"])
+    import jsonschema
+
+    jsonschema.validate(metadata, json.loads((Path(__file__).parents[1] / "export" / "metadata.schema.json").read_text()))
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(artifact / "model.onnx")).metadata_props}
@@ -96,7 +100,7 @@ def test_export_validates_and_a_fresh_process_ranks_like_pytorch(model_name, che
 
 def test_runtime_answers_raw_tokens_like_pytorch(checkpoints, tmp_path):
     checkpoint = checkpoints["BERTLoRA"]
-    artifact = export_checkpoint(checkpoint, tmp_path / "artifact", ExportOptions(top_k=20))
+    artifact = export_checkpoint(checkpoint, tmp_path / "artifact", ExportOptions(top_k=20)).path
     _, model, dataset, test_data = load_for_export(checkpoint)
     item_seq, item_length = validation_inputs(model, test_data, rows=16, seed=2)
     tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
@@ -126,11 +130,12 @@ def test_runtime_answers_raw_tokens_like_pytorch(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("flags", [{"optimize": True}, {"int8": True}, {"optimize": True, "int8": True}])
 def test_optimized_and_int8_artifacts_load_and_pass(checkpoints, tmp_path, flags):
-    artifact = export_checkpoint(checkpoints["BERTRec"], tmp_path / "artifact", ExportOptions(top_k=10, **flags))
+    artifact = export_checkpoint(checkpoints["BERTRec"], tmp_path / "artifact", ExportOptions(top_k=10, **flags)).path
     metadata = json.loads((artifact / "metadata.json").read_text())
     assert all(report["passed"] for report in metadata["validation"])
-    if flags.get("optimize"):
+    if flags.get("optimize"):  # attention too: exported in the form ONNX Runtime's BERT optimizer fuses
         assert metadata["fused_operators"].get("SkipLayerNormalization", 0) >= 1
+        assert metadata["fused_operators"].get("Attention", 0) >= 1, metadata["fused_operators"]
     if flags.get("int8"):
         assert metadata["precision"] == "int8"
         assert metadata["validation"][-1]["top10_overlap"] >= 0.95
@@ -142,7 +147,7 @@ def test_triton_repository_parses_against_tritons_schema(checkpoints, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    artifact = export_checkpoint(checkpoints["SASRec"], tmp_path / "artifact", ExportOptions(top_k=10, triton=True))
+    artifact = export_checkpoint(checkpoints["SASRec"], tmp_path / "artifact", ExportOptions(top_k=10, triton=True)).path
     config = text_format.Parse(
         (artifact / "triton" / "sasrec" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
     )
@@ -155,7 +160,7 @@ def test_triton_repository_parses_against_tritons_schema(checkpoints, tmp_path):
 def test_failed_validation_leaves_no_artifact(checkpoints, tmp_path):
     parent = tmp_path / "artifacts"
     with pytest.raises(RecboleLLMError, match="failed validation.*no artifact was written"):
-        export_checkpoint(checkpoints["GRU4Rec"], parent / "artifact", ExportOptions(max_abs_diff=-1.0))
+        export_checkpoint(checkpoints["GRU4Rec"], parent / "artifact", ExportOptions(max_abs_diff=-1.0)).path
     assert list(parent.iterdir()) == []  # neither the artifact nor a half-written staging folder
 
 

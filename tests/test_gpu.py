@@ -103,11 +103,11 @@ def gpu_checkpoint(data_root, tmp_path_factory) -> str:
 def test_export_on_cuda_fp32_and_fp16(gpu_checkpoint, tmp_path):
     from recbole_llm.export import ExportOptions, export_checkpoint
 
-    fp32 = export_checkpoint(gpu_checkpoint, tmp_path / "fp32", ExportOptions(top_k=10, max_abs_diff=1e-3))
+    fp32 = export_checkpoint(gpu_checkpoint, tmp_path / "fp32", ExportOptions(top_k=10, max_abs_diff=1e-3)).path
     (report,) = json.loads((fp32 / "metadata.json").read_text())["validation"]
     assert report["passed"] and report["max_abs_diff"] <= 1e-3, report
     assert report["top10_order_mismatches_beyond_ties"] == 0, report
-    fp16 = export_checkpoint(gpu_checkpoint, tmp_path / "fp16", ExportOptions(top_k=10, fp16=True))
+    fp16 = export_checkpoint(gpu_checkpoint, tmp_path / "fp16", ExportOptions(top_k=10, fp16=True)).path
     reports = json.loads((fp16 / "metadata.json").read_text())["validation"]
     assert reports[-1]["precision"] == "fp16" and reports[-1]["top10_overlap"] >= 0.95, reports
 
@@ -119,7 +119,7 @@ def test_runtime_and_service_run_on_the_cuda_provider(gpu_checkpoint, tmp_path):
     from recbole_llm.export import ExportOptions, export_checkpoint
     from recbole_llm.runtime import Recommender
 
-    artifact = export_checkpoint(gpu_checkpoint, tmp_path / "a", ExportOptions(top_k=10, max_abs_diff=1e-3))
+    artifact = export_checkpoint(gpu_checkpoint, tmp_path / "a", ExportOptions(top_k=10, max_abs_diff=1e-3)).path
     on_gpu = Recommender(artifact)
     on_cpu = Recommender(artifact, providers=["CPUExecutionProvider"])
     assert on_gpu.session.get_providers()[0] == "CUDAExecutionProvider"

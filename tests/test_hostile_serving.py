@@ -17,10 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import best_checkpoint
 from recbole_llm.cli import main
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export import ExportOptions, export_checkpoint
 from recbole_llm.runtime import Recommender
 from test_serve import BAD_REQUESTS, LIMITS, Service, artifact, direct, free_port, same  # noqa: F401 (artifact)
 
@@ -291,9 +289,8 @@ def test_a_reader_that_stops_is_dropped_and_sigterm_drains_in_bounded_time(artif
 
 
 @pytest.fixture(scope="module")
-def top_artifact(artifact, tmp_path_factory) -> str:
-    checkpoint = best_checkpoint(Path(artifact).parent / "saved")
-    return str(export_checkpoint(checkpoint, tmp_path_factory.mktemp("top") / "artifact", ExportOptions(top_k=5)))
+def top_artifact(serving_artifacts) -> str:
+    return serving_artifacts["top"]
 
 
 def without_graph_metadata(folder: Path) -> None:

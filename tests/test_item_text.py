@@ -167,7 +167,7 @@ def test_text_mode_model_exports_with_its_item_table_baked_in(text_root, tmp_pat
     run_recbole(model="BERTLoRA", dataset="ml-text", config_dict=text_config(
         text_root, tmp_path, item_repr="id+text", epochs=1, train_batch_size=512))
     checkpoint = best_checkpoint(tmp_path / "saved")
-    artifact = export_checkpoint(checkpoint, tmp_path / "artifact", ExportOptions(top_k=10))
+    artifact = export_checkpoint(checkpoint, tmp_path / "artifact", ExportOptions(top_k=10)).path
     metadata = json.loads((artifact / "metadata.json").read_text())
     assert metadata["item_repr"] == "id+text" and metadata["validation"][0]["passed"]
     assert NEW_ITEM in metadata["item_tokens"]  # the cold-start item is servable

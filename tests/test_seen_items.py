@@ -26,8 +26,8 @@ def artifacts(data_root, tmp_path_factory) -> dict[str, str]:
         "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
         "pretrained_model_name_or_path": None, "n_layers": 1, "n_heads": 2, "hidden_size": 32,
         "inner_size": 64, "MAX_ITEM_LIST_LENGTH": WINDOW, "epochs": 2, "learning_rate": 0.003})
-    return {"top_k": str(export_checkpoint(checkpoint, folder / "top", ExportOptions(top_k=10))),
-            "scores": str(export_checkpoint(checkpoint, folder / "scores", ExportOptions()))}
+    return {"top_k": str(export_checkpoint(checkpoint, folder / "top", ExportOptions(top_k=10)).path),
+            "scores": str(export_checkpoint(checkpoint, folder / "scores", ExportOptions()).path)}
 
 
 @pytest.fixture(scope="module")

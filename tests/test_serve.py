@@ -1,4 +1,6 @@
-"""recbole-llm serve: the real service in its own process, over a real exported artifact, over HTTP."""
+"""recbole-llm serve: the real service in its own process, over a real exported artifact, over HTTP.
+
+Needs no torch or RecBole once the artifacts exist (CI runs it in a serving install)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import pytest
-from recbole.quick_start import run_recbole
 
-from conftest import best_checkpoint
-from recbole_llm.export import ExportOptions, export_checkpoint
 from recbole_llm.runtime import Recommender
 
 pytest.importorskip("fastapi")  # the [serve] extra; [test] installs it
@@ -25,21 +24,9 @@ LIMITS = ["--max-batch", "8", "--max-history", "100", "--max-body-bytes", "4096"
 
 
 @pytest.fixture(scope="module")
-def artifact(data_root, tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("serve")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        run_recbole(model="BERTLoRA", dataset="ml-tiny", config_dict={
-            "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-            "pretrained_model_name_or_path": None, "hidden_size": 32, "inner_size": 64, "n_layers": 1,
-            "MAX_ITEM_LIST_LENGTH": 12, "show_progress": False, "epochs": 1, "train_batch_size": 512,
-            "checkpoint_dir": str(folder / "saved"),
-        })
-    finally:
-        os.chdir(cwd)
-    checkpoint = best_checkpoint(folder / "saved")
-    return str(export_checkpoint(checkpoint, folder / "artifact", ExportOptions()))
+def artifact(serving_artifacts) -> str:
+    """An artifact that scores every item (conftest: BERTLoRA on ml-tiny)."""
+    return serving_artifacts["scores"]
 
 
 def free_port() -> int:

@@ -87,12 +87,12 @@ def test_items_appended_after_training_are_refused_in_one_line_not_a_shape_trace
 
 
 def test_new_interactions_of_known_items_proceed_and_export_the_same_ids(trained, restore_data, tmp_path, caplog):
-    before = export_checkpoint(trained["checkpoint"], tmp_path / "before", ExportOptions(top_k=5))
+    before = export_checkpoint(trained["checkpoint"], tmp_path / "before", ExportOptions(top_k=5)).path
     header, first, *rest = inter_file(trained).read_text().splitlines()
     user, item, rating, stamp = first.split("\t")
     with open(inter_file(trained), "a") as f:
         f.write(f"{user}\t{item}\t{rating}\t{int(float(stamp)) + 1}\n")  # a known user re-rates a known item
-    after = export_checkpoint(trained["checkpoint"], tmp_path / "after", ExportOptions(top_k=5))
+    after = export_checkpoint(trained["checkpoint"], tmp_path / "after", ExportOptions(top_k=5)).path
     tokens = [json.loads((a / "metadata.json").read_text())["item_tokens"] for a in (before, after)]
     assert tokens[0] == tokens[1]
     assert "changed since training, but every user and item keeps its id" in caplog.text

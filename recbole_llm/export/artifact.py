@@ -1,0 +1,292 @@
+"""The artifact contract: what ``recbole-llm export`` writes and the runtime, the service and Triton read.
+
+One place for the artifact's file names, the graph's input and output names, dtypes and shapes, the
+metadata schema (``format_version`` checked on load), and the numpy post-processing of a graph that scores
+every item. The graph builder, the validator, the Triton writer and :mod:`recbole_llm.runtime` all use
+it. Imports numpy only: serving installs need neither torch nor RecBole.
+
+The graph (``FORMAT_VERSION`` 2):
+
+- inputs ``item_seq`` int64 [batch, length]: internal item ids, most recent last, right-padded with 0;
+  ``item_length`` int64 [batch]: real items per row; with ``top_k`` also ``exclude_items`` int64
+  [batch, excluded]: ids never to return, 0-padded (the user's whole history when seen items are
+  excluded, which may be longer than the model's window of ``max_length`` items);
+- outputs, with ``top_k``: ``top_items`` int64 and ``top_scores`` float32 [batch, top_k] (best first,
+  ``-inf`` scores where fewer items were left); without: ``scores`` float32 [batch, n_items] (column 0 is
+  padding, never an item).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recbole_llm.errors import RecboleLLMError
+
+# 2: top-k graphs take exclude_items (every item of the raw history) instead of format 1's exclude_seen
+# bool, which could only drop the items inside the model's window.
+FORMAT_VERSION = 2
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+TRITON_FOLDER = "triton"
+PADDING_TOKEN = "[PAD]"  # item_tokens[0]: internal id 0 is padding, never an item
+MAX_LENGTH_LIMIT = 1 << 16  # items per history a graph may take (metadata.json's max_length)
+PRECISIONS = ("fp32", "int8", "fp16")
+REEXPORT = "export the artifact again: recbole-llm export --checkpoint CHECKPOINT --output FOLDER --force"
+
+ITEM_SEQ, ITEM_LENGTH, EXCLUDE_ITEMS = "item_seq", "item_length", "exclude_items"
+SCORES, TOP_ITEMS, TOP_SCORES = "scores", "top_items", "top_scores"
+
+
+class ArtifactError(RecboleLLMError):
+    """An artifact that does not keep the contract: unreadable, inconsistent, or of another format."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: ``shape`` holds names for dynamic axes and ints for fixed ones."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[str | int, ...]
+    doc: str
+
+
+def input_specs(top_k: int | None) -> list[TensorSpec]:
+    """The graph's inputs, in order."""
+    specs = [
+        TensorSpec(ITEM_SEQ, "int64", ("batch", "length"), "internal item ids, most recent last, right-padded with 0"),
+        TensorSpec(ITEM_LENGTH, "int64", ("batch",), "real items per row, 1 ... length"),
+    ]
+    if top_k is not None:
+        specs.append(TensorSpec(EXCLUDE_ITEMS, "int64", ("batch", "excluded"),
+                                "item ids never to return, 0-padded (the whole history to exclude seen items)"))
+    return specs
+
+
+def output_specs(top_k: int | None, n_items: int) -> list[TensorSpec]:
+    """The graph's outputs, in order; ``n_items`` counts the padding column."""
+    if top_k is None:
+        return [TensorSpec(SCORES, "float32", ("batch", n_items), "every item's score; column 0 is padding")]
+    return [TensorSpec(TOP_ITEMS, "int64", ("batch", top_k), "internal ids of the best items, best first"),
+            TensorSpec(TOP_SCORES, "float32", ("batch", top_k), "their scores; -inf where fewer items were left")]
+
+
+def input_names(top_k: int | None) -> list[str]:
+    return [spec.name for spec in input_specs(top_k)]
+
+
+def output_names(top_k: int | None) -> list[str]:
+    return [spec.name for spec in output_specs(top_k, 0)]
+
+
+def feeds(item_seq: np.ndarray, item_length: np.ndarray, exclude_items: np.ndarray | None = None,
+          top_k: int | None = None) -> dict[str, np.ndarray]:
+    """The inputs of one graph call; a top-k graph without ``exclude_items`` excludes nothing."""
+    out = {ITEM_SEQ: np.asarray(item_seq, dtype=np.int64), ITEM_LENGTH: np.asarray(item_length, dtype=np.int64)}
+    if top_k is not None:
+        out[EXCLUDE_ITEMS] = (np.zeros((len(out[ITEM_SEQ]), 1), dtype=np.int64) if exclude_items is None
+                              else np.asarray(exclude_items, dtype=np.int64))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# post-processing: what a top-k graph does inside, for graphs that return every item's score
+
+
+def exclusions(seen: Sequence[np.ndarray], exclude_seen: Sequence[bool]) -> np.ndarray:
+    """The graph's ``exclude_items`` input, int64 [rows, n] 0-padded: each row's whole history where
+    ``exclude_seen`` is set, nothing (a padding column) where it is not."""
+    rows = [ids if flag else ids[:0] for ids, flag in zip(seen, exclude_seen)]
+    out = np.zeros((len(rows), max([1, *(len(r) for r in rows)])), dtype=np.int64)
+    for row, ids in enumerate(rows):
+        out[row, : len(ids)] = ids
+    return out
+
+
+def top_k(scores: np.ndarray, k: int, exclude_items: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(top_items int64, top_scores float32), each [rows, k], from ``scores`` [rows, n_items]: padding and
+    ``exclude_items`` (int64 [rows, n], 0-padded) score ``-inf``; ties keep the lower id first."""
+    scores = np.asarray(scores, dtype=np.float32).copy()
+    if exclude_items is not None:
+        np.put_along_axis(scores, exclude_items, -np.inf, axis=1)  # column 0 absorbs the padding
+    scores[:, 0] = -np.inf
+    items = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return items.astype(np.int64), np.take_along_axis(scores, items, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metadata.json
+
+
+def metadata_schema() -> dict[str, Any]:
+    """JSON Schema (2020-12) of metadata.json; ``export/metadata.schema.json`` is this, written out."""
+    integer = {"type": "integer"}
+    names = {"type": "array", "items": {"type": "string"}}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://github.com/recbole-llm/recbole_llm/export/metadata.schema.json",
+        "title": "recbole_llm artifact metadata",
+        "description": f"metadata.json of an artifact written by recbole-llm export, format {FORMAT_VERSION}",
+        "type": "object",
+        "required": ["format_version", "max_length", "item_tokens", "n_items", "top_k", "inputs", "outputs",
+                     "precision", "model", "dataset"],
+        "properties": {
+            "format_version": {"const": FORMAT_VERSION},
+            "model": {"type": "string", "description": "the RecBole model name"},
+            "dataset": {"type": "string"},
+            "checkpoint": {"type": "string", "description": "file name of the exported checkpoint"},
+            "exported_at": {"type": "string", "format": "date-time"},
+            "max_length": {**integer, "minimum": 1, "maximum": MAX_LENGTH_LIMIT,
+                           "description": "items the model reads per history (the most recent)"},
+            "n_items": {**integer, "minimum": 2, "description": "len(item_tokens), padding included"},
+            "top_k": {"type": ["integer", "null"], "minimum": 1,
+                      "description": "items the graph returns; null: it returns every item's score"},
+            "precision": {"enum": list(PRECISIONS)},
+            "optimized": {"type": "boolean"},
+            "fused_operators": {"type": "object", "additionalProperties": integer},
+            "adapters_merged": {"type": "boolean"},
+            "item_repr": {"type": "string"},
+            "inputs": {**names, "minItems": 2, "maxItems": 3},
+            "outputs": {**names, "minItems": 1, "maxItems": 2},
+            "versions": {"type": "object"},
+            "validation": {"type": "array", "items": {"type": "object", "required": ["precision", "passed"]}},
+            "item_tokens": {
+                "type": "array", "minItems": 2, "uniqueItems": True, "prefixItems": [{"const": PADDING_TOKEN}],
+                "items": {"type": "string"},
+                "description": "internal item id -> raw item token; index 0 is padding",
+            },
+        },
+    }
+
+
+def check_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
+    """``metadata`` (parsed metadata.json) if it keeps the contract; else ArtifactError naming ``path``, the
+    first problem and the fix. The keys the runtime reads are checked by hand, so that a serving install
+    needs no JSON Schema library and every refusal is one line."""
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"'{path}' holds a JSON {type(metadata).__name__}, not an object; {REEXPORT}")
+    for key in ("max_length", "item_tokens"):
+        if key not in metadata:
+            raise ArtifactError(f"'{path}' has no '{key}'; {REEXPORT}")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        why = (" (format 1 artifacts drop only the items inside the model's window when excluding seen items)"
+               if version == 1 else "")
+        raise ArtifactError(f"'{path}' is artifact format {version!r:.20}, this runtime reads format "
+                            f"{FORMAT_VERSION}{why}; {REEXPORT}")
+
+    def positive_int(key: str) -> bool:
+        value = metadata[key]
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if not positive_int("max_length") or metadata["max_length"] > MAX_LENGTH_LIMIT:
+        raise ArtifactError(f"'{path}': max_length must be an integer from 1 to {MAX_LENGTH_LIMIT}, not "
+                            f"{metadata['max_length']!r:.60}; {REEXPORT}")
+    tokens = metadata["item_tokens"]
+    if not isinstance(tokens, list) or len(tokens) < 2:
+        what = f"{len(tokens)} entries" if isinstance(tokens, list) else type(tokens).__name__
+        raise ArtifactError(f"'{path}': item_tokens must be a list of padding then item tokens (strings), not "
+                            f"{what}; {REEXPORT}")
+    strange = next((i for i, token in enumerate(tokens) if type(token) is not str), None)
+    if strange is not None:
+        raise ArtifactError(f"'{path}': item_tokens[{strange}] is {type(tokens[strange]).__name__} "
+                            f"{tokens[strange]!r:.40}, not a string; {REEXPORT}")
+    if len(set(tokens[1:])) != len(tokens) - 1:
+        seen: set[str] = set()
+        twice = next(token for token in tokens[1:] if token in seen or seen.add(token))
+        raise ArtifactError(f"'{path}': item token '{shown(twice)}' is listed twice in item_tokens; {REEXPORT}")
+    if metadata.get("top_k") is not None and (not positive_int("top_k") or metadata["top_k"] >= len(tokens)):
+        raise ArtifactError(f"'{path}': top_k must be null or an integer from 1 to {len(tokens) - 1} (the "
+                            f"items), not {metadata['top_k']!r:.60}; {REEXPORT}")
+    if "n_items" in metadata and metadata["n_items"] != len(tokens):
+        raise ArtifactError(f"'{path}' says n_items={metadata['n_items']!r:.60} but lists {len(tokens)} "
+                            f"item_tokens; {REEXPORT}")
+    return metadata
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """metadata.json, read and checked (:func:`check_metadata`)."""
+    path = Path(path)
+    try:
+        metadata = json.loads(path.read_bytes())
+    except OSError as error:
+        raise ArtifactError(f"cannot read '{path}' ({error.strerror or error}); check its permissions") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, huge numbers
+        raise ArtifactError(f"'{path}' is not JSON ({first_line(error)}); {REEXPORT}") from None
+    return check_metadata(metadata, path)
+
+
+GRAPH_METADATA_KEYS = ("max_length", "top_k", "n_items", "item_tokens")  # also in model.onnx's metadata_props
+
+
+def check_graph(inputs: Sequence[str], outputs: dict[str, Sequence[Any]], graph_metadata: dict[str, str],
+                metadata: dict[str, Any], model_path: str | Path, metadata_path: str | Path) -> None:
+    """The graph's input names, output names and shapes, and the keys export also wrote into the graph's
+    metadata_props (where present), agree with metadata.json; else ArtifactError naming the disagreement."""
+    top, n_tokens = metadata.get("top_k"), len(metadata["item_tokens"])
+    if TOP_ITEMS in outputs and TOP_SCORES in outputs:
+        if top is None:
+            raise ArtifactError(f"'{model_path}' returns top-k items (exported with --top-k) but "
+                                f"'{metadata_path}' has top_k null; {REEXPORT}")
+        width = outputs[TOP_ITEMS][1] if len(outputs[TOP_ITEMS]) == 2 else None
+        if isinstance(width, int) and width != top:
+            raise ArtifactError(f"'{metadata_path}' has top_k={top} but '{model_path}' returns {width} items; "
+                                f"{REEXPORT}")
+    elif SCORES in outputs:
+        if top is not None:
+            raise ArtifactError(f"'{model_path}' scores every item (exported without --top-k) but "
+                                f"'{metadata_path}' has top_k={top}; {REEXPORT}")
+        width = outputs[SCORES][1] if len(outputs[SCORES]) == 2 else None
+        if isinstance(width, int) and width != n_tokens:
+            raise ArtifactError(f"'{metadata_path}' lists {n_tokens} item_tokens but '{model_path}' scores "
+                                f"{width} items; the two files come from different exports: {REEXPORT}")
+    else:
+        raise ArtifactError(f"'{model_path}' has neither a '{SCORES}' output nor '{TOP_ITEMS}' and '{TOP_SCORES}' "
+                            f"(outputs: {', '.join(outputs)}); it is not a recbole_llm export: {REEXPORT}")
+    wanted = input_names(top)
+    if sorted(inputs) != sorted(wanted):
+        raise ArtifactError(f"'{model_path}' takes inputs {', '.join(inputs)}, not {', '.join(wanted)}; it is not "
+                            f"a recbole_llm export: {REEXPORT}")
+    graph: dict[str, Any] = {}
+    for key in GRAPH_METADATA_KEYS:
+        if key in graph_metadata:
+            try:
+                graph[key] = json.loads(graph_metadata[key])
+            except (ValueError, RecursionError):  # not written by recbole_llm's export: nothing to compare
+                continue
+    said = {"max_length": metadata["max_length"], "top_k": top, "n_items": n_tokens}
+    for key, value in said.items():
+        if key in graph and graph[key] != value:
+            what = f"{n_tokens} item_tokens" if key == "n_items" else f"{key}={value!r}"
+            raise ArtifactError(f"'{metadata_path}' has {what} but '{model_path}' was exported with "
+                                f"{key}={graph[key]!r:.60}; the two files come from different exports: {REEXPORT}")
+    if "item_tokens" in graph and graph["item_tokens"] != metadata["item_tokens"]:
+        raise ArtifactError(f"'{metadata_path}' lists other item_tokens than '{model_path}' was exported with; "
+                            f"the two files come from different exports: {REEXPORT}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one-line messages
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """``text`` for an error message: one line, encodable (control characters and lone surrogates escaped),
+    at most ``limit`` characters and a count."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return shown(lines[0] if lines else type(error).__name__, 300)
+
+
+if __name__ == "__main__":  # python -m recbole_llm.export.artifact > export/metadata.schema.json
+    print(json.dumps(metadata_schema(), indent=2))

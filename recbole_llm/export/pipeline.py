@@ -1,0 +1,322 @@
+"""The whole export: checkpoint in, artifact folder out (see :mod:`recbole_llm.export` for the steps).
+
+1. Load the checkpoint once, safely (a pickle that would run code is refused), and rebuild model and data
+   with RecBole's ``load_data_and_model``; refuse models without a history to score before building data.
+2. Merge LoRA-family adapters into the backbone where they can merge; bake item representations (text
+   ones included) into a constant table.
+3. Trace (:mod:`~recbole_llm.export.graph`), then validate against the unmerged PyTorch model
+   (:mod:`~recbole_llm.export.validate`); optionally optimize, quantize or convert
+   (:mod:`~recbole_llm.export.optimize`), validating after each.
+4. Write ``model.onnx``, ``metadata.json`` (the same keys in the graph's metadata_props) and, with
+   ``triton``, a Triton repository (:mod:`~recbole_llm.export.triton`) into a temporary folder renamed into
+   place only when everything passed: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recbole_llm.errors import RecboleLLMError
+from recbole_llm.export import artifact, graph, optimize, triton, validate
+from recbole_llm.export.validate import ValidationReport
+from recbole_llm.model.contract import PluginModel
+
+
+@dataclass
+class ExportOptions:
+    """What to export; see the module docstring."""
+
+    opset: int = 17
+    top_k: int | None = None
+    optimize: bool = False
+    int8: bool = False
+    fp16: bool = False
+    triton: bool = False
+    force: bool = False
+    validation_rows: int = 256
+    # fp32 parity against PyTorch; None: 1e-4 on ONNX Runtime's CPU provider, 1e-3 on CUDA (its fp32
+    # matrix products may use TF32 and other kernels than PyTorch's CPU ones)
+    max_abs_diff: float | None = None
+    min_overlap: float = 0.95  # top-10 overlap for fp16 and int8
+    triton_max_batch_size: int = 256
+    # settings applied to the checkpoint's Config (data_path for data moved since training, ...)
+    config_overrides: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_for_export(checkpoint: str | os.PathLike, overrides: dict | None = None):
+    """(config, model in eval mode, dataset, test_data) from a checkpoint, read once and without running code
+    from it; ``overrides`` are set on its Config first (:func:`recbole_llm.checkpoint.config_overrides`). A
+    model without a history to score is refused before any data is built."""
+    from recbole_llm.checkpoint import load_for_use
+
+    config, model, dataset, _, _, test_data = load_for_use(checkpoint, overrides, check=_check_exportable)
+    model.eval()
+    return config, model, dataset, test_data
+
+
+def export_model(model: nn.Module) -> tuple[nn.Module, bool]:
+    """A copy of ``model`` ready to trace, and whether adapters merged: a plugin model's LoRA-family adapters
+    merged where they can merge and its item representations (text ones included) baked in as a constant
+    table (:class:`recbole_llm.model.contract.PluginModel`); RecBole's models as they are."""
+    exported = copy.deepcopy(model).eval()
+    merged = False
+    if isinstance(exported, PluginModel):
+        merged = bool(exported.merge_adapters())
+        exported.bake_item_table()
+        # Traced, PyTorch's fused SDPA attention becomes MatMul/Softmax/Transpose/Where glue that ONNX
+        # Runtime's BERT optimizer does not match; the eager implementation (the same product, written out)
+        # fuses into its Attention operator. The copy only: training keeps SDPA.
+        exported.encoder.config._attn_implementation = "eager"
+    return exported, merged
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metadata and Triton
+
+
+def item_tokens(config, dataset) -> list[str]:
+    """Internal item id -> raw item token, index 0 padding: the map the checkpoint was trained with
+    (:mod:`recbole_llm.world`), else the dataset's for checkpoints that predate it."""
+    from recbole_llm import world
+
+    trained = world.stored(config)
+    if trained is not None and dataset.iid_field in trained["token_maps"]:
+        tokens = list(trained["token_maps"][dataset.iid_field])
+    else:
+        tokens = [str(token) for token in dataset.field2id_token[dataset.iid_field]]
+    tokens[0] = artifact.PADDING_TOKEN
+    return tokens
+
+
+def _versions(opset: int) -> dict[str, Any]:
+    import onnxruntime
+    import recbole
+
+    import recbole_llm
+
+    return {
+        "recbole_llm": recbole_llm.__version__,
+        "recbole": recbole.__version__,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": opset,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole export
+
+
+def _check_options(options: ExportOptions) -> None:
+    import onnxruntime as ort
+
+    if options.int8 and options.fp16:
+        raise RecboleLLMError("--int8 and --fp16 exclude each other: int8 is for CPU, fp16 for GPU; pick one")
+    if options.fp16 and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RecboleLLMError(
+            "--fp16 needs a GPU: ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu: "
+            "pip install 'recbole_llm[gpu]'); on CPU use --int8"
+        )
+    if not 14 <= options.opset <= 20:
+        raise RecboleLLMError(f"--opset {options.opset} is not supported; use 14 to 20 (17 is the default)")
+    if options.top_k is not None and options.top_k <= 0:
+        raise RecboleLLMError(f"--top-k {options.top_k} must be a positive number of items")
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote: the artifact folder, its metadata (as in metadata.json) and validation reports."""
+
+    path: Path
+    metadata: dict[str, Any]
+    reports: list[ValidationReport]
+
+    def summary(self) -> list[str]:
+        """One line per validation, then where the artifact is: what ``recbole-llm export`` prints."""
+        lines = []
+        for report in self.reports:
+            fused = f", fused {report.fused_operators}" if report.fused_operators else ""
+            lines.append(
+                f"validated {report.precision}: {report.rows} test histories, lengths {report.lengths[0]}-"
+                f"{report.lengths[-1]}, max |diff| {report.max_abs_diff:.2e}, top-10 overlap "
+                f"{report.top10_overlap:.3f}{fused}")
+        lines.append(f"wrote {self.path}")
+        return lines
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
+                      options: ExportOptions | None = None) -> ExportResult:
+    """Export a RecBole checkpoint to an artifact folder ``output``.
+
+    Raises RecboleLLMError with a one-line reason (the validation kinds: ``ValidationFailed``); nothing is
+    left at ``output`` then, and an existing artifact there is replaced only with ``force``."""
+    options = options or ExportOptions()
+    _check_options(options)
+    output = Path(output).resolve()
+    if output.exists() and not options.force:
+        raise RecboleLLMError(f"output '{output}' exists; choose another --output or pass --force to replace it")
+    if output.exists() and not (output.is_dir() and (output / artifact.METADATA_FILE).is_file()):
+        # --force replaces an artifact, never a folder of other things (".", a home folder) or a file
+        raise RecboleLLMError(f"output '{output}' exists and is not an artifact (no {artifact.METADATA_FILE}): "
+                              "--force replaces artifacts only; choose a new folder")
+    if output == Path.cwd() or output in Path.cwd().parents:
+        raise RecboleLLMError(f"output '{output}' holds the current folder: choose a new folder")
+    _check_output_place(output)
+
+    config, model, dataset, test_data = load_for_export(checkpoint, options.config_overrides)
+    n_items = int(model.n_items)
+    if options.top_k is not None and options.top_k >= n_items:
+        raise RecboleLLMError(f"--top-k {options.top_k} must be below the {n_items - 1} items of the model")
+    exported, merged = export_model(model)
+    max_length = int(config["MAX_ITEM_LIST_LENGTH"])
+    item_seq, item_length = validate.validation_inputs(model, test_data, options.validation_rows)
+    reference = validate.reference_scores(model, item_seq, item_length)  # the model before merging
+
+    def check(path: Path, precision: str) -> ValidationReport:
+        return validate.validate(path, reference, item_seq, item_length, precision, options.top_k,
+                                 options.max_abs_diff, options.min_overlap)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
+    try:
+        onnx_path = staging / artifact.MODEL_FILE
+        graph.trace(graph.ScoringGraph(exported, options.top_k).eval(), onnx_path, max_length, options.opset)
+        reports = [check(onnx_path, "fp32")]
+        fused: dict[str, int] = {}
+        if options.optimize:
+            encoder_config = getattr(getattr(exported, "encoder", None), "config", None)
+            fused = optimize.optimize(onnx_path, getattr(encoder_config, "num_attention_heads", 0) or 0,
+                                      getattr(encoder_config, "hidden_size", 0) or 0)
+            reports.append(check(onnx_path, "fp32"))
+            reports[-1].fused_operators = fused
+        if options.int8:
+            optimize.quantize_int8(onnx_path, n_items)
+            reports.append(check(onnx_path, "int8"))
+        if options.fp16:
+            optimize.convert_fp16(onnx_path)
+            reports.append(check(onnx_path, "fp16"))
+
+        metadata = {
+            "format_version": artifact.FORMAT_VERSION,
+            "model": config["model"],
+            "dataset": config["dataset"],
+            "checkpoint": os.path.basename(os.fspath(checkpoint)),
+            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "max_length": max_length,
+            "n_items": n_items,
+            "top_k": options.top_k,
+            "precision": "int8" if options.int8 else "fp16" if options.fp16 else "fp32",
+            "optimized": options.optimize,
+            "fused_operators": fused,
+            "adapters_merged": merged,
+            "item_repr": config["item_repr"] or "id",
+            "inputs": artifact.input_names(options.top_k),
+            "outputs": artifact.output_names(options.top_k),
+            "versions": _versions(options.opset),
+            "validation": [asdict(r) for r in reports],
+            "item_tokens": item_tokens(config, dataset),
+        }
+        artifact.check_metadata(metadata, staging / artifact.METADATA_FILE)  # what the runtime will read
+        _write_graph_metadata(onnx_path, metadata)
+        (staging / artifact.METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+        if options.triton:
+            triton.write_repository(staging, config["model"], options.top_k, n_items, options.triton_max_batch_size)
+        _move_into_place(staging, output)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
+        raise RecboleLLMError(
+            f"could not write the artifact to '{output}': {reason}; free space or choose another --output "
+            "(nothing was written)"
+        ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(output, metadata, reports)
+
+
+def _check_output_place(output: Path) -> None:
+    """Refuse an ``--output`` that cannot be created, before loading anything."""
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecboleLLMError(f"--output '{output}' is inside '{parent}', which is a file: choose a folder")
+            break
+    existing = next(p for p in output.parents if p.exists())
+    try:
+        with tempfile.TemporaryDirectory(prefix=".recbole_llm-write-check-", dir=existing):
+            pass
+    except OSError as error:
+        raise RecboleLLMError(
+            f"--output '{output}' cannot be created: '{existing}' is not writable ({error.strerror}); choose "
+            "another folder"
+        ) from None
+
+
+def _check_exportable(config) -> None:
+    """Only sequential models have a history to score: say so before building the data."""
+    from recbole.utils import ModelType
+
+    if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        raise RecboleLLMError(
+            f"{config['model']} is not a sequential model (it ranks without a history), so there is nothing to "
+            "export; export a sequential model such as BERTLoRA, BERTRec, SASRec, GRU4Rec or BERT4Rec"
+        )
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Staging and swap folders of exports to ``output`` whose process is gone (killed mid-export)."""
+    for leftover in output.parent.glob(f".{output.name}.*"):
+        match = re.fullmatch(rf"\.{re.escape(output.name)}\.(?:partial|old)-(\d+)(?:-.*)?", leftover.name)
+        if match is None or not leftover.is_dir():
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
+def _write_graph_metadata(onnx_path: Path, metadata: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key = key
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    onnx.save(model, str(onnx_path))
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")  # named so _remove_leftovers finds it
+        os.replace(output, old)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)

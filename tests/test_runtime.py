@@ -1,0 +1,182 @@
+"""The runtime on tiny graphs built with onnx.helper: the artifact contract without torch or RecBole.
+
+Each graph scores item i for a history h as sum over h of <E[j], E[i]> (E: a random item table, row 0 zero),
+so the right answer is a few lines of numpy. A top-k graph does the exclusions and TopK inside ONNX, as
+the exported ones do. Runs in a serving install (onnxruntime, numpy, onnx; CI's slim environment).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recbole_llm.errors import RecboleLLMError
+from recbole_llm.export import artifact
+from recbole_llm.runtime import Recommender
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+N_ITEMS, HIDDEN, MAX_LENGTH = 9, 4, 3  # 8 items and padding
+TOKENS = [artifact.PADDING_TOKEN] + [f"item-{i}" for i in range(1, N_ITEMS)]
+
+
+def item_table(seed: int = 0) -> np.ndarray:
+    table = np.random.default_rng(seed).normal(size=(N_ITEMS, HIDDEN)).astype(np.float32)
+    table[0] = 0  # padding adds nothing
+    return table
+
+
+def expected_scores(table: np.ndarray, history_ids: list[int]) -> np.ndarray:
+    return table[history_ids[-MAX_LENGTH:]].sum(axis=0) @ table.T
+
+
+def write_tiny_artifact(folder: Path, top_k: int | None, table: np.ndarray, **metadata_changes) -> Path:
+    """model.onnx and metadata.json keeping the artifact contract, written by hand."""
+    names = {spec.name: spec for spec in artifact.input_specs(top_k) + artifact.output_specs(top_k, N_ITEMS)}
+    types = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
+
+    def value_info(name: str):
+        spec = names[name]
+        return helper.make_tensor_value_info(name, types[spec.dtype], list(spec.shape))
+
+    initializers = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(table.T.copy(), "table_t")]
+    nodes = [
+        helper.make_node("Gather", ["table", artifact.ITEM_SEQ], ["embedded"]),  # [b, l, h]
+        helper.make_node("ReduceSum", ["embedded", "axis_1"], ["user"], keepdims=0),  # [b, h]
+        helper.make_node("MatMul", ["user", "table_t"], ["raw_scores"]),  # [b, n]
+    ]
+    initializers.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "axis_1"))
+    outputs = [artifact.SCORES]
+    if top_k is None:
+        nodes.append(helper.make_node("Identity", ["raw_scores"], [artifact.SCORES]))
+    else:
+        padding = np.zeros((1, N_ITEMS), dtype=np.float32)
+        padding[0, 0] = -np.inf
+        initializers += [numpy_helper.from_array(padding, "padding"),
+                         numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "minus_inf"),
+                         numpy_helper.from_array(np.array([top_k], dtype=np.int64), "k")]
+        nodes += [
+            helper.make_node("Sub", ["raw_scores", "raw_scores"], ["zeros"]),
+            helper.make_node("Shape", [artifact.EXCLUDE_ITEMS], ["exclude_shape"]),
+            helper.make_node("Expand", ["minus_inf", "exclude_shape"], ["minus_infs"]),
+            helper.make_node("ScatterElements", ["zeros", artifact.EXCLUDE_ITEMS, "minus_infs"], ["excluded"], axis=1),
+            helper.make_node("Add", ["raw_scores", "excluded"], ["masked_items"]),
+            helper.make_node("Add", ["masked_items", "padding"], ["masked"]),
+            helper.make_node("TopK", ["masked", "k"], [artifact.TOP_SCORES, artifact.TOP_ITEMS], axis=1),
+        ]
+        outputs = [artifact.TOP_ITEMS, artifact.TOP_SCORES]
+    graph = helper.make_graph(nodes, "tiny", [value_info(n) for n in artifact.input_names(top_k)],
+                              [value_info(n) for n in outputs], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every supported ONNX Runtime reads
+    onnx.checker.check_model(model)
+    metadata = {
+        "format_version": artifact.FORMAT_VERSION, "model": "Tiny", "dataset": "none", "max_length": MAX_LENGTH,
+        "n_items": N_ITEMS, "top_k": top_k, "precision": "fp32", "inputs": artifact.input_names(top_k),
+        "outputs": artifact.output_names(top_k), "item_tokens": TOKENS, **metadata_changes,
+    }
+    for key in artifact.GRAPH_METADATA_KEYS:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(metadata[key])
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / artifact.MODEL_FILE))
+    (folder / artifact.METADATA_FILE).write_text(json.dumps(metadata))
+    return folder
+
+
+@pytest.mark.parametrize("top_k", [None, 4], ids=["scores", "top-k"])
+def test_the_runtime_ranks_tiny_graphs_like_numpy(top_k, tmp_path):
+    table = item_table()
+    recommender = Recommender(write_tiny_artifact(tmp_path / "a", top_k, table))
+    histories = [["item-1", "item-2"], ["item-5", "item-3", "item-8", "item-2"], ["item-7", "nope"]]
+    ids = [[TOKENS.index(t) for t in h if t in TOKENS] for h in histories]
+    for exclude_seen in (True, False):
+        answers = recommender.recommend(histories, k=3, exclude_seen=exclude_seen)
+        for answer, history in zip(answers, ids):
+            scores = expected_scores(table, history)
+            scores[0] = -np.inf
+            if exclude_seen:
+                scores[history] = -np.inf  # the whole history, also the item beyond the window of 3
+            best = np.argsort(-scores, kind="stable")[:3]
+            assert answer.items == [TOKENS[i] for i in best]
+            assert np.allclose(answer.scores, scores[best], atol=1e-5)
+    assert answers[2].unknown_tokens == 1
+
+
+def test_numpy_post_processing_matches_the_graphs_top_k(tmp_path):
+    """artifact.top_k (for graphs that return every score) and the top-k graph agree, exclusions included."""
+    import onnxruntime as ort
+
+    table = item_table(seed=3)
+    scores_session = ort.InferenceSession(str(write_tiny_artifact(tmp_path / "s", None, table) / "model.onnx"))
+    top_session = ort.InferenceSession(str(write_tiny_artifact(tmp_path / "t", 5, table) / "model.onnx"))
+    item_seq = np.array([[1, 2, 0], [4, 4, 6], [8, 0, 0]], dtype=np.int64)
+    item_length = np.array([2, 3, 1], dtype=np.int64)
+    exclude = artifact.exclusions([np.array([1, 2, 3]), np.array([6]), np.array([8])], [True, True, False])
+    (scores,) = scores_session.run(None, artifact.feeds(item_seq, item_length))
+    items, values = artifact.top_k(scores, 5, exclude)
+    graph_items, graph_values = top_session.run(artifact.output_names(5),
+                                                artifact.feeds(item_seq, item_length, exclude, top_k=5))
+    assert np.array_equal(items, graph_items) and np.allclose(values, graph_values)
+    assert not np.isin(items[0], [0, 1, 2, 3]).any() and 8 in items[2]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"format_version": 1}, "artifact format 1, this runtime reads format 2"),
+    ({"format_version": None}, "artifact format None"),
+    ({"top_k": 3}, "returns 4 items"),
+    ({"item_tokens": TOKENS[:-1], "n_items": N_ITEMS - 1}, "was exported with n_items=9"),
+])
+def test_an_artifact_that_breaks_the_contract_fails_at_load(change, words, tmp_path):
+    folder = write_tiny_artifact(tmp_path / "a", 4, item_table())
+    metadata = json.loads((folder / artifact.METADATA_FILE).read_text())
+    (folder / artifact.METADATA_FILE).write_text(json.dumps({**metadata, **change}))
+    with pytest.raises(artifact.ArtifactError) as raised:
+        Recommender(folder)
+    assert words in str(raised.value) and "\n" not in str(raised.value) and "recbole-llm export" in str(raised.value)
+    assert isinstance(raised.value, RecboleLLMError)
+
+
+def test_the_committed_json_schema_is_the_contracts_and_accepts_a_tiny_artifact(tmp_path):
+    """export/metadata.schema.json is written from artifact.metadata_schema(); both judge like the runtime."""
+    jsonschema = pytest.importorskip("jsonschema")
+    committed = json.loads((Path(__file__).parents[1] / "export" / "metadata.schema.json").read_text())
+    assert committed == artifact.metadata_schema(), "regenerate: python -m recbole_llm.export.artifact > export/metadata.schema.json"
+    folder = write_tiny_artifact(tmp_path / "a", None, item_table())
+    metadata = json.loads((folder / artifact.METADATA_FILE).read_text())
+    jsonschema.validate(metadata, committed)
+    for change in ({"format_version": 1}, {"item_tokens": ["x", "a", "a"]}, {"top_k": 0}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**metadata, **change}, committed)
+        with pytest.raises(artifact.ArtifactError):
+            artifact.check_metadata({**metadata, **change}, "metadata.json")
+
+
+def test_the_serving_side_imports_neither_torch_nor_recbole(tmp_path):
+    folder = write_tiny_artifact(tmp_path / "a", 4, item_table())
+    code = ("import sys; from recbole_llm.runtime import Recommender; import recbole_llm.serve, recbole_llm.cli; "
+            f"print(Recommender({str(folder)!r}).recommend([['item-1']], k=2)[0].items); "
+            "print(sorted(m for m in ('torch', 'recbole', 'transformers') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_serving_requirements_are_the_packages_floors():
+    """export/requirements-serve.txt (the Dockerfile's and CI's serving install) asks for the versions
+    pyproject.toml asks for: one place each."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["serve"]
+    wanted = [line.strip() for line in (root / "export" / "requirements-serve.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert wanted and all(requirement in declared for requirement in wanted), wanted
+    assert "requirements-serve.txt" in (root / "export" / "Dockerfile").read_text()
