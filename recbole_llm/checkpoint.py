@@ -10,6 +10,10 @@ The answer here is not ``weights_only=False``: a checkpoint is a file a user may
 runs code. It is Python's documented way of restricting globals (a ``pickle.Unpickler`` whose
 ``find_class`` accepts an allow-list), handed to ``torch.load`` as its ``pickle_module``. The allow-list is
 torch's own weights-only list plus exactly the classes RecBole's checkpoints contain.
+
+Each load reads the file once: :func:`read_once` reads and checks it, and RecBole's own ``torch.load`` of
+the same file (``load_data_and_model``, ``resume_checkpoint``, ``evaluate``) gets that dict.
+:func:`load_for_use` is ``load_data_and_model`` on one read, with overrides and an early check.
 """
 
 from __future__ import annotations
