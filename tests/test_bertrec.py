@@ -81,7 +81,7 @@ def test_checkpoint_reload_gives_identical_scores_and_resumes(tiny_bert):
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ({"pre_encoder": "gru"}, "pre_encoder 'gru' is not supported"),
+        ({"pre_encoder": "gru"}, "pre_encoder='gru' is not supported"),
         ({"hidden_size": 30, "n_heads": 4}, "hidden_size 30 is not a multiple of n_heads 4"),
     ],
 )

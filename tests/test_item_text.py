@@ -117,7 +117,7 @@ def test_items_without_text_fall_back_to_their_id(text_root, tmp_path, caplog):
         ({"item_text_fields": ["timestamp"]}, "item text field 'timestamp' is not a loaded item feature"),
         ({"load_col": {"inter": ["user_id", "item_id", "timestamp"]}}, "need an item file"),
         ({"pretrained_model_name_or_path": None}, "needs a pretrained encoder"),
-        ({"item_repr": "image"}, "item_repr 'image' is not supported"),
+        ({"item_repr": "image"}, "item_repr='image' is not supported"),
     ],
 )
 def test_bad_text_settings(text_root, tmp_path, overrides, fragment):

@@ -257,7 +257,7 @@ def test_target_modules_the_method_cannot_adapt_say_so(tiny_bert):
 @pytest.mark.parametrize(
     "model_name, override, fragment",
     [
-        ("BERTPEFT", {"peft_type": "NOPE"}, "unknown peft_type 'NOPE'"),
+        ("BERTPEFT", {"peft_type": "NOPE"}, "peft_type='NOPE' is not supported"),
         ("BERTPEFT", {"peft_type": "PROMPT_TUNING"}, "prompt-learning method"),
         ("BERTLoRA", {"target_modules": ["no_such_module"]}, "match no module of the encoder"),
         ("BERTLoRA", {"r": 0}, "r=0 must be a positive rank"),

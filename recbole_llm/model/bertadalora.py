@@ -41,6 +41,8 @@ def _step_count(config: Any, key: str) -> int | None:
     value = config[key]
     if value is None:
         return None
+    if isinstance(value, bool):
+        raise RecboleLLMError(f"{key}={value!r} must be a whole number of steps >= 0; fix or remove it")
     try:
         count = int(value)
     except (TypeError, ValueError):
@@ -50,32 +52,42 @@ def _step_count(config: Any, key: str) -> int | None:
     return count
 
 
+def _fraction(config: Any, key: str) -> float:
+    """A fraction of the run in [0, 1), refused in one line otherwise."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise RecboleLLMError(f"{key}={value!r} must be a fraction of the training steps in [0, 1): e.g. {key}: 0.1")
+    return float(value)
+
+
 class BERTAdaLoRA(BERTPEFT):
     r"""A frozen BERT encoder with AdaLoRA adapters whose ranks shrink to a budget during training."""
 
     peft_type = "ADALORA"
 
-    def build_peft_config(self, config, peft_type: str):
-        steps_per_epoch = optimizer_steps_per_epoch(config, self._train_dataset)
-        total_step = steps_per_epoch * int(config["epochs"] or 0)
-        if total_step <= 0:
-            raise RecboleLLMError(
-                f"AdaLoRA needs training steps but epochs={config['epochs']} and the training data has "
-                f"{len(self._train_dataset)} sequences; set epochs to 1 or more"
-            )
-        given = {key: _step_count(config, key) for key in ("total_step", "tinit", "tfinal")}
-        if given["total_step"] is not None and given["total_step"] != total_step:
-            raise RecboleLLMError(
-                f"total_step={given['total_step']} does not match the {total_step} optimizer steps of this run "
-                f"({steps_per_epoch} batches per epoch x epochs={config['epochs']}); remove total_step, the "
-                "plugin derives it"
-            )
-        tinit_ratio = float(config["tinit_ratio"] or 0.0)
-        tfinal_ratio = float(config["tfinal_ratio"] or 0.0)
-        if tinit_ratio < 0 or tfinal_ratio < 0 or tinit_ratio + tfinal_ratio >= 1:
+    def build_peft_config(self, config, dataset, peft_type: str):
+        """AdaLoRA's config, its schedule (``total_step``, ``tinit``, ``tfinal``) derived from this run."""
+        tinit_ratio = _fraction(config, "tinit_ratio")
+        tfinal_ratio = _fraction(config, "tfinal_ratio")
+        if tinit_ratio + tfinal_ratio >= 1:
             raise RecboleLLMError(
                 f"tinit_ratio={tinit_ratio} and tfinal_ratio={tfinal_ratio} leave no steps to reallocate ranks in; "
                 "set both to 0 or more with a sum below 1 (defaults 0.1 and 0.2)"
+            )
+        given = {key: _step_count(config, key) for key in ("total_step", "tinit", "tfinal")}
+        epochs = config["epochs"]  # RecBole's Config refuses a non-positive one; null reaches here
+        steps_per_epoch = optimizer_steps_per_epoch(config, dataset)
+        total_step = steps_per_epoch * epochs if isinstance(epochs, int) else 0
+        if total_step <= 0:
+            raise RecboleLLMError(
+                f"AdaLoRA needs training steps but epochs={epochs!r} and the training data has "
+                f"{len(dataset)} sequences; set epochs to 1 or more"
+            )
+        if given["total_step"] is not None and given["total_step"] != total_step:
+            raise RecboleLLMError(
+                f"total_step={given['total_step']} does not match the {total_step} optimizer steps of this run "
+                f"({steps_per_epoch} batches per epoch x epochs={epochs}); remove total_step, the "
+                "plugin derives it"
             )
         # tinit/tfinal as fractions of the run, so the budget schedule fits any dataset and epoch count
         defaults = {
@@ -91,11 +103,6 @@ class BERTAdaLoRA(BERTPEFT):
                 f"total_step={total_step}; lower them, or remove them and set tinit_ratio/tfinal_ratio"
             )
         return peft_config_from(config, peft_type, defaults=defaults)
-
-    def __init__(self, config, dataset):
-        self._train_dataset = dataset
-        super().__init__(config, dataset)
-        del self._train_dataset
 
     def calculate_loss(self, interaction):
         self._orthogonal_loss = None

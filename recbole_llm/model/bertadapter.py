@@ -20,9 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recbole_llm.errors import RecboleLLMError
-from recbole_llm.model.bertrec import BERTRec
+from recbole_llm.model.bertrec import BERTRec, one_of, positive_int
 from recbole_llm.model.frozen import FrozenBackboneMixin
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 class BottleneckAdapter(nn.Module):
@@ -32,7 +34,7 @@ class BottleneckAdapter(nn.Module):
         super().__init__()
         self.down = nn.Linear(hidden_size, adapter_size)
         self.up = nn.Linear(adapter_size, hidden_size)
-        self.activation = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.activation = ACTIVATIONS[activation]()
         nn.init.normal_(self.down.weight, std=1e-2)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
@@ -46,12 +48,8 @@ class BERTAdapter(FrozenBackboneMixin, BERTRec):
     r"""A frozen BERT encoder with Houlsby bottleneck adapters; item embeddings, adapters, layer norms train."""
 
     def __init__(self, config, dataset):
-        super().__init__(config, dataset)
+        super().__init__(config, dataset)  # reads and checks the keys (read_config), builds the encoder
 
-        # load parameters info
-        self.adapter_size = config["adapter_size"]
-        if not isinstance(self.adapter_size, int) or self.adapter_size <= 0:
-            raise RecboleLLMError(f"adapter_size={self.adapter_size} must be a positive integer (e.g. 64)")
         self.remember_backbone()
 
         # define layers: freeze the backbone, then add adapters after both sub-layers of every layer
@@ -61,9 +59,15 @@ class BERTAdapter(FrozenBackboneMixin, BERTRec):
             for sublayer_output in (layer.attention.output, layer.output):
                 sublayer_output.dense = nn.Sequential(
                     sublayer_output.dense,
-                    BottleneckAdapter(self.hidden_size, self.adapter_size, config["adapter_act"] or "gelu"),
+                    BottleneckAdapter(self.hidden_size, self.adapter_size, self.adapter_act),
                 )
                 sublayer_output.LayerNorm.requires_grad_(True)
+
+    def read_config(self, config, dataset) -> None:
+        """BERTRec's keys, then ``adapter_size`` and ``adapter_act``."""
+        super().read_config(config, dataset)
+        self.adapter_size = positive_int("adapter_size", config["adapter_size"], 64)
+        self.adapter_act = one_of("adapter_act", config["adapter_act"], tuple(ACTIVATIONS))
 
     def merge_adapters(self) -> bool:
         """Bottleneck adapters are non-linear: they cannot fold into the backbone and stay as modules."""

@@ -78,12 +78,12 @@ def peft_config_from(config: Any, peft_type: str, defaults: dict | None = None):
     )
     if key not in PeftType.__members__ or PeftType[key] not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise RecboleLLMError(
-            f"unknown peft_type '{peft_type}'; use one of {', '.join(m.value for m in encoder_methods)}"
+            f"peft_type={peft_type!r} is not supported; use one of {', '.join(m.value for m in encoder_methods)}"
         )
     config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[key]]
     if issubclass(config_class, PromptLearningConfig):
         raise RecboleLLMError(
-            f"peft_type '{peft_type}' is a prompt-learning method, which needs token ids; "
+            f"peft_type={peft_type!r} is a prompt-learning method, which needs token ids; "
             f"use an adapter method: {', '.join(m.value for m in encoder_methods)}"
         )
     arguments = dict(defaults or {})
@@ -93,8 +93,9 @@ def peft_config_from(config: Any, peft_type: str, defaults: dict | None = None):
             if value is not None:
                 value = module_names(value) if field.name in MODULE_NAME_FIELDS else value
                 arguments[field.name] = list(value) if isinstance(value, tuple) else value
-    if "r" in arguments and int(arguments["r"]) <= 0:
-        raise RecboleLLMError(f"r={arguments['r']} must be a positive rank; set r to 1 or more (e.g. 8)")
+    rank = arguments.get("r", 1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise RecboleLLMError(f"r={rank!r} must be a positive rank; set r to 1 or more (e.g. 8)")
     try:
         return config_class(**arguments)
     except (TypeError, ValueError) as error:
@@ -107,19 +108,24 @@ class BERTPEFT(FrozenBackboneMixin, BERTRec):
     peft_type: str | None = None  # subclasses fix their method; BERTPEFT reads it from the config
 
     def __init__(self, config, dataset):
-        super().__init__(config, dataset)
-
-        # load parameters info
-        peft_type = self.peft_type or config["peft_type"]
-        if not peft_type:
-            raise RecboleLLMError("peft_type is not set; set peft_type (e.g. LORA, IA3, LOHA)")
+        super().__init__(config, dataset)  # reads and checks the keys (read_config), builds the encoder
 
         self.remember_backbone()  # before any adapter touches it
 
         # define layers: peft freezes the backbone and injects the adapters
-        self.encoder = self._adapt(self.encoder, self.build_peft_config(config, peft_type))
+        self.encoder = self._adapt(self.encoder, self.peft_settings)
+        del self.peft_settings  # the adapted encoder holds it (encoder.peft_config)
 
-    def build_peft_config(self, config, peft_type: str):
+    def read_config(self, config, dataset) -> None:
+        """BERTRec's keys, then ``peft_type`` and the method's peft arguments, as a checked peft config."""
+        super().read_config(config, dataset)
+        peft_type = self.peft_type or config["peft_type"]
+        if not peft_type:
+            raise RecboleLLMError(f"peft_type={peft_type!r} is not set; set peft_type (e.g. LORA, IA3, LOHA)")
+        self.peft_settings = self.build_peft_config(config, dataset, peft_type)
+
+    def build_peft_config(self, config, dataset, peft_type: str):
+        """The peft config of ``peft_type`` from ``config``; subclasses derive arguments from ``dataset``."""
         return peft_config_from(config, peft_type)
 
     def _adapt(self, encoder: nn.Module, peft_config) -> nn.Module:

@@ -25,6 +25,8 @@ to their ID embedding.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
@@ -34,23 +36,58 @@ from recbole_llm.errors import RecboleLLMError
 from recbole_llm.model.backbone import build_encoder, most_recent, resolve_pretrained
 from recbole_llm.model.item_text import item_texts, mean_pool, tokenize_items
 
+PRE_ENCODERS = ("lstm", "none")
+LOSS_TYPES = ("CE", "BPR")
 ITEM_REPRS = ("id", "text", "id+text")
 TEXT_ENCODERS = ("frozen", "trained")
 
 
+def _listed(choices: tuple[str, ...]) -> str:
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
+def one_of(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` lower-cased when it is one of ``choices`` (compared case-insensitively); else a one-line error."""
+    if isinstance(value, str) and value.lower() in choices:
+        return value.lower()
+    raise RecboleLLMError(f"{key}={value!r} is not supported; use {_listed(choices)}")
+
+
+def positive_int(key: str, value: Any, example: int) -> int:
+    """``value`` when it is an integer >= 1 (bools are not); else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecboleLLMError(f"{key}={value!r} must be a positive integer: e.g. {key}: {example}")
+    return value
+
+
+def positive_number(key: str, value: Any, example: float) -> float:
+    """``value`` as a float when it is a number above 0 (bools are not); else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise RecboleLLMError(f"{key}={value!r} must be a number above 0: e.g. {key}: {example}")
+    return float(value)
+
+
 class BERTRec(SequentialRecommender):
-    r"""A BERT-family encoder over item sequences, fully fine-tuned, with weight-tied item scoring."""
+    r"""A BERT-family encoder over item sequences, fully fine-tuned, with weight-tied item scoring.
+
+    Implements :class:`recbole_llm.model.contract.PluginModel`, the contract the plugin's trainer, export and
+    DDP code rely on: ``export_scores``, ``checkpoint_state_dict`` (the whole state dict),
+    ``after_optimizer_step`` (nothing to do), ``merge_adapters`` (nothing to merge), ``bake_item_table``,
+    ``item_embedding`` and ``backbone_hash`` (None: the backbone trains).
+
+    Subclasses (see :class:`recbole_llm.model.bertpeft.BERTPEFT`) extend :meth:`read_config` for their own
+    keys, calling ``super().read_config`` first, so that every setting is read and checked before the
+    encoder is loaded; they route the encoder's forward through :meth:`run_encoder` and override the
+    contract's hooks they need. Defaults live in ``properties/<Model>.yaml``, not here.
+    """
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
 
-        # load parameters info
-        self.pretrained_model_name_or_path = config["pretrained_model_name_or_path"]
-        self.loss_type = config["loss_type"]
-        self.initializer_range = config["initializer_range"]
-        self.pre_encoder_type = (config["pre_encoder"] or "none").lower()
-        self.item_repr = (config["item_repr"] or "id").lower()
-        self.text_encoder_mode = (config["text_encoder"] or "frozen").lower()
+        # load parameters info: every key read and checked before any layer is built (loading a
+        # pretrained encoder takes seconds; a typo should not wait for it)
+        self.read_config(config, dataset)
+        self.backbone_hash: str | None = None  # the backbone trains: no frozen weights to identify
 
         # define layers and loss
         self.encoder = build_encoder(config)
@@ -58,18 +95,9 @@ class BERTRec(SequentialRecommender):
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
         if self.pre_encoder_type == "lstm":
             self.pre_encoder = nn.LSTM(self.hidden_size, self.hidden_size, batch_first=True)
-        elif self.pre_encoder_type == "none":
+        else:
             self.pre_encoder = None
-        else:
-            raise RecboleLLMError(
-                f"pre_encoder '{config['pre_encoder']}' is not supported; use 'lstm' or null"
-            )
-        if self.loss_type == "BPR":
-            self.loss_fct = BPRLoss()
-        elif self.loss_type == "CE":
-            self.loss_fct = nn.CrossEntropyLoss()
-        else:
-            raise RecboleLLMError(f"loss_type '{self.loss_type}' is not supported; use 'CE' or 'BPR'")
+        self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()
 
         # The encoder's own word table is never read (item ids go in as inputs_embeds): freeze it so
         # parameter counts and the optimizer see only what trains.
@@ -82,35 +110,59 @@ class BERTRec(SequentialRecommender):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
-        self._baked_item_table = None
-        if self.item_repr not in ITEM_REPRS:
-            raise RecboleLLMError(f"item_repr '{config['item_repr']}' is not supported; use one of {', '.join(ITEM_REPRS)}")
-        if self.text_encoder_mode not in TEXT_ENCODERS:
-            raise RecboleLLMError(
-                f"text_encoder '{config['text_encoder']}' is not supported; use one of {', '.join(TEXT_ENCODERS)}"
-            )
+        self._baked_item_table: torch.Tensor | None = None
         if "text" in self.item_repr:
-            self._build_item_text(config, dataset)
+            self._build_item_text(dataset)
 
-    def _build_item_text(self, config, dataset) -> None:
+    def read_config(self, config, dataset) -> None:
+        """Read this model's keys from ``config`` into attributes, each checked (one-line RecboleLLMError).
+
+        The encoder's own keys (sizes, dropouts, ``backbone_layers``, the position table) are checked by
+        :func:`recbole_llm.model.backbone.check_encoder_settings`, when the Config is built. Subclasses
+        extend this for their keys, calling ``super().read_config(config, dataset)`` first.
+        """
+        self.pretrained_model_name_or_path: str | None = config["pretrained_model_name_or_path"]
+        loss_type = config["loss_type"]
+        if loss_type not in LOSS_TYPES:  # RecBole's Config refuses other names; null reaches here
+            raise RecboleLLMError(f"loss_type={loss_type!r} is not supported; use {_listed(LOSS_TYPES)}")
+        self.loss_type: str = loss_type
+        self.initializer_range = positive_number("initializer_range", config["initializer_range"], 0.02)
+        pre_encoder = config["pre_encoder"]
+        # null is documented (BERTRec.yaml) as no pre-encoder
+        self.pre_encoder_type = "none" if pre_encoder is None else one_of("pre_encoder", pre_encoder, PRE_ENCODERS)
+        self.item_repr = one_of("item_repr", config["item_repr"], ITEM_REPRS)
+        self.text_encoder_mode = one_of("text_encoder", config["text_encoder"], TEXT_ENCODERS)
+        self.item_text_max_tokens = positive_int("item_text_max_tokens", config["item_text_max_tokens"], 32)
+        fields = config["item_text_fields"]
+        if isinstance(fields, str):
+            fields = [fields]
+        if fields is not None and (
+            not isinstance(fields, (list, tuple)) or not all(isinstance(field, str) for field in fields)
+        ):
+            raise RecboleLLMError(
+                f"item_text_fields={fields!r} must be a list of item-feature field names: e.g. [movie_title, class]"
+            )
+        self.item_text_fields: list[str] = list(fields or [])
+        if "text" in self.item_repr:
+            if not self.item_text_fields:
+                raise RecboleLLMError(
+                    f"item_text_fields={fields!r} but item_repr={self.item_repr!r} needs item text: set "
+                    "item_text_fields, e.g. [movie_title, class] on ml-100k"
+                )
+            if self.pretrained_model_name_or_path is None:
+                raise RecboleLLMError(
+                    f"pretrained_model_name_or_path=None but item_repr={self.item_repr!r} needs a pretrained "
+                    "encoder and its tokenizer; set pretrained_model_name_or_path"
+                )
+
+    def _build_item_text(self, dataset) -> None:
         """Tokenize every item's text once; with a frozen text encoder, encode it once too."""
         from transformers import AutoTokenizer
 
-        fields = config["item_text_fields"]
-        if not fields:
-            raise RecboleLLMError(
-                f"item_repr '{self.item_repr}' needs item_text_fields, e.g. [movie_title, class] on ml-100k"
-            )
-        if self.pretrained_model_name_or_path is None:
-            raise RecboleLLMError(
-                f"item_repr '{self.item_repr}' needs a pretrained encoder and its tokenizer; "
-                "set pretrained_model_name_or_path"
-            )
-        fields = [fields] if isinstance(fields, str) else list(fields)
-        texts = item_texts(dataset, fields)
+        texts = item_texts(dataset, self.item_text_fields)
         tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained_model_name_or_path))
         input_ids, attention_mask, self.items_without_text = tokenize_items(
-            texts, tokenizer, int(config["item_text_max_tokens"] or 32)
+            texts, tokenizer, self.item_text_max_tokens
         )
         has_text = torch.tensor([bool(text.strip()) for text in texts])
         # derived from the dataset and the backbone at construction: not part of checkpoints
@@ -209,6 +261,23 @@ class BERTRec(SequentialRecommender):
         return (seq_output * table[interaction[self.ITEM_ID]]).sum(dim=1)  # [B]
 
     def full_sort_predict(self, interaction):
+        return self.export_scores(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+
+    # --- recbole_llm.model.contract.PluginModel -------------------------------------------------------------
+
+    def export_scores(self, item_seq: torch.Tensor, item_length: torch.Tensor) -> torch.Tensor:
+        """Every item's score, ``[batch, n_items]``: what ``full_sort_predict`` returns, traceable (branches
+        depend only on the model's settings and the input's width, never on the batch's values)."""
         table = self.item_table()
-        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], table)
-        return seq_output @ table.t()  # [B, n_items]
+        return self.forward(item_seq, item_length, table) @ table.t()
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight: the whole model is fine-tuned."""
+        return self.state_dict()
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        """Nothing to do after an optimizer step (AdaLoRA reallocates ranks here)."""
+
+    def merge_adapters(self) -> bool:
+        """No adapters: nothing merges."""
+        return False
