@@ -71,6 +71,35 @@ class Encoded(NamedTuple):
                        [u for p in parts for u in p.unknown], [s for p in parts for s in p.seen])
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def session_options(intra_op_threads: int | None = None):
+    """(onnxruntime.SessionOptions, the settings as a dict): what every session of an artifact runs with, set
+    here so the runtime, the service and the benchmarks measure the same thing.
+
+    One intra-op thread per usable core (``intra_op_threads`` to override; ONNX Runtime's default counts
+    the host's cores, not a container's share), operators run one after another (the graph is a chain:
+    inter-op parallelism only adds threads), every graph optimization, and the CPU memory arena on (buffers
+    reused across calls)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads or usable_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = True
+    settings = {"intra_op_num_threads": options.intra_op_num_threads, "inter_op_num_threads": 1,
+                "execution_mode": "sequential", "graph_optimization_level": "all", "cpu_mem_arena": True}
+    return options, settings
+
+
 class Recommender:
     """An exported artifact loaded in ONNX Runtime (CUDA when available, else CPU)."""
 
@@ -107,9 +136,7 @@ class Recommender:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
+        options, self.session_settings = session_options(intra_op_threads)
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
         except Exception as error:  # noqa: BLE001 - ONNX Runtime's errors share no public base class

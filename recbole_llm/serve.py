@@ -356,6 +356,7 @@ def create_app(
     drain = Drain()
     public_metadata = {key: value for key, value in recommender.metadata.items() if key != "item_tokens"}
     public_metadata["n_item_tokens"] = len(recommender.tokens) - 1
+    public_metadata["session"] = recommender.session_settings
     public_metadata["service"] = {**asdict(limits), "unknown_tokens": unknown_tokens, "batching": batching,
                                   "max_k": recommender.max_k,
                                   "providers": recommender.session.get_providers()}

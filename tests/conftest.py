@@ -44,6 +44,8 @@ def train_checkpoint(folder: Path, model: str, dataset: str, config_dict: dict) 
     """``run_recbole`` in ``folder`` (its log/ lands there) with checkpoints in ``folder/saved``; the best one."""
     from recbole.quick_start import run_recbole
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(folder)
     try:

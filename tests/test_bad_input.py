@@ -120,26 +120,14 @@ def test_sequential_models_load_the_time_field_even_when_load_col_leaves_it_out(
 @pytest.fixture(scope="module")
 def trained(data_root, tmp_path_factory) -> dict[str, Path]:
     """BERTRec and Pop trained briefly on a private copy of ml-tiny (so the test may change its files)."""
-    import os
-
-    from recbole.quick_start import run_recbole
-
-    from conftest import best_checkpoint
+    from conftest import train_checkpoint
 
     folder = tmp_path_factory.mktemp("trained")
     shutil.copytree(data_root / "ml-tiny", folder / "data" / "ml-tiny")
     common = {"data_path": str(folder / "data"), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-              "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "show_progress": False}
-    found = {}
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        for name, extra in (("BERTRec", TINY), ("SASRec", {"hidden_size": 32, "inner_size": 64}), ("Pop", {})):
-            run_recbole(model=name, dataset="ml-tiny", config_dict={
-                **common, **extra, "checkpoint_dir": str(folder / name)})
-            found[name] = best_checkpoint(folder / name)
-    finally:
-        os.chdir(cwd)
+              "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1}
+    found = {name: train_checkpoint(folder / name, name, "ml-tiny", {**common, **extra})
+             for name, extra in (("BERTRec", TINY), ("SASRec", {"hidden_size": 32, "inner_size": 64}), ("Pop", {}))}
     found["data"] = folder / "data"
     return found
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from recbole.quick_start import run_recbole
 
-from conftest import best_checkpoint
+from conftest import train_checkpoint
 from recbole_llm import RecboleLLMError
 from recbole_llm.export import ExportOptions, ScoringGraph, export_checkpoint, load_for_export, validation_inputs
 from recbole_llm.runtime import Recommender
@@ -33,20 +32,10 @@ MODELS = {
 def checkpoints(data_root, tmp_path_factory) -> dict[str, str]:
     """Each model trained briefly on the slice with RecBole's run_recbole; its best checkpoint."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    found = {}
-    try:
-        for name, settings in MODELS.items():
-            run_recbole(model=name, dataset="ml-tiny", config_dict={
-                "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-                "MAX_ITEM_LIST_LENGTH": 12, "show_progress": False, "epochs": 1, "learning_rate": 0.003,
-                "train_batch_size": 512, "checkpoint_dir": str(folder / name), **settings,
-            })
-            found[name] = str(best_checkpoint(folder / name))
-    finally:
-        os.chdir(cwd)
-    return found
+    return {name: str(train_checkpoint(folder / name, name, "ml-tiny", {
+        "data_path": str(data_root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "MAX_ITEM_LIST_LENGTH": 12, "epochs": 1, "learning_rate": 0.003, "train_batch_size": 512, **settings}))
+        for name, settings in MODELS.items()}
 
 
 def pytorch_top10(checkpoint: str, item_seq: np.ndarray, item_length: np.ndarray) -> np.ndarray:

@@ -71,19 +71,22 @@ def load_for_export(checkpoint: str | os.PathLike, overrides: dict | None = None
     return config, model, dataset, test_data
 
 
-def export_model(model: nn.Module) -> tuple[nn.Module, bool]:
+def export_model(model: nn.Module, onnx_attention: bool = True) -> tuple[nn.Module, bool]:
     """A copy of ``model`` ready to trace, and whether adapters merged: a plugin model's LoRA-family adapters
     merged where they can merge and its item representations (text ones included) baked in as a constant
-    table (:class:`recbole_llm.model.contract.PluginModel`); RecBole's models as they are."""
+    table (:class:`recbole_llm.model.contract.PluginModel`), attention written out for ONNX Runtime's fusion
+    unless ``onnx_attention`` is False (PyTorch's own fastest form, for measuring PyTorch); RecBole's models as
+    they are."""
     exported = copy.deepcopy(model).eval()
     merged = False
     if isinstance(exported, PluginModel):
         merged = bool(exported.merge_adapters())
         exported.bake_item_table()
-        # Traced, PyTorch's fused SDPA attention becomes MatMul/Softmax/Transpose/Where glue that ONNX
-        # Runtime's BERT optimizer does not match; the eager implementation (the same product, written out)
-        # fuses into its Attention operator. The copy only: training keeps SDPA.
-        exported.encoder.config._attn_implementation = "eager"
+        if onnx_attention:
+            # Traced, PyTorch's fused SDPA attention becomes MatMul/Softmax/Transpose/Where glue that ONNX
+            # Runtime's BERT optimizer does not match; the eager implementation (the same product, written
+            # out) fuses into its Attention operator. The copy only: training keeps SDPA.
+            exported.encoder.config._attn_implementation = "eager"
     return exported, merged
 
 
