@@ -127,6 +127,8 @@ def test_optimized_and_int8_artifacts_load_and_pass(checkpoints, tmp_path, flags
         assert metadata["fused_operators"].get("Attention", 0) >= 1, metadata["fused_operators"]
     if flags.get("int8"):
         assert metadata["precision"] == "int8"
+        if flags.get("optimize"):  # fused attention is quantized too
+            assert metadata["validation"][-1]["quantized_operators"].get("QAttention", 0) >= 1, metadata["validation"]
         assert metadata["validation"][-1]["top10_overlap"] >= 0.95
     answers = Recommender(artifact).recommend([metadata["item_tokens"][1:4]], k=5)
     assert len(answers[0].items) == 5
@@ -171,3 +173,9 @@ def test_export_command_line_errors(checkpoints, tmp_path):
     ok = cli("export", f"--checkpoint={checkpoints['SASRec']}", f"--output={tmp_path / 'sasrec'}", "--top-k=5")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "validated fp32" in ok.stdout and (tmp_path / "sasrec" / "model.onnx").is_file()
+    quiet = cli("export", f"--checkpoint={checkpoints['BERTRec']}", f"--output={tmp_path / 'int8'}", "--optimize",
+                "--int8")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    # what a user needs, not RecBole's config dump or ONNX Runtime's INFO lines: a line per validation, and where
+    assert len((quiet.stdout + quiet.stderr).strip().splitlines()) == 4, quiet.stdout + quiet.stderr
+    assert "fused {" in quiet.stdout and "int8 {" in quiet.stdout

@@ -156,6 +156,8 @@ class ExportResult:
         lines = []
         for report in self.reports:
             fused = f", fused {report.fused_operators}" if report.fused_operators else ""
+            if report.quantized_operators:
+                fused += f", int8 {report.quantized_operators}"
             lines.append(
                 f"validated {report.precision}: {report.rows} test histories, lengths {report.lengths[0]}-"
                 f"{report.lengths[-1]}, max |diff| {report.max_abs_diff:.2e}, top-10 overlap "
@@ -183,7 +185,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         raise RecboleLLMError(f"output '{output}' holds the current folder: choose a new folder")
     _check_output_place(output)
 
-    config, model, dataset, test_data = load_for_export(checkpoint, options.config_overrides)
+    # RecBole logs the whole config and dataset summary when it loads a checkpoint: an export's log is its
+    # validation figures (--state=info brings RecBole's back)
+    config, model, dataset, test_data = load_for_export(checkpoint, {"state": "warning", **options.config_overrides})
     n_items = int(model.n_items)
     if options.top_k is not None and options.top_k >= n_items:
         raise RecboleLLMError(f"--top-k {options.top_k} must be below the {n_items - 1} items of the model")
@@ -214,8 +218,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
             reports.append(check(onnx_path, "fp32"))
             reports[-1].fused_operators = fused
         if options.int8:
-            optimize.quantize_int8(onnx_path, n_items)
+            quantized = optimize.quantize_int8(onnx_path, n_items)
             reports.append(check(onnx_path, "int8"))
+            reports[-1].quantized_operators = quantized
         if options.fp16:
             optimize.convert_fp16(onnx_path)
             reports.append(check(onnx_path, "fp16"))

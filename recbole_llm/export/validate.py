@@ -34,7 +34,8 @@ class ValidationReport:
     top10_overlap: float
     passed: bool
     reason: str = ""
-    fused_operators: dict[str, int] = field(default_factory=dict)
+    fused_operators: dict[str, int] = field(default_factory=dict)  # ONNX Runtime fusions, with optimize
+    quantized_operators: dict[str, int] = field(default_factory=dict)  # integer operators, with int8
 
 
 class ValidationFailed(RecboleLLMError):
