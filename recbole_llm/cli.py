@@ -33,10 +33,15 @@ commands:
   serve    an HTTP JSON service over an exported artifact (needs: pip install "recbole_llm[serve]")
            recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
                [--max-batch 256] [--max-history 10000] [--max-body-bytes 1048576] [--no-batching]
+               [--threads N] [--body-timeout 10] [--keep-alive-timeout 5] [--shutdown-timeout 10]
   models   list the models 'run' accepts (the plugin's, then RecBole's)
+
+'serve' alone runs in a serving install (export/requirements-serve.txt: no torch, no RecBole); the other
+commands need the full install. 'recbole-llm COMMAND --help' describes each.
 """
 
 
+TRAINING_PACKAGES = ("torch", "recbole", "transformers", "peft", "onnx")  # what run/evaluate/export/models import
 OVERRIDES_HELP = ("--key=value (or --key value): settings for the checkpoint's config, e.g. --data_path=DIR for "
                   "data moved since training, --eval_batch_size=256")
 
@@ -155,13 +160,16 @@ def _export(args: Sequence[str]) -> int:
         return overrides
 
     from recbole_llm.errors import RecboleLLMError
-    from recbole_llm.export import ExportOptions, export_checkpoint
+    from recbole_llm.export.options import ExportOptions, check_before_loading
 
     options = ExportOptions(
         opset=known.opset, top_k=known.top_k, optimize=known.optimize, int8=known.int8,
         fp16=known.fp16, triton=known.triton, force=known.force, config_overrides=overrides,
     )
     try:
+        check_before_loading(known.checkpoint, known.output, options)  # at once, before torch loads
+        from recbole_llm.export.pipeline import export_checkpoint
+
         result = export_checkpoint(known.checkpoint, known.output, options)
     except RecboleLLMError as error:
         return _fail(str(error))
@@ -232,10 +240,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command in ("run", "evaluate", "export", "models") and importlib.util.find_spec("recbole") is None:
+    missing = [name for name in TRAINING_PACKAGES if importlib.util.find_spec(name) is None]
+    if command in ("run", "evaluate", "export", "models") and missing and not {"-h", "--help"} & set(rest):
+        # a serving install (export/requirements-serve.txt): only `serve` works there
         return _fail(
-            f"'{command}' needs RecBole 1.2.1, which is not installed: pip install recbole==1.2.1 "
-            "(on Python >= 3.12: pip install --no-deps recbole==1.2.1)"
+            f"'{command}' needs the full install ({', '.join(missing)} missing; this looks like a serving install, "
+            "which runs only 'serve'): pip install torch==2.13.0 && pip install recbole_llm (from a checkout: "
+            "pip install -e .; on Python >= 3.12 first pip install --no-deps recbole==1.2.1)"
         )
     if command == "run":
         return _run(rest)

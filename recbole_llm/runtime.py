@@ -72,11 +72,19 @@ class Encoded(NamedTuple):
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: a container's share, not the host's count)."""
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (``docker --cpus``,
+    Kubernetes CPU limits), rounded up; not the host's count."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def session_options(intra_op_threads: int | None = None):
@@ -136,6 +144,13 @@ class Recommender:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        if isinstance(providers, (str, bytes)) or not all(isinstance(p, str) for p in providers) or not providers:
+            raise RecboleLLMError(f"providers must be a non-empty list of ONNX Runtime provider names, e.g. "
+                                  f"['CPUExecutionProvider'], not {providers!r:.60}")
+        unavailable = [p for p in providers if p not in available]
+        if unavailable:  # ONNX Runtime would fall back to another provider without a word
+            raise RecboleLLMError(f"provider '{shown(unavailable[0])}' is not available here; available: "
+                                  f"{', '.join(available)}")
         options, self.session_settings = session_options(intra_op_threads)
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
@@ -244,6 +259,10 @@ class Recommender:
             top_items, top_scores = outputs[0][:, :k_max], outputs[1][:, :k_max]
         else:  # the same exclusions and ordering as a top-k graph, in numpy
             top_items, top_scores = contract.top_k(outputs[0], k_max, exclude_items)
+        if not ((top_items >= 0) & (top_items < len(self.tokens))).all():  # never an index past the token list
+            raise contract.ArtifactError(
+                f"the model returned item ids beyond the {len(self.tokens)} item_tokens of its metadata.json: the "
+                f"artifact's files come from different exports; {REEXPORT}")
         answers = []
         for items, scores_row, k, unknown in zip(top_items, top_scores, ks, encoded.unknown):
             items, scores_row = items[:k], scores_row[:k]

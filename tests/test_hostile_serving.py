@@ -19,6 +19,7 @@ import pytest
 
 from recbole_llm.cli import main
 from recbole_llm.errors import RecboleLLMError
+from recbole_llm.export.artifact import input_names, output_names
 from recbole_llm.runtime import Recommender
 from test_serve import BAD_REQUESTS, LIMITS, Service, artifact, direct, free_port, same  # noqa: F401 (artifact)
 
@@ -336,7 +337,7 @@ BROKEN_ARTIFACTS = [
     ("n_items disagrees", "full", lambda f, m: edit(m, n_items=m["n_items"] + 1), "metadata.json",
      "lists {n} item_tokens"),
     ("item_tokens shorter than the scores", "full",
-     lambda f, m: edit(m, item_tokens=m["item_tokens"][:-5], n_items=DROP), "model.onnx", "scores {n} items"),
+     lambda f, m: edit(m, item_tokens=m["item_tokens"][:-5], n_items=m["n_items"] - 5), "model.onnx", "scores {n} items"),
     ("item_tokens reordered", "full",
      lambda f, m: edit(m, item_tokens=m["item_tokens"][:1] + m["item_tokens"][1:][::-1]), "model.onnx",
      "other item_tokens than"),
@@ -346,14 +347,23 @@ BROKEN_ARTIFACTS = [
      "was exported with max_length="),
     ("max_length longer, graph without metadata_props", "full",
      lambda f, m: (without_graph_metadata(f), edit(m, max_length=m["max_length"] + 8))[1], "model.onnx",
-     "fails on a history of max_length="),
-    ("top_k on a graph that scores every item", "full", lambda f, m: edit(m, top_k=5), "model.onnx",
+     "does not say which max_length it was exported with"),
+    ("item_tokens reordered, graph without metadata_props", "top",
+     lambda f, m: (without_graph_metadata(f), edit(m, item_tokens=m["item_tokens"][:1] + m["item_tokens"][1:][::-1]))[1],
+     "model.onnx", "does not say which max_length it was exported with"),
+    ("no padding token first", "full", lambda f, m: edit(m, item_tokens=["x"] + m["item_tokens"][1:]), "metadata.json",
+     "not the padding '[PAD]'"),
+    ("precision unknown", "full", lambda f, m: edit(m, precision="bf16"), "metadata.json",
+     "precision must be one of fp32, int8, fp16"),
+    ("no model name", "full", lambda f, m: edit(m, model=DROP), "metadata.json", "has no 'model'"),
+    ("inputs not names", "full", lambda f, m: edit(m, inputs="item_seq"), "metadata.json", "inputs must be a list"),
+    ("top_k on a graph that scores every item", "full", lambda f, m: edit(m, top_k=5, inputs=input_names(5), outputs=output_names(5)), "model.onnx",
      "scores every item (exported without --top-k) but"),
-    ("top_k null on a top-k graph", "top", lambda f, m: edit(m, top_k=None), "model.onnx",
+    ("top_k null on a top-k graph", "top", lambda f, m: edit(m, top_k=None, inputs=input_names(None), outputs=output_names(None)), "model.onnx",
      "returns top-k items (exported with --top-k) but"),
     ("top_k the graph does not have", "top", lambda f, m: edit(m, top_k=3), "model.onnx", "returns 5 items"),
     ("item_tokens shorter than a top-k graph's items", "top",
-     lambda f, m: edit(m, item_tokens=m["item_tokens"][:-5], n_items=DROP), "model.onnx",
+     lambda f, m: edit(m, item_tokens=m["item_tokens"][:-5], n_items=m["n_items"] - 5), "model.onnx",
      "was exported with n_items="),
 ]
 

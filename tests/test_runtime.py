@@ -132,6 +132,9 @@ def test_numpy_post_processing_matches_the_graphs_top_k(tmp_path):
     ({"format_version": None}, "artifact format None"),
     ({"top_k": 3}, "returns 4 items"),
     ({"item_tokens": TOKENS[:-1], "n_items": N_ITEMS - 1}, "was exported with n_items=9"),
+    ({"item_tokens": ["item-0"] + TOKENS[1:]}, "not the padding '[PAD]'"),
+    ({"precision": "bf16"}, "precision must be one of"),
+    ({"outputs": [1]}, "outputs must be a list of tensor names"),
 ])
 def test_an_artifact_that_breaks_the_contract_fails_at_load(change, words, tmp_path):
     folder = write_tiny_artifact(tmp_path / "a", 4, item_table())
@@ -180,3 +183,23 @@ def test_the_serving_requirements_are_the_packages_floors():
               if line.strip() and not line.startswith("#")]
     assert wanted and all(requirement in declared for requirement in wanted), wanted
     assert "requirements-serve.txt" in (root / "export" / "Dockerfile").read_text()
+
+
+def test_a_graph_without_its_metadata_props_is_refused(tmp_path):
+    """Without the graph's own record, an edited metadata.json (here: items reordered) would answer wrongly."""
+    folder = write_tiny_artifact(tmp_path / "a", None, item_table())
+    model = onnx.load(str(folder / artifact.MODEL_FILE))
+    del model.metadata_props[:]
+    onnx.save(model, str(folder / artifact.MODEL_FILE))
+    metadata = json.loads((folder / artifact.METADATA_FILE).read_text())
+    (folder / artifact.METADATA_FILE).write_text(json.dumps({**metadata, "item_tokens": TOKENS[:1] + TOKENS[:0:-1]}))
+    with pytest.raises(artifact.ArtifactError, match="does not say which max_length it was exported with"):
+        Recommender(folder)
+
+
+@pytest.mark.parametrize("providers, words", [("CPUExecutionProvider", "must be a non-empty list"),
+                                              (["NoSuchExecutionProvider"], "is not available here")])
+def test_providers_are_checked_not_silently_replaced(providers, words, tmp_path):
+    folder = write_tiny_artifact(tmp_path / "a", None, item_table())
+    with pytest.raises(RecboleLLMError, match=words):
+        Recommender(folder, providers=providers)

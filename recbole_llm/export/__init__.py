@@ -8,6 +8,7 @@ fail loudly past a tolerance), one module per step:
 
 - :mod:`~recbole_llm.export.artifact`: the contract (file names, graph inputs and outputs, metadata schema,
   numpy post-processing) that every other step and the runtime use. numpy only.
+- :mod:`~recbole_llm.export.options`: what to export and where, checked before anything heavy loads.
 - :mod:`~recbole_llm.export.graph`: the scoring graph (the model's ``export_scores`` hook, then top-K with
   exclusions) and its trace, with dynamic batch and length checked in the saved graph.
 - :mod:`~recbole_llm.export.validate`: ONNX Runtime against PyTorch on real test histories of mixed
@@ -26,7 +27,7 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "ExportOptions": "pipeline",
+    "ExportOptions": "options",
     "ExportResult": "pipeline",
     "export_checkpoint": "pipeline",
     "export_model": "pipeline",

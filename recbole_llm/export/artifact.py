@@ -204,9 +204,25 @@ def check_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
     if metadata.get("top_k") is not None and (not positive_int("top_k") or metadata["top_k"] >= len(tokens)):
         raise ArtifactError(f"'{path}': top_k must be null or an integer from 1 to {len(tokens) - 1} (the "
                             f"items), not {metadata['top_k']!r:.60}; {REEXPORT}")
-    if "n_items" in metadata and metadata["n_items"] != len(tokens):
+    if tokens[0] != PADDING_TOKEN:
+        raise ArtifactError(f"'{path}': item_tokens[0] is '{shown(tokens[0])}', not the padding '{PADDING_TOKEN}' "
+                            f"(internal id 0); {REEXPORT}")
+    for key in ("n_items", "top_k", "model", "dataset", "precision", "inputs", "outputs"):
+        if key not in metadata:
+            raise ArtifactError(f"'{path}' has no '{key}'; {REEXPORT}")
+    if metadata["n_items"] != len(tokens):
         raise ArtifactError(f"'{path}' says n_items={metadata['n_items']!r:.60} but lists {len(tokens)} "
                             f"item_tokens; {REEXPORT}")
+    for key in ("model", "dataset"):
+        if type(metadata[key]) is not str:
+            raise ArtifactError(f"'{path}': {key} must be a string, not {metadata[key]!r:.60}; {REEXPORT}")
+    if metadata["precision"] not in PRECISIONS:
+        raise ArtifactError(f"'{path}': precision must be one of {', '.join(PRECISIONS)}, not "
+                            f"{metadata['precision']!r:.60}; {REEXPORT}")
+    for key in ("inputs", "outputs"):  # what they must be is checked against the graph (check_graph)
+        if not isinstance(metadata[key], list) or not all(type(name) is str for name in metadata[key]):
+            raise ArtifactError(f"'{path}': {key} must be a list of tensor names, not {metadata[key]!r:.80}; "
+                                f"{REEXPORT}")
     return metadata
 
 
@@ -253,13 +269,17 @@ def check_graph(inputs: Sequence[str], outputs: dict[str, Sequence[Any]], graph_
     if sorted(inputs) != sorted(wanted):
         raise ArtifactError(f"'{model_path}' takes inputs {', '.join(inputs)}, not {', '.join(wanted)}; it is not "
                             f"a recbole_llm export: {REEXPORT}")
+    # The graph's own record of what it was exported with: without it, a metadata.json edited or paired with
+    # another export (other item order, another max_length) would load and answer wrongly, silently.
     graph: dict[str, Any] = {}
     for key in GRAPH_METADATA_KEYS:
-        if key in graph_metadata:
-            try:
-                graph[key] = json.loads(graph_metadata[key])
-            except (ValueError, RecursionError):  # not written by recbole_llm's export: nothing to compare
-                continue
+        try:
+            graph[key] = json.loads(graph_metadata[key])
+        except (KeyError, ValueError, RecursionError):
+            raise ArtifactError(
+                f"'{model_path}' does not say which {key} it was exported with (its metadata_props lack a JSON "
+                f"'{key}': re-saved by another tool, or not a recbole_llm export), so '{metadata_path}' cannot be "
+                f"checked against it; {REEXPORT}") from None
     said = {"max_length": metadata["max_length"], "top_k": top, "n_items": n_tokens}
     for key, value in said.items():
         if key in graph and graph[key] != value:

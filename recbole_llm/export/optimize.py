@@ -26,11 +26,18 @@ def optimize(path: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
 
 
 def scoring_nodes(path: Path, n_items: int) -> list[str]:
-    """The MatMul/Gemm nodes that score every item: their weight has a dimension of ``n_items``."""
+    """The MatMul/Gemm nodes that score every item: their weight is a 2-D table with a dimension of
+    ``n_items``, held as an initializer or (before optimization folds it) a Constant node."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    item_tables = {init.name for init in model.graph.initializer if n_items in init.dims}
+    tables = [(init.name, list(init.dims)) for init in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                tables.append((node.output[0], list(value.dims)))
+    item_tables = {name for name, dims in tables if len(dims) == 2 and n_items in dims}
     return [
         node.name for node in model.graph.node
         if node.op_type in ("MatMul", "Gemm") and any(name in item_tables for name in node.input)

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,29 +31,9 @@ from torch import nn
 
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.export import artifact, graph, optimize, triton, validate
+from recbole_llm.export.options import ExportOptions, check_before_loading
 from recbole_llm.export.validate import ValidationReport
 from recbole_llm.model.contract import PluginModel
-
-
-@dataclass
-class ExportOptions:
-    """What to export; see the module docstring."""
-
-    opset: int = 17
-    top_k: int | None = None
-    optimize: bool = False
-    int8: bool = False
-    fp16: bool = False
-    triton: bool = False
-    force: bool = False
-    validation_rows: int = 256
-    # fp32 parity against PyTorch; None: 1e-4 on ONNX Runtime's CPU provider, 1e-3 on CUDA (its fp32
-    # matrix products may use TF32 and other kernels than PyTorch's CPU ones)
-    max_abs_diff: float | None = None
-    min_overlap: float = 0.95  # top-10 overlap for fp16 and int8
-    triton_max_batch_size: int = 256
-    # settings applied to the checkpoint's Config (data_path for data moved since training, ...)
-    config_overrides: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,22 +107,6 @@ def _versions(opset: int) -> dict[str, Any]:
 # the whole export
 
 
-def _check_options(options: ExportOptions) -> None:
-    import onnxruntime as ort
-
-    if options.int8 and options.fp16:
-        raise RecboleLLMError("--int8 and --fp16 exclude each other: int8 is for CPU, fp16 for GPU; pick one")
-    if options.fp16 and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise RecboleLLMError(
-            "--fp16 needs a GPU: ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu: "
-            "pip install 'recbole_llm[gpu]'); on CPU use --int8"
-        )
-    if not 14 <= options.opset <= 20:
-        raise RecboleLLMError(f"--opset {options.opset} is not supported; use 14 to 20 (17 is the default)")
-    if options.top_k is not None and options.top_k <= 0:
-        raise RecboleLLMError(f"--top-k {options.top_k} must be a positive number of items")
-
-
 @dataclass
 class ExportResult:
     """What an export wrote: the artifact folder, its metadata (as in metadata.json) and validation reports."""
@@ -160,7 +124,7 @@ class ExportResult:
                 fused += f", int8 {report.quantized_operators}"
             lines.append(
                 f"validated {report.precision}: {report.rows} test histories, lengths {report.lengths[0]}-"
-                f"{report.lengths[-1]}, max |diff| {report.max_abs_diff:.2e}, top-10 overlap "
+                f"{report.lengths[-1]}, max |diff| {report.max_abs_diff:.2e}, top-{report.top} overlap "
                 f"{report.top10_overlap:.3f}{fused}")
         lines.append(f"wrote {self.path}")
         return lines
@@ -173,24 +137,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
     Raises RecboleLLMError with a one-line reason (the validation kinds: ``ValidationFailed``); nothing is
     left at ``output`` then, and an existing artifact there is replaced only with ``force``."""
     options = options or ExportOptions()
-    _check_options(options)
+    check_before_loading(checkpoint, output, options)
     output = Path(output).resolve()
-    if output.exists() and not options.force:
-        raise RecboleLLMError(f"output '{output}' exists; choose another --output or pass --force to replace it")
-    if output.exists() and not (output.is_dir() and (output / artifact.METADATA_FILE).is_file()):
-        # --force replaces an artifact, never a folder of other things (".", a home folder) or a file
-        raise RecboleLLMError(f"output '{output}' exists and is not an artifact (no {artifact.METADATA_FILE}): "
-                              "--force replaces artifacts only; choose a new folder")
-    if output == Path.cwd() or output in Path.cwd().parents:
-        raise RecboleLLMError(f"output '{output}' holds the current folder: choose a new folder")
-    _check_output_place(output)
 
     # RecBole logs the whole config and dataset summary when it loads a checkpoint: an export's log is its
     # validation figures (--state=info brings RecBole's back)
     config, model, dataset, test_data = load_for_export(checkpoint, {"state": "warning", **options.config_overrides})
     n_items = int(model.n_items)
     if options.top_k is not None and options.top_k >= n_items:
-        raise RecboleLLMError(f"--top-k {options.top_k} must be below the {n_items - 1} items of the model")
+        raise RecboleLLMError(f"--top-k {options.top_k} exceeds the {n_items - 1} items of the model: use at most "
+                              f"{n_items - 1}")
     exported, merged = export_model(model)
     max_length = int(config["MAX_ITEM_LIST_LENGTH"])
     item_seq, item_length = validate.validation_inputs(model, test_data, options.validation_rows)
@@ -262,24 +218,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(output, metadata, reports)
-
-
-def _check_output_place(output: Path) -> None:
-    """Refuse an ``--output`` that cannot be created, before loading anything."""
-    for parent in output.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RecboleLLMError(f"--output '{output}' is inside '{parent}', which is a file: choose a folder")
-            break
-    existing = next(p for p in output.parents if p.exists())
-    try:
-        with tempfile.TemporaryDirectory(prefix=".recbole_llm-write-check-", dir=existing):
-            pass
-    except OSError as error:
-        raise RecboleLLMError(
-            f"--output '{output}' cannot be created: '{existing}' is not writable ({error.strerror}); choose "
-            "another folder"
-        ) from None
 
 
 def _check_exportable(config) -> None:

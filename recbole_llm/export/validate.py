@@ -2,7 +2,7 @@
 
 fp32 must match PyTorch's scores within a tolerance and keep its top-10 order (up to tied scores); int8
 and fp16 must keep a top-10 overlap floor. A failure raises a :class:`ValidationFailed` of the kind that
-failed, carrying its :class:`ValidationReport`.
+failed, carrying its :class:`ValidationReport`. Importing this module imports no torch.
 """
 
 from __future__ import annotations
@@ -11,12 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.export import artifact
-from recbole_llm.export.graph import ScoringGraph
 
 VALIDATION_TOP = 10
 BATCH_SIZES = [1, 7, 64]  # other than the traced example's 2, so a baked-in batch size would show
@@ -34,6 +31,7 @@ class ValidationReport:
     top10_overlap: float
     passed: bool
     reason: str = ""
+    top: int = VALIDATION_TOP  # the top-N compared (top10_* fields): 10, or top_k when it is smaller
     fused_operators: dict[str, int] = field(default_factory=dict)  # ONNX Runtime fusions, with optimize
     quantized_operators: dict[str, int] = field(default_factory=dict)  # integer operators, with int8
 
@@ -109,8 +107,12 @@ def _ort_outputs(path: Path, feeds: dict[str, np.ndarray], fp16: bool, batch_siz
     return [np.concatenate([out[i] for out in outputs]) for i in range(len(outputs[0]))]
 
 
-def reference_scores(model: nn.Module, item_seq: np.ndarray, item_length: np.ndarray) -> np.ndarray:
+def reference_scores(model, item_seq: np.ndarray, item_length: np.ndarray) -> np.ndarray:
     """PyTorch's scores, float [rows, n_items], with padding at -inf (it is not an item)."""
+    import torch  # here: the report and the error kinds import without torch
+
+    from recbole_llm.export.graph import ScoringGraph
+
     with torch.no_grad():
         scores = ScoringGraph(model, top_k=None).eval()(torch.from_numpy(item_seq), torch.from_numpy(item_length))
     scores = scores.float().numpy().copy()
@@ -164,6 +166,7 @@ def validate(
         top10_order_mismatches_beyond_ties=beyond_ties,
         top10_overlap=overlap,
         passed=True,
+        top=top,
     )
     failure: type[ValidationFailed] | None = None
     if precision == "fp32":

@@ -1,0 +1,111 @@
+"""What to export and where, checked before anything heavy loads: ``recbole-llm export`` answers a bad option
+or an unusable ``--output`` at once, without importing torch or reading the checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recbole_llm.errors import RecboleLLMError
+from recbole_llm.export import artifact
+
+OPSETS = (14, 20)  # the ONNX opsets the exporter and ONNX Runtime's transformer optimizer both handle
+
+
+@dataclass
+class ExportOptions:
+    """What to export (see :mod:`recbole_llm.export`); checked by :func:`check_options`."""
+
+    opset: int = 17
+    top_k: int | None = None  # the graph returns the best K items; None: every item's score
+    optimize: bool = False  # ONNX Runtime's transformer fusions
+    int8: bool = False  # dynamic int8 (CPU)
+    fp16: bool = False  # fp16 (GPU)
+    triton: bool = False  # also a Triton model repository
+    force: bool = False  # replace an existing artifact at the output
+    validation_rows: int = 256  # real test histories the export is validated on
+    # fp32 parity against PyTorch; None: 1e-4 on ONNX Runtime's CPU provider, 1e-3 on CUDA (its fp32
+    # matrix products may use TF32 and other kernels than PyTorch's CPU ones)
+    max_abs_diff: float | None = None
+    min_overlap: float = 0.95  # top-10 overlap with PyTorch that fp16 and int8 must keep, 0 to 1
+    triton_max_batch_size: int = 256
+    # settings applied to the checkpoint's Config (data_path for data moved since training, ...)
+    config_overrides: dict = field(default_factory=dict)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_options(options: ExportOptions) -> None:
+    """Raises RecboleLLMError naming the first option out of range or of the wrong type."""
+    for name in ("optimize", "int8", "fp16", "triton", "force"):
+        if not isinstance(getattr(options, name), bool):
+            raise RecboleLLMError(f"{name}={getattr(options, name)!r:.40} must be True or False")
+    if options.int8 and options.fp16:
+        raise RecboleLLMError("--int8 and --fp16 exclude each other: int8 is for CPU, fp16 for GPU; pick one")
+    if not _is_int(options.opset) or not OPSETS[0] <= options.opset <= OPSETS[1]:
+        raise RecboleLLMError(f"--opset {options.opset!r:.40} is not supported; use {OPSETS[0]} to {OPSETS[1]} "
+                              "(17 is the default)")
+    if options.top_k is not None and (not _is_int(options.top_k) or options.top_k <= 0):
+        raise RecboleLLMError(f"--top-k {options.top_k!r:.40} must be a positive number of items")
+    for name in ("validation_rows", "triton_max_batch_size"):
+        if not _is_int(getattr(options, name)) or getattr(options, name) < 1:
+            raise RecboleLLMError(f"{name}={getattr(options, name)!r:.40} must be a positive integer")
+    overlap = options.min_overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= 1:
+        raise RecboleLLMError(f"min_overlap={overlap!r:.40} must be a number from 0 to 1")
+    tolerance = options.max_abs_diff
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or math.isnan(tolerance)):
+        raise RecboleLLMError(f"max_abs_diff={tolerance!r:.40} must be a number or None (the provider's default)")
+    if not isinstance(options.config_overrides, dict):
+        raise RecboleLLMError("config_overrides must be a dict of Config settings, e.g. {'data_path': 'DIR'}")
+    if options.fp16:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RecboleLLMError(
+                "--fp16 needs a GPU: ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu: "
+                "pip install 'recbole_llm[gpu]'); on CPU use --int8")
+
+
+def check_output(output: str | os.PathLike, force: bool) -> Path:
+    """The artifact folder ``output``, resolved, if an export may write it: new, or an artifact to replace
+    with ``force`` (never a folder of other things, a file or the current folder), inside a writable folder."""
+    output = Path(output).resolve()
+    if output.exists() and not force:
+        raise RecboleLLMError(f"output '{output}' exists; choose another --output or pass --force to replace it")
+    if output.exists() and not (output.is_dir() and (output / artifact.METADATA_FILE).is_file()):
+        # --force replaces an artifact, never a folder of other things (".", a home folder) or a file
+        raise RecboleLLMError(f"output '{output}' exists and is not an artifact (no {artifact.METADATA_FILE}): "
+                              "--force replaces artifacts only; choose a new folder")
+    if output == Path.cwd() or output in Path.cwd().parents:
+        raise RecboleLLMError(f"output '{output}' holds the current folder: choose a new folder")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecboleLLMError(f"--output '{output}' is inside '{parent}', which is a file: choose a folder")
+            break
+    existing = next(p for p in output.parents if p.exists())
+    try:
+        with tempfile.TemporaryDirectory(prefix=".recbole_llm-write-check-", dir=existing):
+            pass
+    except OSError as error:
+        raise RecboleLLMError(
+            f"--output '{output}' cannot be created: '{existing}' is not writable ({error.strerror}); choose "
+            "another folder"
+        ) from None
+    return output
+
+
+def check_before_loading(checkpoint: str | os.PathLike, output: str | os.PathLike, options: ExportOptions) -> None:
+    """Everything an export can refuse before it reads the checkpoint: options, output, the file's presence."""
+    check_options(options)
+    check_output(output, options.force)
+    if not os.path.isfile(os.fspath(checkpoint)):
+        raise RecboleLLMError(f"checkpoint '{os.fspath(checkpoint)}' does not exist: pass the .pth file RecBole "
+                              "saved (see saved/)")
