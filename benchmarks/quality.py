@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --profile quick                 # ml-100k, 2 CPU cores (about an hour)
     python benchmarks/quality.py --profile full --data-path ../shared/datasets   # one GPU, bf16, ml-100k + ml-1m
+    python benchmarks/quality.py --profile converged             # ml-100k to early stopping, 3 seeds (hours)
 
 Every run is a fresh process doing what ``run_recbole`` does (Config, init_seed, create_dataset,
 data_preparation, get_model, get_trainer, fit, evaluate with the best checkpoint) on the same dataset,
@@ -11,6 +12,13 @@ seconds of the process on ``quick`` (so other load on the machine does not chang
 wall seconds on ``full`` — counted over training batches only; the epoch that crosses the budget ends
 there, is validated, and the test metrics come from the best validation epoch. ``stopping_step`` and an
 epoch cap stop runs that converge earlier.
+
+``converged`` has no budget: every model trains until validation NDCG@10 has not improved for 5 epochs
+(an epoch cap of 500 that no model reaches), RecBole's models with the settings of RecBole's own benchmark
+(``RECBOLE_BENCHMARK``), over 3 seeds, reported as mean ± std with the CPU seconds each run needed to
+reach 95% of its own best validation NDCG@10. Each (dataset, model, seed) run is its own process whose
+result stays in benchmarks/scratch/; a rerun reuses results of the same configuration, so the hours this
+profile takes can be spread over several sessions.
 
 Writes benchmarks/results/quality_<profile>.{json,md,png}.
 """
@@ -31,6 +39,15 @@ EVAL = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}
 TEXT_FIELDS = {"ml-100k": ["movie_title", "class"], "ml-1m": ["movie_title", "genre"]}
 METRICS = ["Recall", "NDCG", "MRR", "TailNDCG"]
 
+# RecBole's own tuned settings (github.com/RUCAIBox/RecBole, benchmark/hyper/sequential/<Model>-ml-1m_seq.md:
+# the best learning rate of its search; benchmark/md/ml-1m_seq.md: train_batch_size 4096, history 50, CE
+# without negative sampling, which are RecBole's defaults here too).
+RECBOLE_BENCHMARK = {
+    "GRU4Rec": {"learning_rate": 0.005, "num_layers": 2, "train_batch_size": 4096},
+    "SASRec": {"learning_rate": 0.0005, "train_batch_size": 4096},
+    "BERT4Rec": {"learning_rate": 0.005, "train_batch_size": 4096},
+}
+
 PROFILES = {
     "quick": {
         "datasets": ["ml-100k"],
@@ -40,6 +57,18 @@ PROFILES = {
         # The pretrained all-MiniLM-L6-v2 cut to its first layer: on 2 cores a full 6-layer encoder gets
         # well under one epoch of ml-100k in this budget.
         "plugin": {"backbone_layers": 1, "item_repr": "id+text"},
+        "seeds": [2020],
+    },
+    "converged": {
+        "datasets": ["ml-100k"],
+        "clock": "cpu",
+        "budget": float("inf"),
+        "config": {"MAX_ITEM_LIST_LENGTH": 50, "epochs": 500, "stopping_step": 5, "eval_batch_size": 4096},
+        "plugin": {"backbone_layers": 1, "item_repr": "id+text"},
+        "recbole": RECBOLE_BENCHMARK,
+        "seeds": [2020, 2021, 2022],
+        # BERTAdaLoRA's rank schedule spans a number of epochs fixed up front, which early stopping does not know
+        "models": ["Pop", "GRU4Rec", "SASRec", "BERT4Rec", "BERTRec", "BERTLoRA", "BERTAdapter"],
     },
     "full": {
         "datasets": ["ml-100k", "ml-1m"],
@@ -47,6 +76,7 @@ PROFILES = {
         "budget": 35,
         "config": {"MAX_ITEM_LIST_LENGTH": 50, "epochs": 30, "stopping_step": 3, "eval_batch_size": 4096},
         "plugin": {"item_repr": "id+text", "mixed_precision": "bf16", "train_batch_size": 512},
+        "seeds": [2020],
     },
 }
 
@@ -96,11 +126,11 @@ class BudgetedLoader:
         return getattr(self.loader, name)
 
 
-def config_for(name: str, dataset: str, profile: dict, data_path: str | None) -> tuple[str, dict]:
+def config_for(name: str, dataset: str, profile: dict, data_path: str | None, seed: int = 2020) -> tuple[str, dict]:
     model, overrides = RUNS[name]
     config = {
         "eval_args": EVAL, "metrics": METRICS, "topk": [10], "valid_metric": "NDCG@10",
-        "show_progress": False, "seed": 2020, "reproducibility": True,
+        "show_progress": False, "seed": seed, "reproducibility": True,
         "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", *TEXT_FIELDS[dataset]]},
         **profile["config"],
     }
@@ -109,11 +139,13 @@ def config_for(name: str, dataset: str, profile: dict, data_path: str | None) ->
     if name in PLUGIN:
         config.update(profile["plugin"])
         config["item_text_fields"] = TEXT_FIELDS[dataset]
+    config.update(profile.get("recbole", {}).get(name, {}))
     config.update(overrides)
     return model, config
 
 
-def child(name: str, dataset: str, profile_name: str, budget: float, data_path: str | None, out: Path) -> None:
+def child(name: str, dataset: str, profile_name: str, budget: float, data_path: str | None, out: Path,
+          seed: int = 2020) -> None:
     """One run, as run_recbole does it, with the training loader on a budget."""
     import torch
 
@@ -123,7 +155,7 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
     from recbole.utils import get_model, get_trainer, init_logger, init_seed
 
     profile = PROFILES[profile_name]
-    model_name, config_dict = config_for(name, dataset, profile, data_path)
+    model_name, config_dict = config_for(name, dataset, profile, data_path, seed)
     config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -167,6 +199,10 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
         "valid_ndcg@10": [round(float(v), 4) for v in valid_scores],
         "epochs": len(epoch_wall),
         "epochs_to_best": best_epoch + 1,
+        "cpu_seconds_cumulative": [round(sum(epoch_cpu[: i + 1]), 1) for i in range(len(epoch_cpu))],
+        "cpu_seconds_to_95": cpu_seconds_to(0.95, valid_scores, epoch_cpu),
+        "stopped_by": ("budget" if budgeted.exhausted else "epoch cap" if len(epoch_wall) >= config["epochs"]
+                       else "early stopping"),
         "budget": f"{budget:g} {profile['clock']} s",
         "budget_spent": round(budgeted.spent, 1),
         "budget_exhausted": budgeted.exhausted,
@@ -178,6 +214,38 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
     }
     out.write_text(json.dumps(result, indent=2))
+
+
+def cpu_seconds_to(fraction: float, valid_scores: list[float], epoch_cpu: list[float]) -> float | None:
+    """CPU seconds of training until validation NDCG@10 first reached ``fraction`` of the run's best."""
+    if not valid_scores:
+        return None
+    target = fraction * max(valid_scores)
+    first = next(i for i, score in enumerate(valid_scores) if score >= target)
+    return round(sum(epoch_cpu[: first + 1]), 1)
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """One model's runs over seeds: the first run's fields, test metrics as the mean (``test_std``: the
+    sample standard deviation), epochs and times as means, and every run under ``seeds``."""
+    import statistics
+
+    merged = dict(per_seed[0])
+    merged["seeds"] = per_seed
+    merged["test"] = {k: statistics.fmean(r["test"][k] for r in per_seed) for k in per_seed[0]["test"]}
+    merged["test_std"] = {k: (statistics.stdev(r["test"][k] for r in per_seed) if len(per_seed) > 1 else 0.0)
+                          for k in per_seed[0]["test"]}
+    for key in ("epochs", "epochs_to_best", "seconds_per_epoch", "cpu_seconds_per_epoch"):
+        merged[key] = round(statistics.fmean(r[key] for r in per_seed), 1)
+    reached = [r.get("cpu_seconds_to_95") for r in per_seed if r.get("cpu_seconds_to_95") is not None]
+    merged["cpu_seconds_to_95"] = round(statistics.fmean(reached), 1) if reached else None
+    merged["stopped_by"] = sorted({r.get("stopped_by", "?") for r in per_seed})
+    return merged
+
+
+def shown(r: dict, key: str) -> str:
+    std = r.get("test_std", {}).get(key)
+    return f"{r['test'][key]:.4f}" + (f" ± {std:.4f}" if std is not None and len(r.get("seeds", [])) > 1 else "")
 
 
 def markdown(report: dict) -> list[str]:
@@ -197,10 +265,11 @@ def markdown(report: dict) -> list[str]:
         ]
         for name, r in runs.items():
             t = r["test"]
+            to95 = f", {r['cpu_seconds_to_95']:.0f} CPU-s to 95%" if r.get("cpu_seconds_to_95") is not None else ""
             lines.append(
-                f"| {name} | {t['ndcg@10']:.4f} | {t['recall@10']:.4f} | {t['mrr@10']:.4f} | "
-                f"{t['tailndcg@10']:.4f} | {r['trainable_params']:,} / {r['total_params']:,} | "
-                f"{r['seconds_per_epoch']:.0f} | {r['epochs']} ({r['epochs_to_best']}) | {r['peak_rss_mb']} MB |"
+                f"| {name} | {shown(r, 'ndcg@10')} | {shown(r, 'recall@10')} | {shown(r, 'mrr@10')} | "
+                f"{shown(r, 'tailndcg@10')} | {r['trainable_params']:,} / {r['total_params']:,} | "
+                f"{r['seconds_per_epoch']:.0f} | {r['epochs']} ({r['epochs_to_best']}{to95}) | {r['peak_rss_mb']} MB |"
             )
         lines.append("")
         lines.append(report["verdicts"][dataset])
@@ -216,7 +285,7 @@ def verdict(runs: dict, profile: str) -> str:
     base = max(present, key=lambda n: runs[n]["test"]["ndcg@10"])
     best = max(plugins, key=lambda n: runs[n]["test"]["ndcg@10"])
     ratio = runs[best]["test"]["ndcg@10"] / max(runs[base]["test"]["ndcg@10"], 1e-12)
-    floor = 1.0 if profile == "quick" else 1.05
+    floor = 1.0 if profile == "quick" else 1.05  # converged and full: the issue's 5% lead
     met = "met" if ratio >= floor else "MISSED"
     return (f"Best plugin model {best} {runs[best]['test']['ndcg@10']:.4f} vs best RecBole baseline {base} "
             f"{runs[base]['test']['ndcg@10']:.4f}: ratio {ratio:.3f} (target >= {floor:.2f}: {met}).")
@@ -255,18 +324,20 @@ def main() -> None:
     parser.add_argument("--models", help=f"comma-separated subset of {','.join(RUNS)}")
     parser.add_argument("--datasets", help="comma-separated subset of the profile's datasets")
     parser.add_argument("--budget", type=float, help="override the profile's training budget (seconds)")
+    parser.add_argument("--seeds", help="comma-separated subset of the profile's seeds")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "DATASET"), help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=2020, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     profile = PROFILES[args.profile]
     budget = args.budget or profile["budget"]
     if args.child:
-        child(*args.child, args.profile, budget, args.data_path, args.out)
+        child(*args.child, args.profile, budget, args.data_path, args.out, args.seed)
         return
 
     from tqdm import tqdm
 
-    names = args.models.split(",") if args.models else list(RUNS)
+    names = args.models.split(",") if args.models else profile.get("models", list(RUNS))
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"quality.py: error: unknown model(s) {unknown}; choose from {list(RUNS)}")
@@ -278,26 +349,46 @@ def main() -> None:
     workdir = SCRATCH / f"quality_{args.profile}"
     workdir.mkdir(parents=True, exist_ok=True)
     report = {**provenance(), "profile": args.profile, "budget": f"{budget:g} {profile['clock']} s per run"}
+    how_long = (f"trains for {budget:g} {profile['clock'].upper()} seconds (training batches only), then the "
+                "epoch ends and is validated" if budget != float("inf") else
+                f"trains until validation NDCG@10 stops improving for {profile['config']['stopping_step']} epochs "
+                "(no budget)")
     report["profile_note"] = (
-        f"Profile `{args.profile}`: every model trains for {budget:g} {profile['clock'].upper()} seconds "
-        f"(training batches only), then the epoch ends and is validated; config {profile['config']}; "
-        f"plugin models also {profile['plugin']}. Split: leave-one-out, time order, full ranking; seed 2020. "
+        f"Profile `{args.profile}`: every model {how_long}; config {profile['config']}; "
+        f"plugin models also {profile['plugin']}; RecBole's models with {profile.get('recbole', 'their defaults')}. "
+        f"Split: leave-one-out, time order, full ranking; seeds {profile['seeds']}"
+        + (" (mean ± sample std)" if len(profile["seeds"]) > 1 else "") + ". "
         "Tail = test users whose target item had at most 20 training interactions."
     )
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else profile["seeds"]
+    report["seeds"] = seeds
     report["results"] = {d: {} for d in datasets}
-    jobs = [(d, n) for d in datasets for n in names]
-    for dataset, name in tqdm(jobs, desc="quality runs", unit="run"):
-        tqdm.write(f"{dataset} {name} ...")
+    jobs = [(d, n, seed) for d in datasets for n in names for seed in seeds]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for dataset, name, seed in tqdm(jobs, desc="quality runs", unit="run"):
         extra = ["--data-path", args.data_path] if args.data_path else []
-        result_file, log_file = workdir / f"{dataset}_{name}.json", workdir / f"{dataset}_{name}.log"
-        report["results"][dataset][name] = run_child(
-            Path(__file__), ["--profile", args.profile, "--budget", str(budget), *extra,
-                             "--child", name, dataset, "--out", str(result_file)], result_file, log_file)
-        r = report["results"][dataset][name]
-        tqdm.write(f"  NDCG@10 {r['test']['ndcg@10']:.4f} after {r['epochs']} epochs")
+        stem = f"{dataset}_{name}" + (f"_seed{seed}" if len(profile["seeds"]) > 1 else "")
+        result_file, log_file = workdir / f"{stem}.json", workdir / f"{stem}.log"
+        wanted = {k: v for k, v in config_for(name, dataset, profile, args.data_path, seed)[1].items()
+                  if k not in ("load_col", "show_progress")}
+        cached = json.loads(result_file.read_text()) if result_file.exists() else None
+        if cached is not None and cached.get("config") == json.loads(json.dumps(wanted)) and \
+                cached.get("budget") == f"{budget:g} {profile['clock']} s" and len(profile["seeds"]) > 1:
+            tqdm.write(f"{dataset} {name} seed {seed}: reusing {result_file.name}")
+            result = cached
+        else:
+            tqdm.write(f"{dataset} {name} seed {seed} ...")
+            result = run_child(
+                Path(__file__), ["--profile", args.profile, "--budget", str(budget), *extra, "--seed", str(seed),
+                                 "--child", name, dataset, "--out", str(result_file)], result_file, log_file)
+        runs.setdefault((dataset, name), []).append(result)
+        tqdm.write(f"  NDCG@10 {result['test']['ndcg@10']:.4f} after {result['epochs']} epochs "
+                   f"({result.get('stopped_by', '')})")
+    for (dataset, name), per_seed in runs.items():
+        report["results"][dataset][name] = aggregate(per_seed) if len(profile["seeds"]) > 1 else per_seed[0]
     report["verdicts"] = {d: verdict(report["results"][d], args.profile) for d in datasets}
     # A subset or a changed budget is not the profile: keep it out of results/.
-    complete = args.models is None and args.datasets is None and args.budget is None
+    complete = args.models is None and args.datasets is None and args.budget is None and args.seeds is None
     folder = RESULTS if complete else workdir
     write_results(f"quality_{args.profile}", report, markdown(report), folder)
     plot(report, folder / f"quality_{args.profile}.png")
