@@ -58,11 +58,12 @@ def machine() -> str:
     return described
 
 
-def run_child(script: Path, args: list[str], result_file: Path, log_file: Path) -> dict:
-    """Run ``python script args`` in a fresh process that writes its result as JSON to ``result_file``."""
+def run_child(script: Path, args: list[str], result_file: Path, log_file: Path, python: str | None = None) -> dict:
+    """Run ``python script args`` in a fresh process (this interpreter, or ``python``: another environment)
+    that writes its result as JSON to ``result_file``."""
     result_file.unlink(missing_ok=True)
     with open(log_file, "w") as log:
-        code = subprocess.run([sys.executable, str(script), *args], stdout=log, stderr=subprocess.STDOUT,
+        code = subprocess.run([python or sys.executable, str(script), *args], stdout=log, stderr=subprocess.STDOUT,
                               cwd=log_file.parent).returncode
     if code != 0 or not result_file.exists():
         tail = log_file.read_text()[-3000:]

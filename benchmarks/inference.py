@@ -2,6 +2,12 @@
 
     python benchmarks/inference.py                 # CPU: writes benchmarks/results/inference_cpu.{json,md,png}
     python benchmarks/inference.py --device cuda   # GPU: eager fp32 / bf16, torch.compile, ORT CUDA fp32 / fp16
+    python benchmarks/inference.py --openvino-python .venv-ov/bin/python   # also ONNX Runtime's OpenVINO EP
+
+``--openvino-python`` names the interpreter of an environment with onnxruntime-openvino (which replaces
+onnxruntime, so it gets its own: ``python -m venv .venv-ov && .venv-ov/bin/pip install onnxruntime-openvino
+numpy && .venv-ov/bin/pip install --no-deps -e .``); it runs the fp32 artifact on the OpenVINO execution
+provider (CPU device), beside the others.
 
 One process trains BERTLoRA on the default pretrained encoder (all-MiniLM-L6-v2, all 6 layers, 50 items of
 history) on ml-100k for a short budget and exports it three (CPU) or two (GPU) ways with
@@ -146,9 +152,14 @@ def scorer(runtime: str, device: str, prepared: dict):
         from recbole_llm.runtime import session_options
 
         providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        path = str(Path(prepared["artifacts"][runtime]["folder"]) / "model.onnx")
+        artifact = "ort-fp32" if runtime == "ort-openvino" else runtime
+        if runtime == "ort-openvino":  # OpenVINO compiles the plain graph (ONNX Runtime's fused ops are its own)
+            providers = [("OpenVINOExecutionProvider", {"device_type": "CPU"}), "CPUExecutionProvider"]
+        path = str(Path(prepared["artifacts"][artifact]["folder"]) / "model.onnx")
         options, SETTINGS["session"] = session_options()  # what recbole_llm.runtime.Recommender runs with
         session = ort.InferenceSession(path, options, providers=providers)
+        SETTINGS["providers"] = session.get_providers()
+        SETTINGS["onnxruntime"] = ort.__version__
         return lambda seq, length: session.run(["scores"], {"item_seq": seq, "item_length": length})[0]
 
     import torch
@@ -324,7 +335,13 @@ def main() -> None:
     parser.add_argument("--train-budget", type=float, default=TRAIN_BUDGET_CPU_S, help="CPU seconds of training")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a BERTLoRA checkpoint (ml-100k, MAX_ITEM_LIST_LENGTH 50) to measure instead of training one")
-    parser.add_argument("--child", choices=["prepare", *ARTIFACTS, "eager", "eager-bf16", "compile"],
+    parser.add_argument("--prepared", type=Path, default=None,
+                        help="the JSON a finished prepare step wrote (--child prepare --out FILE): measure its artifacts")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --prepared: keep the runtimes an interrupted run already measured")
+    parser.add_argument("--openvino-python", default=None,
+                        help="interpreter of an environment with onnxruntime-openvino: also measure its OpenVINO EP")
+    parser.add_argument("--child", choices=["prepare", *ARTIFACTS, "eager", "eager-bf16", "compile", "ort-openvino"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -346,14 +363,23 @@ def main() -> None:
     if args.checkpoint:
         common += ["--checkpoint", str(args.checkpoint.resolve())]
     report = {**provenance(), "device": args.device}
-    print("training and exporting ...", flush=True)
-    report["prepared"] = run_child(script, [*common, "--child", "prepare", "--out", str(workdir / "prepared.json")],
-                                   workdir / "prepared.json", workdir / "prepare.log")
+    if args.prepared:  # a prepare step that already ran (its artifacts and inputs are in the scratch folder)
+        report["prepared"] = json.loads(args.prepared.read_text())
+        (workdir / "prepared.json").write_text(json.dumps(report["prepared"]))
+    else:
+        print("training and exporting ...", flush=True)
+        report["prepared"] = run_child(script, [*common, "--child", "prepare", "--out", str(workdir / "prepared.json")],
+                                       workdir / "prepared.json", workdir / "prepare.log")
     report["runtimes"] = {}
-    for runtime in tqdm(RUNTIMES[args.device], desc="runtimes", unit="process"):
+    runtimes = RUNTIMES[args.device] + (["ort-openvino"] if args.openvino_python else [])
+    for runtime in tqdm(runtimes, desc="runtimes", unit="process"):
         out = workdir / f"{runtime}.json"
+        if args.reuse and out.exists():  # measured by an interrupted run of the same prepared artifacts
+            report["runtimes"][runtime] = json.loads(out.read_text())
+            continue
+        python = str(Path(args.openvino_python).absolute()) if runtime == "ort-openvino" else None
         report["runtimes"][runtime] = run_child(script, [*common, "--child", runtime, "--out", str(out)],
-                                                out, workdir / f"{runtime}.log")
+                                                out, workdir / f"{runtime}.log", python=python)
     reference = np.load(workdir / "probe_eager.npy")
     for runtime, run in report["runtimes"].items():
         run["parity"] = parity(reference, np.load(workdir / f"probe_{runtime}.npy"))
@@ -361,7 +387,7 @@ def main() -> None:
     name = f"inference_{args.device}"
     # shorter timings or training than the defaults are smoke runs: keep them out of results/
     complete = args.seconds == parser.get_default("seconds") and (
-        args.checkpoint is not None or args.train_budget >= TRAIN_BUDGET_CPU_S)
+        args.checkpoint is not None or args.prepared is not None or args.train_budget >= TRAIN_BUDGET_CPU_S)
     folder = RESULTS if complete else workdir
     write_results(name, report, markdown(report), folder)
     plot(report, folder / f"{name}.png")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,10 +57,15 @@ def variants(inputs) -> None:
     n_items = json.loads((WORK / "prepared.json").read_text())["n_items"]
     reference = np.load(WORK / "probe_eager.npy")
     seq, length = inputs["item_seq_50"][:256], inputs["item_length_50"][:256]
+    graph_nodes = [node.name for node in onnx.load(str(optimized), load_external_data=False).graph.node]
+    layers = sorted({int(m.group(1)) for m in map(re.compile(r".*layer\.(\d+)\.").match, graph_nodes) if m})
+    edge_layers = [n for n in graph_nodes if re.match(rf".*layer\.({layers[0]}|{layers[-1]})\.", n)] if layers else []
     tried = {
-        "opt per-channel (current)": (optimized, {"per_channel": True}),
+        "opt per-channel (exported: QAttention + MatMulInteger)": (optimized, {"per_channel": True}),
         "opt per-tensor": (optimized, {"per_channel": False}),
         "opt MatMul only (attention float)": (optimized, {"per_channel": True, "op_types_to_quantize": ["MatMul"]}),
+        "opt per-channel, first and last layer float": (optimized, {"per_channel": True, "exclude": edge_layers}),
+        "opt per-channel, reduce_range": (optimized, {"per_channel": True, "reduce_range": True}),
         "plain per-channel": (plain, {"per_channel": True}),
         "plain per-channel U8U8": (plain, {"per_channel": True, "weight_type": QuantType.QUInt8}),
     }
@@ -67,19 +73,54 @@ def variants(inputs) -> None:
         out = WORK / "variant.onnx"
         options = dict(options)
         weight_type = options.pop("weight_type", QuantType.QInt8)
-        quantize_dynamic(str(source), str(out), weight_type=weight_type, nodes_to_exclude=scoring_nodes(source, n_items),
+        exclude = scoring_nodes(source, n_items) + options.pop("exclude", [])
+        quantize_dynamic(str(source), str(out), weight_type=weight_type, nodes_to_exclude=exclude,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **options)
-        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        scores = session.run(["scores"], {"item_seq": seq, "item_length": length})[0]
-        one = {"item_seq": seq[:1], "item_length": length[:1]}
-        for _ in range(5):
-            session.run(["scores"], one)
-        latencies = []
-        for _ in range(50):
-            start = time.perf_counter()
-            session.run(["scores"], one)
-            latencies.append(time.perf_counter() - start)
-        print(f"{name}: {parity(reference, scores)} p50 {1000 * np.median(latencies):.2f} ms", flush=True)
+        time_and_compare(name, out, reference, seq, length)
+    static(plain, n_items, reference, inputs)
+
+
+def time_and_compare(name: str, path: Path, reference, seq, length) -> None:
+    from recbole_llm.runtime import session_options
+
+    session = ort.InferenceSession(str(path), session_options()[0], providers=["CPUExecutionProvider"])
+    scores = session.run(["scores"], {"item_seq": seq, "item_length": length})[0]
+    one = {"item_seq": seq[:1], "item_length": length[:1]}
+    for _ in range(5):
+        session.run(["scores"], one)
+    latencies = []
+    for _ in range(50):
+        start = time.perf_counter()
+        session.run(["scores"], one)
+        latencies.append(time.perf_counter() - start)
+    print(f"{name}: {parity(reference, scores)} p50 {1000 * np.median(latencies):.2f} ms", flush=True)
+
+
+def static(plain: Path, n_items: int, reference, inputs) -> None:
+    """Calibrated static int8 (QDQ, per-channel, symmetric) on the plain graph: calibrated on the last 128
+    probe histories, compared on the first 128 (held out from calibration)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    seq, length = inputs["item_seq_50"], inputs["item_length_50"]
+
+    class Histories(CalibrationDataReader):
+        def __init__(self):
+            self.rows = iter(range(128, 256, 16))
+
+        def get_next(self):
+            row = next(self.rows, None)
+            return None if row is None else {"item_seq": seq[row : row + 16], "item_length": length[row : row + 16]}
+
+    out = WORK / "variant_static.onnx"
+    try:
+        quantize_static(str(plain), str(out), Histories(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                        nodes_to_exclude=scoring_nodes(plain, n_items),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    except Exception as error:  # noqa: BLE001 - report and go on
+        print(f"static QDQ: failed ({str(error).splitlines()[0][:200]})")
+        return
+    time_and_compare("static QDQ per-channel, MatMul (first 128 rows)", out, reference[:128], seq[:128], length[:128])
 
 
 def main() -> None:
