@@ -50,10 +50,21 @@ def _is_sequence(value: Any, ndim: int = 1) -> bool:
 
 
 @dataclass
+class Contribution:
+    """How much one history item the model read pushed a recommended item up."""
+
+    item: str  # the history item (raw token)
+    effect: float | None  # the recommended item's score minus its score with this item removed from the
+    # history; None for a one-item history (nothing is left to score without it)
+
+
+@dataclass
 class Recommendation:
     items: list[str]
     scores: list[float]
     unknown_tokens: int  # tokens of this history that the model does not know (skipped)
+    # with explain: for each recommended item, the history items the model read, largest effect first
+    explanations: list[list[Contribution]] | None = None
 
 
 class Encoded(NamedTuple):
@@ -240,17 +251,76 @@ class Recommender:
             raise RecboleLLMError(f"{given} is out of range; this artifact returns 1 to {self.max_k} items")
 
     def recommend(
-        self, histories: Sequence[Sequence[str]], k: int = 10, exclude_seen: bool = True
+        self, histories: Sequence[Sequence[str]], k: int = 10, exclude_seen: bool = True, explain: bool = False
     ) -> list[Recommendation]:
+        """The top ``k`` items for each history (raw item tokens, oldest first). With ``explain``, each answer
+        also says, for each recommended item, how much each history item the model read contributed: the
+        score change when that item is left out of the history (all of them in one batched call on the
+        artifact; needs an artifact that scores every item). Raises RecboleLLMError for bad input."""
         self.check_k(k)
+        self.check_explain(explain)
         encoded = self.encode(histories)
         rows = len(encoded.item_seq)
-        return self.rank(encoded, [k] * rows, [bool(exclude_seen)] * rows)
+        return self.rank(encoded, [k] * rows, [bool(exclude_seen)] * rows, [explain] * rows)
 
-    def rank(self, encoded: Encoded, ks: Sequence[int], exclude_seen: Sequence[bool]) -> list[Recommendation]:
+    def check_explain(self, explain: bool) -> None:
+        if not isinstance(explain, (bool, np.bool_)):
+            raise RecboleLLMError(f"explain must be True or False, not {type(explain).__name__}")
+        if explain and self.top_k is not None:
+            raise RecboleLLMError(
+                f"explanations need every item's score, and this artifact returns only its top {self.top_k}: "
+                "export it without --top-k to explain recommendations")
+
+    def rank(self, encoded: Encoded, ks: Sequence[int], exclude_seen: Sequence[bool],
+             explain: Sequence[bool] | None = None) -> list[Recommendation]:
         """Encoded rows (``encode``, or several concatenated with :meth:`Encoded.join`) to answers in one
-        ONNX Runtime call; k and exclude_seen per row, so rows of different requests can share the call.
-        ``exclude_seen`` drops every item of the row's history, not only the model's window."""
+        ONNX Runtime call; k, exclude_seen and explain per row, so rows of different requests can share the
+        call. ``exclude_seen`` drops every item of the row's history, not only the model's window."""
+        answers = self._rank(encoded, ks, exclude_seen)
+        if explain is not None and any(explain):
+            self._explain(encoded, answers, explain)
+        return answers
+
+    def _explain(self, encoded: Encoded, answers: list[Recommendation], explain: Sequence[bool]) -> None:
+        """Leave-one-out effects: every history with each of its window's items removed, scored in one call."""
+        rows = [row for row, wanted in enumerate(explain) if wanted]
+        variants, owners = [], []  # (row, position left out) for each variant history
+        for row in rows:
+            length = int(encoded.item_length[row])
+            if length < 2:
+                continue
+            window = encoded.item_seq[row, :length]
+            for position in range(length):
+                variants.append(np.delete(window, position))
+                owners.append((row, position))
+        item_seq = np.zeros((len(variants) + len(rows), self.max_length), dtype=np.int64)
+        item_length = np.zeros(len(variants) + len(rows), dtype=np.int64)
+        for index, ids in enumerate(variants):
+            item_seq[index, : len(ids)] = ids
+            item_length[index] = len(ids)
+        for index, row in enumerate(rows, start=len(variants)):  # the full histories, in the same call
+            item_seq[index], item_length[index] = encoded.item_seq[row], encoded.item_length[row]
+        (scores,) = self.session.run(contract.output_names(None), contract.feeds(item_seq, item_length))
+        full = dict(zip(rows, scores[len(variants):]))
+        left_out: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for (row, position), variant_scores in zip(owners, scores[: len(variants)]):
+            left_out.setdefault(row, []).append((position, variant_scores))
+        for row in rows:
+            answer = answers[row]
+            window = encoded.item_seq[row, : int(encoded.item_length[row])]
+            ids = [self.token_to_id[token] for token in answer.items]
+            explanations = []
+            for item in ids:
+                if row not in left_out:  # a one-item history
+                    explanations.append([Contribution(self.tokens[int(window[0])], None)])
+                    continue
+                effects = [(float(full[row][item] - variant[item]), position) for position, variant in left_out[row]]
+                effects.sort(key=lambda pair: -pair[0])
+                explanations.append([Contribution(self.tokens[int(window[position])], effect)
+                                     for effect, position in effects])
+            answer.explanations = explanations
+
+    def _rank(self, encoded: Encoded, ks: Sequence[int], exclude_seen: Sequence[bool]) -> list[Recommendation]:
         k_max = max(ks)
         exclude_items = exclusions(encoded.seen, exclude_seen)
         feeds = contract.feeds(encoded.item_seq, encoded.item_length, exclude_items, self.top_k)

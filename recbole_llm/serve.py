@@ -1,7 +1,9 @@
 """An HTTP JSON service over an exported artifact: ``recbole-llm serve ARTIFACT``.
 
-    POST /recommend   {"histories": [["242", "302"], ["51"]], "k": 10, "exclude_seen": true}
+    POST /recommend   {"histories": [["242", "302"], ["51"]], "k": 10, "exclude_seen": true, "explain": false}
                    -> {"recommendations": [{"items": [...], "scores": [...], "unknown_tokens": 0}, ...]}
+                      (with "explain": true, each answer also has "explanations": for each recommended item,
+                      [{"item": history token, "effect": score change without it}, ...], largest first)
     GET  /health      {"status": "ok"}
     GET  /metadata    the artifact's metadata.json (without its item list) and the service's limits
 
@@ -42,7 +44,7 @@ from recbole_llm.errors import RecboleLLMError
 from recbole_llm.export.artifact import shown
 from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender
 
-FIELDS = {"histories", "k", "exclude_seen"}
+FIELDS = {"histories", "k", "exclude_seen", "explain"}
 MAX_DEPTH = 8  # arrays and objects nested in a body; a request nests 3: {"histories": [["242", ...]]}
 MAX_INT_DIGITS = 20  # an integer item token or k: 64-bit ids fit, longer ones are sent as strings
 log = logging.getLogger("uvicorn.error")  # uvicorn formats it: one line per event
@@ -129,6 +131,7 @@ class Job:
     encoded: Encoded
     ks: list[int]
     exclude: list[bool]
+    explain: list[bool]
 
 
 def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
@@ -152,12 +155,13 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
     unknown_fields = sorted(set(payload) - FIELDS)
     if unknown_fields:
         raise RequestError(422, f"unknown field '{shown(unknown_fields[0])}'; the fields are histories, k, "
-                                "exclude_seen")
+                                "exclude_seen, explain")
     if "histories" not in payload:
         raise RequestError(422, "missing field 'histories': a list of histories, each a list of item tokens")
     histories = payload["histories"]
     k = payload.get("k", 10)
     exclude_seen = payload.get("exclude_seen", True)
+    explain = payload.get("explain", False)
     if not isinstance(histories, list) or not histories:
         raise RequestError(422, "'histories' must be a non-empty list of histories (lists of item tokens)")
     if len(histories) > limits.max_batch:
@@ -180,13 +184,16 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
         raise RequestError(422, f"'k' must be an integer, not {type(k).__name__}")
     if not isinstance(exclude_seen, bool):
         raise RequestError(422, f"'exclude_seen' must be true or false, not {type(exclude_seen).__name__}")
+    if not isinstance(explain, bool):
+        raise RequestError(422, f"'explain' must be true or false, not {type(explain).__name__}")
     try:
         recommender.check_k(k)
+        recommender.check_explain(explain)
         encoded = recommender.encode(histories)  # it maps int tokens by str()
     except RecboleLLMError as error:
         raise RequestError(422, str(error)) from None
     rows = len(histories)
-    return Job(encoded, [k] * rows, [exclude_seen] * rows)
+    return Job(encoded, [k] * rows, [exclude_seen] * rows, [explain] * rows)
 
 
 class Batcher:
@@ -251,6 +258,7 @@ class Batcher:
             Encoded.join([job.encoded for job in jobs]),
             [k for job in jobs for k in job.ks],
             [e for job in jobs for e in job.exclude],
+            [e for job in jobs for e in job.explain],
         )
 
 
@@ -423,7 +431,9 @@ def create_app(
             answers = await batcher.submit(job)
         except Exception as failure:  # noqa: BLE001 - the service stays up and says what failed
             return error(500, f"the model failed on this request: {type(failure).__name__}: {failure}")
-        return {"recommendations": [asdict(answer) for answer in answers]}
+        # explanations only where asked for: other answers keep the shape they always had
+        return {"recommendations": [{key: value for key, value in asdict(answer).items()
+                                     if key != "explanations" or value is not None} for answer in answers]}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

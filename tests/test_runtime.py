@@ -203,3 +203,34 @@ def test_providers_are_checked_not_silently_replaced(providers, words, tmp_path)
     folder = write_tiny_artifact(tmp_path / "a", None, item_table())
     with pytest.raises(RecboleLLMError, match=words):
         Recommender(folder, providers=providers)
+
+
+def test_explanations_give_each_history_items_effect_and_rank_a_planted_item_first(tmp_path):
+    """In the tiny graph a history item j adds <E[j], E[i]> to item i's score, so leaving it out must lower
+    the score by exactly that; an item planted to drive the top recommendation is named first."""
+    table = item_table(seed=5)
+    table[7] = 6 * table[3]  # item-3 in a history pushes item-7 up, far more than anything else does
+    recommender = Recommender(write_tiny_artifact(tmp_path / "a", None, table))
+    history = ["item-1", "item-3", "item-5"]
+    (answer,) = recommender.recommend([history], k=3, explain=True)
+    assert answer.items[0] == "item-7"
+    assert [c.item for c in answer.explanations[0]][0] == "item-3"
+    for item, contributions in zip(answer.items, answer.explanations):
+        want = {token: float(table[TOKENS.index(token)] @ table[TOKENS.index(item)]) for token in history}
+        assert sorted(c.item for c in contributions) == sorted(history)
+        assert all(abs(c.effect - want[c.item]) < 1e-4 for c in contributions)
+        assert [c.effect for c in contributions] == sorted((c.effect for c in contributions), reverse=True)
+    # without explain, the same answer and no explanations; a one-item history has nothing to leave out
+    (plain,) = recommender.recommend([history], k=3)
+    assert plain.items == answer.items and plain.explanations is None
+    (single,) = recommender.recommend([["item-2"]], k=2, explain=True)
+    assert [[c.item for c in e] for e in single.explanations] == [["item-2"], ["item-2"]]
+    assert all(e[0].effect is None for e in single.explanations)
+
+
+def test_explanations_need_an_artifact_that_scores_every_item(tmp_path):
+    recommender = Recommender(write_tiny_artifact(tmp_path / "a", 4, item_table()))
+    with pytest.raises(RecboleLLMError, match="export it without --top-k"):
+        recommender.recommend([["item-1"]], k=2, explain=True)
+    with pytest.raises(RecboleLLMError, match="explain must be True or False"):
+        recommender.recommend([["item-1"]], k=2, explain="yes")

@@ -133,6 +133,7 @@ BAD_REQUESTS = [
     ({"histories": [["1"]], "k": 0}, 422, "k=0 is out of range"),
     ({"histories": [["1"]], "k": 100000}, 422, "k=100000 is out of range"),
     ({"histories": [["1"]], "exclude_seen": "yes"}, 422, "'exclude_seen' must be true or false"),
+    ({"histories": [["1"]], "explain": 1}, 422, "'explain' must be true or false"),
     ({"histories": [["1"]] * 9}, 413, "9 histories in one request; the limit is 8"),
     ({"histories": [["1"] * 101]}, 413, "history 0 has 101 items; the limit is 100"),
     (b'{"histories": [["1"]], "pad": "' + b"x" * 5000 + b'"}', 413, "the limit is 4096"),
@@ -154,6 +155,21 @@ def test_bad_requests_get_4xx_and_the_service_keeps_answering(service, artifact)
     assert service.get("/health") == (200, {"status": "ok"})
     assert service.recommend(good) == before
     assert service.process.poll() is None
+
+
+def test_explanations_over_http_are_the_runtimes(service, artifact):
+    recommender = Recommender(artifact)
+    history = recommender.tokens[1:6]
+    status, body = service.recommend({"histories": [history], "k": 3, "explain": True})
+    assert status == 200, body
+    (answer,) = body["recommendations"]
+    (direct_answer,) = recommender.recommend([history], k=3, explain=True)
+    assert answer["items"] == direct_answer.items and len(answer["explanations"]) == 3
+    for got, want in zip(answer["explanations"], direct_answer.explanations):
+        assert [c["item"] for c in got] == [c.item for c in want] and sorted(c["item"] for c in got) == sorted(history)
+        assert all(abs(g["effect"] - w.effect) <= 1e-4 for g, w in zip(got, want))
+    status, body = service.recommend({"histories": [history], "k": 3})
+    assert status == 200 and "explanations" not in body["recommendations"][0]  # only when asked for
 
 
 def test_unknown_tokens_under_the_strict_policy_are_refused(artifact):
