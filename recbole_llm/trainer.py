@@ -33,6 +33,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
 from recbole_llm import distributed
+from recbole_llm.augment import SequenceAugmenter
 from recbole_llm.checkpoint import read_once
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.model.contract import PluginModel
@@ -70,6 +71,8 @@ class PluginTrainer(Trainer):
             self.logger.warning(f"mixed_precision={precision} applies on GPU only: training on {self.device} in fp32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.scheduler = None
+        # sequence augmentation of training batches (augmentation: [crop, mask, reorder]); off by default
+        self.augmenter = SequenceAugmenter(config, model.ITEM_SEQ, model.ITEM_SEQ_LEN)
         self.global_step = 0
         self.save_latest = bool(config["save_latest"])
         self.saved_model_file = distributed.share_checkpoint_name(config, self.saved_model_file)
@@ -125,9 +128,13 @@ class PluginTrainer(Trainer):
             else train_data
         )
         after_step = self.model.after_optimizer_step if isinstance(self.model, PluginModel) else None
+        if self.augmenter.active:
+            self.augmenter.start_epoch(epoch_idx)
         total_loss = None
         for interaction in iter_data:
             interaction = interaction.to(self.device)
+            if self.augmenter.active:  # training batches only: evaluation never comes through here
+                interaction = self.augmenter(interaction)
             self.optimizer.zero_grad()
             sync_loss = 0
             if not self.config["single_spec"]:
