@@ -293,13 +293,16 @@ class Recommender:
             for position in range(length):
                 variants.append(np.delete(window, position))
                 owners.append((row, position))
-        item_seq = np.zeros((len(variants) + len(rows), self.max_length), dtype=np.int64)
+        # as wide as the longest history explained, not max_length: the graph takes any length, and the
+        # call costs rows x width
+        width = max(int(encoded.item_length[row]) for row in rows)
+        item_seq = np.zeros((len(variants) + len(rows), width), dtype=np.int64)
         item_length = np.zeros(len(variants) + len(rows), dtype=np.int64)
         for index, ids in enumerate(variants):
             item_seq[index, : len(ids)] = ids
             item_length[index] = len(ids)
         for index, row in enumerate(rows, start=len(variants)):  # the full histories, in the same call
-            item_seq[index], item_length[index] = encoded.item_seq[row], encoded.item_length[row]
+            item_seq[index], item_length[index] = encoded.item_seq[row, :width], encoded.item_length[row]
         (scores,) = self.session.run(contract.output_names(None), contract.feeds(item_seq, item_length))
         full = dict(zip(rows, scores[len(variants):]))
         left_out: dict[int, list[tuple[int, np.ndarray]]] = {}
