@@ -394,6 +394,14 @@ def follow_this_machine(config: Any) -> None:
         final["gpu_id"] = ""
 
 
+def check_exists(path: str | os.PathLike) -> None:
+    """A one-line error for a checkpoint path that is not a file (checked before anything heavy loads)."""
+    if not os.path.isfile(os.fspath(path)):
+        raise RecboleLLMError(
+            f"checkpoint '{os.fspath(path)}' does not exist: pass the .pth file RecBole saved (see saved/)"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a RecBole checkpoint safely, or fail with a one-line error that says why.
 
@@ -403,10 +411,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     already = _already_read(path)
     if already is not None:
         return already
-    if not os.path.isfile(path):
-        raise RecboleLLMError(
-            f"checkpoint '{path}' does not exist: pass the .pth file RecBole saved (see saved/)"
-        )
+    check_exists(path)
     try:
         checkpoint = safe_torch_load(path, map_location=map_location)
     except pickle.UnpicklingError as error:

@@ -104,8 +104,8 @@ def check_output(output: str | os.PathLike, force: bool) -> Path:
 
 def check_before_loading(checkpoint: str | os.PathLike, output: str | os.PathLike, options: ExportOptions) -> None:
     """Everything an export can refuse before it reads the checkpoint: options, output, the file's presence."""
+    from recbole_llm.checkpoint import check_exists  # imports no torch
+
     check_options(options)
     check_output(output, options.force)
-    if not os.path.isfile(os.fspath(checkpoint)):
-        raise RecboleLLMError(f"checkpoint '{os.fspath(checkpoint)}' does not exist: pass the .pth file RecBole "
-                              "saved (see saved/)")
+    check_exists(checkpoint)
