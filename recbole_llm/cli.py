@@ -33,7 +33,7 @@ commands:
   serve    an HTTP JSON service over an exported artifact (needs: pip install "recbole_llm[serve]")
            recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
                [--max-batch 256] [--max-history 10000] [--max-body-bytes 1048576] [--no-batching]
-               [--threads N] [--body-timeout 10] [--keep-alive-timeout 5] [--shutdown-timeout 10]
+               [--max-explained 1000] [--threads N] [--body-timeout 10] [--keep-alive-timeout 5] [--shutdown-timeout 10]
   models   list the models 'run' accepts (the plugin's, then RecBole's)
 
 'serve' alone runs in a serving install (export/requirements-serve.txt: no torch, no RecBole); the other
@@ -185,6 +185,8 @@ def _serve(args: Sequence[str]) -> int:
     parser.add_argument("--unknown-tokens", default="skip", help="skip (default) or error: unknown item tokens")
     parser.add_argument("--max-batch", type=int, default=256, help="histories per request and per model call")
     parser.add_argument("--max-history", type=int, default=10_000, help="item tokens per history")
+    parser.add_argument("--max-explained", type=int, default=1000,
+                        help="recommended items explained per request (histories x k, with explain; default 1000)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
     parser.add_argument("--body-timeout", type=float, default=10.0,
                         help="seconds for a request's head, and its body, to arrive (else 408), and for a client "
@@ -206,6 +208,7 @@ def _serve(args: Sequence[str]) -> int:
     if known.threads is not None and known.threads < 1:
         return _fail(f"--threads {known.threads} must be a positive number of threads (leave it out: all cores)")
     limits = Limits(max_body_bytes=known.max_body_bytes, max_batch=known.max_batch, max_history=known.max_history,
+                    max_explained=known.max_explained,
                     body_timeout=known.body_timeout, keep_alive_timeout=known.keep_alive_timeout,
                     shutdown_timeout=known.shutdown_timeout)
     try:

@@ -55,13 +55,16 @@ class Limits:
     max_body_bytes: int = 1 << 20  # 1 MiB
     max_batch: int = 256  # histories per request, and per ONNX Runtime call
     max_history: int = 10_000  # tokens per history (only the model's max_length most recent are used)
+    # recommended items explained per request (histories x k): each costs a model row per history item read
+    # and max_length entries of the answer; unbounded, one request could hold the service for a minute
+    max_explained: int = 1000
     body_timeout: float = 10.0  # seconds for a request's head, and its body, to arrive; and to take some answer
     keep_alive_timeout: float = 5.0  # seconds an idle connection stays open
     shutdown_timeout: float = 10.0  # seconds requests in flight may take to finish once told to stop
 
     def check(self) -> None:
         """Raises RecboleLLMError naming the first limit out of range."""
-        for name in ("max_body_bytes", "max_batch", "max_history"):
+        for name in ("max_body_bytes", "max_batch", "max_history", "max_explained"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RecboleLLMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
@@ -186,6 +189,10 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
         raise RequestError(422, f"'exclude_seen' must be true or false, not {type(exclude_seen).__name__}")
     if not isinstance(explain, bool):
         raise RequestError(422, f"'explain' must be true or false, not {type(explain).__name__}")
+    if explain and len(histories) * k > limits.max_explained:
+        raise RequestError(413, f"explaining {len(histories)} histories x k={k} = {len(histories) * k} recommended "
+                                f"items in one request; the limit is {limits.max_explained}: ask for fewer "
+                                "histories or a smaller k")
     try:
         recommender.check_k(k)
         recommender.check_explain(explain)

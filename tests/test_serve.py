@@ -134,6 +134,7 @@ BAD_REQUESTS = [
     ({"histories": [["1"]], "k": 100000}, 422, "k=100000 is out of range"),
     ({"histories": [["1"]], "exclude_seen": "yes"}, 422, "'exclude_seen' must be true or false"),
     ({"histories": [["1"]], "explain": 1}, 422, "'explain' must be true or false"),
+    ({"histories": [["1"]] * 8, "k": 200, "explain": True}, 413, "= 1600 recommended items in one request; the limit is 1000"),
     ({"histories": [["1"]] * 9}, 413, "9 histories in one request; the limit is 8"),
     ({"histories": [["1"] * 101]}, 413, "history 0 has 101 items; the limit is 100"),
     (b'{"histories": [["1"]], "pad": "' + b"x" * 5000 + b'"}', 413, "the limit is 4096"),
