@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -91,8 +92,11 @@ RUNS = {
     "BERTAdapter": ("BERTAdapter", {}),
     # AdaLoRA's rank schedule spans `epochs`: give it the few epochs the budget allows.
     "BERTAdaLoRA": ("BERTAdaLoRA", {"epochs": 3}),
+    # A causal encoder predicting the next item at every position, one row per window (SASRec's objective).
+    "BERTRec-all": ("BERTRec", {"train_positions": "all", "train_batch_size": 128}),
+    "BERTLoRA-all": ("BERTLoRA", {"train_positions": "all", "train_batch_size": 128}),
 }
-PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA"}
+PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA", "BERTRec-all", "BERTLoRA-all"}
 BASELINES = ("GRU4Rec", "SASRec", "BERT4Rec")
 
 
@@ -167,7 +171,21 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
 
     clock = time.process_time if profile["clock"] == "cpu" else time.perf_counter
     budgeted = BudgetedLoader(train_data, clock, budget)
-    epoch_wall, epoch_cpu, valid_scores = [], [], []
+    epoch_wall, epoch_cpu, valid_scores, resumed_at = [], [], [], []
+    # A run that stops (a session ends) continues from its last validated epoch when started again.
+    state_dir = out.parent / f"{out.stem}.resume"
+    state_dir.mkdir(exist_ok=True)
+    best_file, latest_file, progress_file = (state_dir / "best.pth", state_dir / "latest.pth",
+                                             state_dir / "progress.json")
+    if latest_file.exists() and progress_file.exists() and budget == float("inf"):
+        trainer.resume_checkpoint(str(latest_file))
+        progress = json.loads(progress_file.read_text())
+        epoch_wall, epoch_cpu, valid_scores = progress["epoch_wall"], progress["epoch_cpu"], progress["valid_scores"]
+        resumed_at = progress["resumed_at"] + [len(valid_scores)]
+        restore_random_state(torch.load(state_dir / "random.pth", weights_only=True), train_data)
+    trainer.saved_model_file = str(best_file)
+    if hasattr(trainer, "save_latest"):
+        trainer.save_latest = False  # the plugin trainer's own -latest file: this run keeps its own, above
     train_epoch = trainer._train_epoch
 
     def timed_epoch(*args, **kwargs):
@@ -181,6 +199,13 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
 
     def after_validation(epoch_idx: int, valid_score: float) -> None:
         valid_scores.append(valid_score)
+        if budget == float("inf"):
+            trainer._save_checkpoint(epoch_idx, verbose=False, saved_model_file=str(latest_file))
+            torch.save(random_state(train_data), state_dir / "random.pth")
+            progress = {"epoch_wall": epoch_wall, "epoch_cpu": epoch_cpu, "valid_scores": valid_scores,
+                        "resumed_at": resumed_at}
+            (state_dir / "progress.tmp").write_text(json.dumps(progress))
+            (state_dir / "progress.tmp").replace(progress_file)
         if budgeted.exhausted:
             raise BudgetSpent
 
@@ -201,6 +226,7 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
         "epochs_to_best": best_epoch + 1,
         "cpu_seconds_cumulative": [round(sum(epoch_cpu[: i + 1]), 1) for i in range(len(epoch_cpu))],
         "cpu_seconds_to_95": cpu_seconds_to(0.95, valid_scores, epoch_cpu),
+        "resumed_at_epochs": resumed_at,  # a resumed run continues with the random state it saved
         "stopped_by": ("budget" if budgeted.exhausted else "epoch cap" if len(epoch_wall) >= config["epochs"]
                        else "early stopping"),
         "budget": f"{budget:g} {profile['clock']} s",
@@ -214,6 +240,37 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
     }
     out.write_text(json.dumps(result, indent=2))
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def random_state(train_data) -> dict:
+    """Python's, numpy's, torch's and the training loader's random states, as tensors and plain values."""
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    generator = getattr(train_data, "generator", None)
+    return {"python": repr(random.getstate()), "numpy": [torch.from_numpy(keys.astype(np.int64)), int(position),
+            int(has_gauss), float(cached)], "torch": torch.get_rng_state(),
+            "loader": generator.get_state() if generator is not None else None}
+
+
+def restore_random_state(state: dict, train_data) -> None:
+    import ast
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(ast.literal_eval(state["python"]))
+    keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    generator = getattr(train_data, "generator", None)
+    if generator is not None and state["loader"] is not None:
+        generator.set_state(state["loader"])
 
 
 def cpu_seconds_to(fraction: float, valid_scores: list[float], epoch_cpu: list[float]) -> float | None:

@@ -214,9 +214,10 @@ def install() -> None:
 
     import torch
 
-    from recbole_llm import metrics
+    from recbole_llm import data, metrics
 
     metrics.register()  # RecBole's metric tables: entries, not replacements
+    data.register()  # recbole.data.dataset.<Model>Dataset for the plugin models: entries, not replacements
     # RecBole's metrics use np.float, which only Config() recreates: a process that unpickles a Config
     # (load_data_and_model) never runs it.
     compat.numpy_aliases()

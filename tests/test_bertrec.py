@@ -10,6 +10,7 @@ from recbole.quick_start import load_data_and_model
 from recbole.utils import get_model, get_trainer, init_seed
 
 from recbole_llm import RecboleLLMError
+from recbole_llm.export.graph import ScoringGraph
 
 
 def train(config_dict: dict, epochs: int):
@@ -32,6 +33,8 @@ def train(config_dict: dict, epochs: int):
         pytest.param({"loss_type": "CE"}, id="CE"),
         pytest.param({"loss_type": "BPR", "learning_rate": 0.005}, id="BPR"),
         pytest.param({"loss_type": "CE", "pre_encoder": "lstm"}, id="CE+LSTM"),
+        # one row per window of 20: ~1/10 of the prefix rows, so smaller batches for as many steps
+        pytest.param({"loss_type": "CE", "train_positions": "all", "train_batch_size": 16}, id="CE-all"),
     ],
 )
 def test_learns_beyond_popularity(tiny_bert, pop_ndcg, variant):
@@ -90,3 +93,50 @@ def test_bad_model_settings_fail_before_training(tiny_bert, override, fragment):
         config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, **override})
         dataset = create_dataset(config)
         get_model("BERTRec")(config, dataset)
+
+
+def test_all_positions_trains_each_target_once_per_epoch(tiny_bert):
+    """train_positions: all keeps one training row per window of MAX_ITEM_LIST_LENGTH targets, counted back from
+    each user's most recent one; together the kept rows' shifted sequences hold every training target once."""
+
+    def training_rows(settings):
+        config = Config(model="BERTRec", dataset="ml-slice", config_dict=settings)
+        return config, data_preparation(config, create_dataset(config))[0]._dataset.inter_feat
+
+    settings = {**tiny_bert, "MAX_ITEM_LIST_LENGTH": 5}
+    _, every = training_rows(settings)
+    config, kept = training_rows({**settings, "train_positions": "all"})
+    uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
+    seq_field, len_field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"], config["ITEM_LIST_LENGTH_FIELD"]
+    for user in every[uid].unique().tolist()[:30]:
+        targets = every[iid][every[uid] == user].tolist()  # every prefix row's target, oldest first
+        mine = kept[uid] == user
+        assert int(mine.sum()) == -(-len(targets) // 5)  # ceil(rows / window)
+        covered = []
+        for seq, length, target in zip(kept[seq_field][mine].tolist(), kept[len_field][mine].tolist(),
+                                       kept[iid][mine].tolist()):
+            covered += seq[1:length] + [target]  # what the loss predicts: the history shifted by one
+        assert covered == targets
+    assert len(kept) < len(every) / 3
+
+
+def test_all_positions_encoder_is_causal_and_exports_the_same_scores(tiny_bert):
+    """With train_positions: all, a position never sees a later item (so the last position of a prefix scores
+    as the whole prefix does), and export_scores, traced, equals full_sort_predict."""
+    config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, "train_positions": "all"})
+    dataset = create_dataset(config)
+    train_data, _, _ = data_preparation(config, dataset)
+    model = get_model("BERTRec")(config, train_data._dataset).eval()
+    batch = next(iter(train_data))
+    item_seq, length = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    long_enough = length >= 3
+    item_seq, length = item_seq[long_enough][:8], length[long_enough][:8]
+    with torch.no_grad():
+        hidden = model.encoder_output(item_seq).last_hidden_state
+        cut = item_seq * (torch.arange(item_seq.size(1)) < 2)  # only the first two items
+        prefix_hidden = model.encoder_output(cut).last_hidden_state
+        assert torch.allclose(hidden[:, :2], prefix_hidden[:, :2], atol=1e-5)
+        assert not torch.allclose(hidden[:, 2], prefix_hidden[:, 2], atol=1e-3)
+        traced = torch.jit.trace(ScoringGraph(model, top_k=None), (item_seq[:4], length[:4]), check_trace=False)
+        expected = model.full_sort_predict({model.ITEM_SEQ: item_seq, model.ITEM_SEQ_LEN: length})
+        assert torch.allclose(traced(item_seq, length), expected, atol=1e-5)

@@ -117,6 +117,8 @@ BAD_VALUES = [
     ("BERTRec", "initializer_range", -1, {}),
     ("BERTRec", "loss_type", None, {}),
     ("BERTRec", "loss_type", "MSE", {}),  # refused by Config, for every sequential model
+    ("BERTRec", "train_positions", "every", {}),
+    ("BERTRec", "train_positions", "all", {"loss_type": "BPR"}),
     # the encoder's keys, checked when the Config is built
     ("BERTRec", "pretrained_model_name_or_path", 5, {}),
     ("BERTRec", "n_layers", 0, {}),

@@ -171,3 +171,22 @@ def test_text_mode_model_exports_with_its_item_table_baked_in(text_root, tmp_pat
     metadata = json.loads((artifact / "metadata.json").read_text())
     assert metadata["item_repr"] == "id+text" and metadata["validation"][0]["passed"]
     assert NEW_ITEM in metadata["item_tokens"]  # the cold-start item is servable
+
+
+def test_frozen_text_comes_from_the_whole_pretrained_encoder(text_root, tmp_path):
+    """backbone_layers cuts the sequence encoder only: item text is embedded by every pretrained layer, so a
+    1-layer and a 2-layer model see the same item text vectors, and the cut encoder's would differ."""
+    from recbole_llm.model.bertrec import text_vectors
+    from recbole_llm.model.item_text import mean_pool
+
+    one = build(text_config(text_root, tmp_path, backbone_layers=1))[2]
+    two = build(text_config(text_root, tmp_path, backbone_layers=2))[2]
+    assert len(one.encoder.encoder.layer) == 1 and len(two.encoder.encoder.layer) == 2
+    assert torch.equal(one.text_embeddings, two.text_embeddings)
+    assert torch.allclose(one.text_embeddings.norm(dim=-1)[1:-1], torch.ones(one.n_items - 2), atol=1e-5)
+    with torch.no_grad():
+        cut = one.encoder(input_ids=one.text_input_ids, attention_mask=one.text_attention_mask).last_hidden_state
+    cut = mean_pool(cut, one.text_attention_mask)
+    cut_vectors = text_vectors(cut, cut[1:].mean(dim=0))
+    cosine = (cut_vectors[1:] * one.text_embeddings[1:]).sum(-1)
+    assert cosine.mean() < 0.9, cosine.mean()  # the first layer alone embeds text differently

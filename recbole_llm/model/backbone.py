@@ -149,6 +149,22 @@ def check_encoder_settings(config: Any) -> None:
         )
 
 
+def load_text_encoder(name_or_path: str):
+    """The whole pretrained encoder (every layer, no dropout, frozen) that embeds item text.
+
+    Separate from the sequence encoder, which ``backbone_layers`` may cut and adapters change: item text is
+    embedded by the sentence encoder as it was pretrained (Hou et al., "Towards Universal Sequence
+    Representation Learning for Recommender Systems", KDD 2022, embed item text with a frozen PLM).
+    """
+    from transformers import AutoModel
+
+    resolved, _ = _load_pretrained_config(name_or_path)
+    with _quiet_transformers():
+        encoder = AutoModel.from_pretrained(resolved)
+    encoder.eval().requires_grad_(False)
+    return encoder
+
+
 def build_encoder(config: Any):
     """The encoder module for a RecBole ``config``, checked against the keys that size the sequence.
 

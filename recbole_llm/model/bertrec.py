@@ -32,8 +32,9 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from recbole_llm.data import TRAIN_POSITIONS
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.model.backbone import build_encoder, most_recent, resolve_pretrained
+from recbole_llm.model.backbone import build_encoder, load_text_encoder, most_recent, resolve_pretrained
 from recbole_llm.model.item_text import item_texts, mean_pool, tokenize_items
 
 PRE_ENCODERS = ("lstm", "none")
@@ -58,6 +59,16 @@ def positive_int(key: str, value: Any, example: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise RecboleLLMError(f"{key}={value!r} must be a positive integer: e.g. {key}: {example}")
     return value
+
+
+def text_vectors(pooled: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Item text vectors from mean-pooled sentence-encoder states ``[n, hidden]``: centred and normalised.
+
+    Mean-pooled states of short titles share a large common component (cosine ~0.7 between unrelated films,
+    norm ~6): subtracting the catalogue's mean ``centre`` ``[hidden]`` and normalising, as sentence encoders
+    do, leaves what differs between items. Rows stay unit vectors ``[n, hidden]``.
+    """
+    return nn.functional.normalize(pooled - centre, dim=-1)
 
 
 def positive_number(key: str, value: Any, example: float) -> float:
@@ -132,6 +143,12 @@ class BERTRec(SequentialRecommender):
         self.pre_encoder_type = "none" if pre_encoder is None else one_of("pre_encoder", pre_encoder, PRE_ENCODERS)
         self.item_repr = one_of("item_repr", config["item_repr"], ITEM_REPRS)
         self.text_encoder_mode = one_of("text_encoder", config["text_encoder"], TEXT_ENCODERS)
+        self.train_positions = one_of("train_positions", config["train_positions"], TRAIN_POSITIONS)
+        if self.train_positions == "all" and loss_type == "BPR":
+            raise RecboleLLMError(
+                "train_positions='all' predicts every position against every item (CE); loss_type='BPR' samples "
+                "one negative per row: use loss_type: CE, or train_positions: last"
+            )
         self.item_text_max_tokens = positive_int("item_text_max_tokens", config["item_text_max_tokens"], 32)
         fields = config["item_text_fields"]
         if isinstance(fields, str):
@@ -176,28 +193,32 @@ class BERTRec(SequentialRecommender):
             self.text_projection.weight.copy_(scale * torch.eye(self.hidden_size))
             self.text_projection.bias.zero_()
         if self.text_encoder_mode == "frozen":
-            self.register_buffer("text_embeddings", self._encode_texts(batch_size=256), persistent=False)
+            # The whole pretrained sentence encoder, every layer, whatever backbone_layers cut from the
+            # sequence encoder: item text is embedded once, so its depth costs nothing per step.
+            text_tower = load_text_encoder(self.pretrained_model_name_or_path)
+            with torch.no_grad():
+                pooled = self._pool_texts(text_tower, batch_size=256)
+            del text_tower
+            centre = pooled[1:].mean(dim=0)
+            self.register_buffer("text_centre", centre, persistent=False)
+            self.register_buffer("text_embeddings", text_vectors(pooled, centre), persistent=False)
 
-    def _encode_texts(self, batch_size: int | None = None) -> torch.Tensor:
-        """Mean-pooled encoder states of every item's text, ``[n_items, hidden]``."""
+    def _pool_texts(self, encoder: nn.Module, batch_size: int | None = None) -> torch.Tensor:
+        """Mean-pooled states of every item's text through ``encoder``, ``[n_items, hidden]``."""
         batch_size = batch_size or len(self.text_input_ids)
-        was_training = self.training
-        if self.text_encoder_mode == "frozen":
-            self.eval()  # the cache holds dropout-free embeddings
         parts = []
-        with torch.set_grad_enabled(self.text_encoder_mode == "trained" and torch.is_grad_enabled()):
-            for start in range(0, len(self.text_input_ids), batch_size):
-                ids = self.text_input_ids[start : start + batch_size]
-                mask = self.text_attention_mask[start : start + batch_size]
-                hidden = self.run_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                parts.append(mean_pool(hidden, mask))
-        self.train(was_training)
-        embeddings = torch.cat(parts)
-        # Mean-pooled encoder states of short titles share a large common component (cosine ~0.7 between
-        # unrelated films, norm ~6): centre over the real items and normalise, as sentence encoders do,
-        # so what differs between items is what the model sees.
-        centred = embeddings - embeddings[1:].mean(dim=0, keepdim=True)
-        return nn.functional.normalize(centred, dim=-1)
+        for start in range(0, len(self.text_input_ids), batch_size):
+            ids = self.text_input_ids[start : start + batch_size]
+            mask = self.text_attention_mask[start : start + batch_size]
+            hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            parts.append(mean_pool(hidden, mask))
+        return torch.cat(parts)
+
+    def _encode_texts(self) -> torch.Tensor:
+        """``text_encoder: trained``: every item's text through the sequence encoder (adapters included),
+        centred and normalised, ``[n_items, hidden]``, with gradients."""
+        pooled = self._pool_texts(self.run_encoder)
+        return text_vectors(pooled, pooled[1:].mean(dim=0))
 
     def item_table(self) -> torch.Tensor:
         """Every item's representation, ``[n_items, hidden]`` (row 0 is padding)."""
@@ -233,8 +254,24 @@ class BERTRec(SequentialRecommender):
         return self.encoder(**inputs)
 
     def encoder_output(self, item_seq: torch.Tensor, item_table: torch.Tensor | None = None):
-        attention_mask = (item_seq != 0).long()
-        return self.run_encoder(inputs_embeds=self.encode_items(item_seq, item_table), attention_mask=attention_mask)
+        inputs = self.encode_items(item_seq, item_table)
+        return self.run_encoder(inputs_embeds=inputs, attention_mask=self.sequence_mask(item_seq, inputs.dtype))
+
+    def sequence_mask(self, item_seq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The encoder's attention mask for a batch of item sequences ``[batch, length]``.
+
+        ``train_positions: last``: ``[batch, length]``, 1 on real items (bidirectional attention).
+        ``all``: an additive ``[batch, 1, length, length]`` mask in ``dtype``, 0 where position q may attend
+        to key k (k <= q and item k is real) and the dtype's minimum elsewhere: a causal encoder, so that every
+        position predicts its next item without seeing it. Built from the input's shape only (traceable).
+        """
+        real = item_seq != 0
+        if self.train_positions == "last":
+            return real.long()
+        order = torch.cumsum(torch.ones_like(item_seq[0]), 0)  # [length] 1..length, from the input's shape
+        allowed = (order.unsqueeze(0) <= order.unsqueeze(1)).unsqueeze(0) & real.unsqueeze(1)  # [B, q, k]
+        blocked = torch.zeros(allowed.shape, dtype=dtype, device=item_seq.device)
+        return blocked.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, item_table: torch.Tensor | None = None):
         item_seq, item_seq_len = most_recent(item_seq, item_seq_len, self.max_seq_length)
@@ -245,8 +282,10 @@ class BERTRec(SequentialRecommender):
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         table = self.item_table()  # once per step: with a trained text encoder it encodes every item
-        seq_output = self.forward(item_seq, item_seq_len, table)
         pos_items = interaction[self.POS_ITEM_ID]
+        if self.train_positions == "all":
+            return self.all_positions_loss(item_seq, item_seq_len, pos_items, table)
+        seq_output = self.forward(item_seq, item_seq_len, table)
         if self.loss_type == "BPR":
             neg_items = interaction[self.NEG_ITEM_ID]
             pos_score = (seq_output * table[pos_items]).sum(dim=-1)
@@ -254,6 +293,22 @@ class BERTRec(SequentialRecommender):
             return self.loss_fct(pos_score, neg_score)
         logits = seq_output @ table.t()
         return self.loss_fct(logits, pos_items)
+
+    def all_positions_loss(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, pos_items: torch.Tensor,
+                           table: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the next item at every real position of each (causally encoded) sequence.
+
+        Position t's target is item t + 1 of the history, and the last position's is ``pos_items``; padded
+        positions (and items an augmentation masked) are no target. SASRec's training objective (Kang &
+        McAuley, ICDM 2018), with the full softmax of SASRec+/gSASRec (Klenitskiy & Vasilev, RecSys 2023).
+        """
+        item_seq, item_seq_len = most_recent(item_seq, item_seq_len, self.max_seq_length)
+        hidden = self.encoder_output(item_seq, table).last_hidden_state  # [B, L, H]
+        targets = torch.cat((item_seq[:, 1:], torch.zeros_like(item_seq[:, :1])), dim=1)
+        targets = targets.scatter(1, (item_seq_len - 1).unsqueeze(-1), pos_items.unsqueeze(-1))
+        positions = torch.arange(item_seq.size(1), device=item_seq.device)
+        scored = (positions < item_seq_len.unsqueeze(-1)) & (targets != 0)  # [B, L]
+        return self.loss_fct(hidden[scored] @ table.t(), targets[scored])
 
     def predict(self, interaction):
         table = self.item_table()
