@@ -4,6 +4,7 @@
     recbole-llm evaluate --checkpoint=saved/BERTRec-....pth [--data_path=DIR] [--key=value ...]
     recbole-llm export --checkpoint saved/BERTRec-....pth --output DIR [--top-k K] [--optimize] [--int8] ...
                        [--data_path=DIR] [--key=value ...]
+    recbole-llm add-items DIR items.tsv [--output DIR2]
     recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error] ...
     recbole-llm models
 
@@ -29,15 +30,19 @@ commands:
            recbole-llm evaluate --checkpoint=saved/BERTRec-Nov-28-2026_09-00-00.pth [--data_path=DIR] [--key=value ...]
   export   turn a checkpoint into a validated ONNX artifact for ONNX Runtime or Triton
            recbole-llm export --checkpoint saved/X.pth --output DIR [--top-k K] [--opset 17]
-               [--optimize] [--int8 | --fp16] [--triton] [--force] [--data_path=DIR] [--key=value ...]
+               [--optimize] [--int8 | --fp16] [--triton] [--item-index] [--force] [--data_path=DIR] [--key=value ...]
+  add-items  add items to an artifact exported with --item-index, from their text (written atomically)
+           recbole-llm add-items DIR items.tsv [--output DIR2]
   serve    an HTTP JSON service over an exported artifact (needs: pip install "recbole_llm[serve]")
-           recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
+           recbole-llm add-items DIR items.tsv [--output DIR2]
+    recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
                [--max-batch 256] [--max-history 10000] [--max-body-bytes 1048576] [--no-batching]
-               [--max-explained 1000] [--threads N] [--body-timeout 10] [--keep-alive-timeout 5] [--shutdown-timeout 10]
+               [--max-explained 1000] [--threads N] [--body-timeout 10] [--keep-alive-timeout 5]
+               [--shutdown-timeout 10] [--allow-item-updates] [--max-new-items 1000]
   models   list the models 'run' accepts (the plugin's, then RecBole's)
 
-'serve' alone runs in a serving install (export/requirements-serve.txt: no torch, no RecBole); the other
-commands need the full install. 'recbole-llm COMMAND --help' describes each.
+'serve' and 'add-items' run in a serving install (export/requirements-serve.txt: no torch, no RecBole); the
+other commands need the full install. 'recbole-llm COMMAND --help' describes each.
 """
 
 
@@ -154,6 +159,9 @@ def _export(args: Sequence[str]) -> int:
     parser.add_argument("--fp16", action="store_true", help="fp16 weights (GPU)")
     parser.add_argument("--triton", action="store_true", help="also write a Triton model repository")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--item-index", action="store_true",
+                        help="the graph returns user vectors and the item table is a file, so items can be added "
+                             "from their text (add-items) and the runtime ranks (recbole_llm models only)")
     known, rest = parser.parse_known_args(args)
     overrides = _overrides(rest)
     if isinstance(overrides, int):
@@ -165,6 +173,7 @@ def _export(args: Sequence[str]) -> int:
     options = ExportOptions(
         opset=known.opset, top_k=known.top_k, optimize=known.optimize, int8=known.int8,
         fp16=known.fp16, triton=known.triton, force=known.force, config_overrides=overrides,
+        item_index=known.item_index,
     )
     try:
         check_before_loading(known.checkpoint, known.output, options)  # at once, before torch loads
@@ -197,6 +206,9 @@ def _serve(args: Sequence[str]) -> int:
                         help="seconds requests in flight may take to finish after SIGTERM or SIGINT (default 10)")
     parser.add_argument("--no-batching", action="store_true", help="one model call per request")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--allow-item-updates", action="store_true",
+                        help="turn POST /items on: new items from their text (an artifact exported with --item-index)")
+    parser.add_argument("--max-new-items", type=int, default=1000, help="items one POST /items may add (default 1000)")
     parser.error = lambda message: sys.exit(_fail(f"{message} (see: recbole-llm serve --help)"))  # one line
     known = parser.parse_args(args)
 
@@ -208,15 +220,39 @@ def _serve(args: Sequence[str]) -> int:
     if known.threads is not None and known.threads < 1:
         return _fail(f"--threads {known.threads} must be a positive number of threads (leave it out: all cores)")
     limits = Limits(max_body_bytes=known.max_body_bytes, max_batch=known.max_batch, max_history=known.max_history,
-                    max_explained=known.max_explained,
+                    max_explained=known.max_explained, max_new_items=known.max_new_items,
                     body_timeout=known.body_timeout, keep_alive_timeout=known.keep_alive_timeout,
                     shutdown_timeout=known.shutdown_timeout)
     try:
         limits.check()
         serve(known.artifact, known.host, known.port, limits, known.unknown_tokens, not known.no_batching,
-              known.threads)
+              known.threads, known.allow_item_updates)
     except RecboleLLMError as error:
         return _fail(str(error))
+    return 0
+
+
+def _add_items(args: Sequence[str]) -> int:
+    parser = _parser("recbole-llm add-items", description=(
+        "Add items to an artifact exported with --item-index, each from its text alone (the model's text "
+        "tower): the updated artifact is written to a new folder, then renamed into place."))
+    parser.add_argument("artifact", help="a folder written by recbole-llm export --item-index")
+    parser.add_argument("items", help="a tab-separated file with a header: the item token, then the item's text "
+                                      "fields (e.g. item_id, movie_title, class; RecBole's .item format works)")
+    parser.add_argument("--output", default=None, help="write the updated artifact here (default: replace ARTIFACT)")
+    known = parser.parse_args(args)
+
+    from recbole_llm.errors import RecboleLLMError
+    from recbole_llm.runtime import Recommender, read_items_file
+
+    try:
+        items = read_items_file(known.items)
+        recommender = Recommender(known.artifact)
+        recommender.add_items(items)
+        written = recommender.save(known.output or known.artifact, replace=known.output is None)
+    except RecboleLLMError as error:
+        return _fail(str(error))
+    print(f"added {len(items)} items ({len(recommender.tokens) - 1} in all); wrote {written}")
     return 0
 
 
@@ -259,13 +295,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return _export(rest)
     if command == "serve":
         return _serve(rest)
+    if command == "add-items":
+        return _add_items(rest)
     if command == "models":
         if rest:
             print("usage: recbole-llm models   (lists the models 'run' accepts: the plugin's, then RecBole's)")
             return 0 if rest[0] in ("-h", "--help") else 2
         return _models()
     return _fail(
-        f"unknown command '{command}'; commands: run, evaluate, export, serve, models (see recbole-llm --help)"
+        f"unknown command '{command}'; commands: run, evaluate, export, add-items, serve, models (see "
+        "recbole-llm --help)"
     )
 
 

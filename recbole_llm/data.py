@@ -59,6 +59,13 @@ def plugin_dataset_class() -> type:
     from recbole.data.dataset import SequentialDataset
 
     class PluginSequentialDataset(SequentialDataset):
+        @property
+        def item_counter(self):
+            """Training interactions per item: every prefix row's target, as RecBole's models count them
+            (TailNDCG's threshold, Pop), also when the rows were cut to windows."""
+            kept = getattr(self, "prefix_item_counter", None)
+            return kept if kept is not None else SequentialDataset.item_counter.fget(self)
+
         def build(self):
             datasets = super().build()
             positions = self.config["train_positions"]
@@ -67,7 +74,9 @@ def plugin_dataset_class() -> type:
             if positions == "all" and datasets:
                 train = datasets[0]
                 kept = window_ends(train.inter_feat[train.uid_field], self.max_item_list_len)
-                datasets[0] = train.copy(train.inter_feat[kept])
+                windows = train.copy(train.inter_feat[kept])
+                windows.prefix_item_counter = train.item_counter
+                datasets[0] = windows
             return datasets
 
     PluginSequentialDataset.__module__ = __name__

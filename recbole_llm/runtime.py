@@ -11,6 +11,11 @@ Histories longer than the model's maximum length keep their most recent items. U
 ``unknown_tokens``: ``"skip"`` (default: dropped and counted in the answer) or ``"error"``. A history with
 no known item left is an error.
 
+An artifact exported with ``--item-index`` returns user vectors and keeps its item table in a file: the
+runtime scores ``user_vectors @ item_vectors.T`` and ranks in numpy, and ``add_items({token: text})`` adds
+items from their text alone (the artifact's text tower) to the loaded artifact; ``save`` writes it back,
+atomically (``recbole-llm add-items``). Adding items needs the ``tokenizers`` package as well.
+
 The artifact is checked when it is loaded, so that a bad one fails at start rather than at the first
 request: ``metadata.json`` must be a JSON object with well-typed keys, ``model.onnx`` must load in ONNX
 Runtime, and the two must agree (inputs and outputs, item count, ``top_k``, ``max_length``, and the keys
@@ -19,7 +24,10 @@ export also wrote into the graph's metadata_props); then one history of ``max_le
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +41,7 @@ from recbole_llm.export.artifact import (FORMAT_VERSION, REEXPORT, exclusions, f
                                          shown)
 
 UNKNOWN_TOKEN_POLICIES = ("skip", "error")
+MAX_ITEM_TEXT_CHARS = 10_000  # characters of one new item's text (the tower reads its first max_tokens tokens)
 
 
 def _is_token(token: Any) -> bool:
@@ -150,8 +159,18 @@ class Recommender:
         self.unknown_tokens = unknown_tokens
         self.max_length = self.metadata["max_length"]
         self.top_k = self.metadata.get("top_k")
+        self.folder = folder
         self.tokens = self.metadata["item_tokens"]
         self.token_to_id = {token: index for index, token in enumerate(self.tokens) if index}
+        # an artifact exported with --item-index: the item table is a file, and items can be added
+        self.item_index = self.metadata.get("item_index")
+        self.item_vectors = contract.read_item_vectors(folder, self.metadata) if self.item_index else None
+        self.text_tower = self.metadata.get("text_tower")
+        for name in ((contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE) if self.text_tower else ()):
+            if not (folder / name).is_file():
+                raise contract.ArtifactError(f"'{folder}' has a text_tower but no {name}; {REEXPORT}")
+        self._text_session = None  # (tokenizer, ONNX Runtime session), loaded by the first add_items
+        self._adding = threading.Lock()
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -163,6 +182,7 @@ class Recommender:
             raise RecboleLLMError(f"provider '{shown(unavailable[0])}' is not available here; available: "
                                   f"{', '.join(available)}")
         options, self.session_settings = session_options(intra_op_threads)
+        self._providers, self._threads = list(providers), intra_op_threads
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
         except Exception as error:  # noqa: BLE001 - ONNX Runtime's errors share no public base class
@@ -182,15 +202,16 @@ class Recommender:
 
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # the failure is reported below, in one line
-        feeds = contract.feeds(np.ones((1, self.max_length)), [self.max_length], top_k=self.top_k)
-        names = contract.output_names(self.top_k)
+        feeds = self._feeds(np.ones((1, self.max_length)), np.array([self.max_length]))
+        names = contract.output_names(self.top_k, self.item_index is not None)
         try:
             outputs = self.session.run(names, feeds, quiet)
         except Exception as error:  # noqa: BLE001
             raise contract.ArtifactError(
                 f"'{model_path}' fails on a history of max_length={self.max_length} items ({first_line(error)}); "
                 f"'{metadata_path}' must hold the max_length the model was exported with, or {REEXPORT}") from None
-        width = len(self.tokens) if self.top_k is None else self.top_k
+        width = (self.item_index["dim"] if self.item_index else len(self.tokens) if self.top_k is None
+                 else self.top_k)
         if outputs[0].shape != (1, width):
             raise contract.ArtifactError(
                 f"'{model_path}' returns {names[0]} of shape {list(outputs[0].shape)} for one history, but "
@@ -303,7 +324,7 @@ class Recommender:
             item_length[index] = len(ids)
         for index, row in enumerate(rows, start=len(variants)):  # the full histories, in the same call
             item_seq[index], item_length[index] = encoded.item_seq[row, :width], encoded.item_length[row]
-        (scores,) = self.session.run(contract.output_names(None), contract.feeds(item_seq, item_length))
+        scores = self._scores(item_seq, item_length)
         full = dict(zip(rows, scores[len(variants):]))
         left_out: dict[int, list[tuple[int, np.ndarray]]] = {}
         for (row, position), variant_scores in zip(owners, scores[: len(variants)]):
@@ -323,15 +344,33 @@ class Recommender:
                                      for effect, position in effects])
             answer.explanations = explanations
 
+    def _feeds(self, item_seq: np.ndarray, item_length: np.ndarray,
+               exclude_items: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        feeds = contract.feeds(item_seq, item_length, exclude_items, self.top_k)
+        if self.item_vectors is not None:
+            feeds[contract.ITEM_VECTORS] = self.item_vectors
+        return feeds
+
+    def _scores(self, item_seq: np.ndarray, item_length: np.ndarray) -> np.ndarray:
+        """Every item's score, float32 [rows, n_items], from a graph without top-k."""
+        vectors = self.item_vectors  # one table for the whole call, even if items are added meanwhile
+        if vectors is None:
+            (scores,) = self.session.run(contract.output_names(None), contract.feeds(item_seq, item_length))
+            return scores
+        feeds = {**contract.feeds(item_seq, item_length), contract.ITEM_VECTORS: vectors}
+        (user_vectors,) = self.session.run(contract.output_names(None, True), feeds)
+        return contract.item_scores(user_vectors, vectors)
+
     def _rank(self, encoded: Encoded, ks: Sequence[int], exclude_seen: Sequence[bool]) -> list[Recommendation]:
         k_max = max(ks)
         exclude_items = exclusions(encoded.seen, exclude_seen)
-        feeds = contract.feeds(encoded.item_seq, encoded.item_length, exclude_items, self.top_k)
-        outputs = self.session.run(contract.output_names(self.top_k), feeds)
         if self.top_k is not None:
-            top_items, top_scores = outputs[0][:, :k_max], outputs[1][:, :k_max]
+            feeds = contract.feeds(encoded.item_seq, encoded.item_length, exclude_items, self.top_k)
+            top_items, top_scores = self.session.run(contract.output_names(self.top_k), feeds)
+            top_items, top_scores = top_items[:, :k_max], top_scores[:, :k_max]
         else:  # the same exclusions and ordering as a top-k graph, in numpy
-            top_items, top_scores = contract.top_k(outputs[0], k_max, exclude_items)
+            scores = self._scores(encoded.item_seq, encoded.item_length)
+            top_items, top_scores = contract.top_k(scores, k_max, exclude_items)
         if not ((top_items >= 0) & (top_items < len(self.tokens))).all():  # never an index past the token list
             raise contract.ArtifactError(
                 f"the model returned item ids beyond the {len(self.tokens)} item_tokens of its metadata.json: the "
@@ -346,3 +385,168 @@ class Recommender:
                 unknown_tokens=int(unknown),
             ))
         return answers
+
+    # --- a living catalogue: artifacts exported with --item-index ---------------------------------------
+
+    def add_items(self, items: Mapping[str, str | Mapping[str, str]]) -> list[int]:
+        """Add items to this loaded artifact from their text alone: ``{token: text}``, where text is a string
+        (the item's text fields joined by ", ", as the model read them at training) or ``{field: value}`` of
+        the artifact's ``item_text_fields``. Each new item's vector comes from the artifact's text tower; new
+        items are recommended and may appear in histories at once. Returns their internal ids. Raises
+        RecboleLLMError (nothing added) for an artifact without an item index or text tower, an empty
+        mapping, a token already in the artifact or given twice, or an item without text."""
+        if self.item_index is None:
+            raise RecboleLLMError("this artifact's item table is inside its graph: export it with --item-index to "
+                                  "add items")
+        if not self.text_tower:
+            raise RecboleLLMError("this artifact's model has no item text (item_repr id), so a new item has no "
+                                  "representation: train with item_repr text or id+text to add items from text")
+        if not isinstance(items, Mapping) or not items:
+            raise RecboleLLMError("items must be a non-empty mapping of new item tokens to their text, e.g. "
+                                  "{'1683': 'Toy Story 3 (2010), Animation Children'}")
+        tokens, texts = [], []
+        for token, text in items.items():
+            if not _is_token(token) or not str(token).strip():
+                raise RecboleLLMError(f"item token {shown(repr(token))} must be a non-empty string")
+            token = str(token)
+            if token in self.token_to_id:
+                raise RecboleLLMError(f"item '{shown(token)}' is already in the artifact (internal id "
+                                      f"{self.token_to_id[token]}); new items need new tokens")
+            if token in tokens:
+                raise RecboleLLMError(f"item '{shown(token)}' is given twice; give each new item once")
+            tokens.append(token)
+            texts.append(self._item_text(token, text))
+        with self._adding:  # one writer at a time; readers keep using the table they started with
+            if any(token in self.token_to_id for token in tokens):
+                raise RecboleLLMError(f"item '{shown(next(t for t in tokens if t in self.token_to_id))}' was added "
+                                      "meanwhile; new items need new tokens")
+            new = self.vectors_from_text(texts)
+            first = len(self.tokens)
+            token_to_id = dict(self.token_to_id)
+            token_to_id.update({token: first + offset for offset, token in enumerate(tokens)})
+            # the table first: a reader that meets a new id in token_to_id always finds its row
+            self.item_vectors = np.concatenate([self.item_vectors, new])
+            self.tokens = self.tokens + tokens
+            self.token_to_id = token_to_id
+        return list(range(first, first + len(tokens)))
+
+    def _item_text(self, token: str, text: Any) -> str:
+        fields = self.text_tower["item_text_fields"]
+        if isinstance(text, Mapping):
+            unknown = [name for name in text if name not in fields]
+            if unknown:
+                raise RecboleLLMError(f"item '{shown(token)}': field '{shown(str(unknown[0]))}' is not one of the "
+                                      f"model's text fields {fields}")
+            if not all(isinstance(value, str) for value in text.values()):
+                raise RecboleLLMError(f"item '{shown(token)}': text field values must be strings")
+            text = ", ".join(text[name].strip() for name in fields if name in text and text[name].strip())
+        if not isinstance(text, str):
+            raise RecboleLLMError(f"item '{shown(token)}': its text must be a string or a mapping of {fields} to "
+                                  f"strings, not {type(text).__name__}")
+        if not text.strip():
+            raise RecboleLLMError(f"item '{shown(token)}' has no text; a new item's representation comes from its "
+                                  f"text ({', '.join(fields)})")
+        if len(text) > MAX_ITEM_TEXT_CHARS:
+            raise RecboleLLMError(f"item '{shown(token)}': its text has {len(text)} characters, more than "
+                                  f"{MAX_ITEM_TEXT_CHARS}; shorten it")
+        return text.strip()
+
+    def vectors_from_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Item vectors float32 [len(texts), dim] from item texts, through the artifact's text tower."""
+        tokenizer, session = self._text_tower()
+        encodings = tokenizer.encode_batch(list(texts))
+        input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        (vectors,) = session.run([contract.ITEM_VECTORS], {contract.TEXT_INPUT_IDS: input_ids,
+                                                           contract.TEXT_ATTENTION_MASK: attention_mask})
+        if vectors.shape != (len(texts), self.item_index["dim"]) or not np.isfinite(vectors).all():
+            raise contract.ArtifactError(f"'{self.folder / contract.TEXT_TOWER_FILE}' returned item vectors of shape "
+                                         f"{list(vectors.shape)} or non-finite values; {REEXPORT}")
+        return vectors.astype(np.float32)
+
+    def _text_tower(self):
+        if self._text_session is None:
+            import onnxruntime as ort
+
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise RecboleLLMError("adding items needs the tokenizers package: pip install tokenizers") from None
+            try:
+                tokenizer = Tokenizer.from_file(str(self.folder / contract.TOKENIZER_FILE))
+            except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
+                raise contract.ArtifactError(f"'{self.folder / contract.TOKENIZER_FILE}' is not a tokenizer "
+                                             f"({first_line(error)}); {REEXPORT}") from None
+            tokenizer.enable_truncation(self.text_tower["max_tokens"])  # as the model read item text
+            options, _ = session_options(self._threads)
+            try:
+                session = ort.InferenceSession(str(self.folder / contract.TEXT_TOWER_FILE), options,
+                                               providers=self._providers)
+            except Exception as error:  # noqa: BLE001
+                raise contract.ArtifactError(f"ONNX Runtime cannot load '{self.folder / contract.TEXT_TOWER_FILE}' "
+                                             f"({first_line(error)}); {REEXPORT}") from None
+            self._text_session = (tokenizer, session)
+        return self._text_session
+
+    def save(self, output: str | Path, replace: bool = False) -> Path:
+        """Write this artifact, items added included, to the folder ``output``: into a new folder beside it,
+        renamed into place when whole (a reader sees the old artifact or the new one). ``output`` must not
+        exist unless ``replace`` (then it must be an artifact). Returns the folder."""
+        if self.item_index is None:
+            raise RecboleLLMError("only an artifact exported with --item-index changes after export; nothing to save")
+        output = Path(output).resolve()
+        if output.exists() and not (replace and (output / contract.METADATA_FILE).is_file()):
+            raise RecboleLLMError(f"'{output}' exists; choose a new folder (or replace the artifact itself)")
+        with self._adding:
+            tokens, vectors = self.tokens, self.item_vectors
+        staging = contract.staging_folder(output)
+        try:
+            for name in (contract.MODEL_FILE, contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE):
+                if (self.folder / name).is_file():
+                    shutil.copy2(self.folder / name, staging / name)
+            np.save(staging / contract.ITEM_VECTORS_FILE, vectors, allow_pickle=False)
+            metadata = dict(self.metadata, item_tokens=tokens, n_items=len(tokens))
+            metadata["item_index"] = dict(self.item_index, sha256=contract.sha256_of(staging / contract.ITEM_VECTORS_FILE))
+            metadata["items_added"] = int(self.metadata.get("items_added", 0)) + len(tokens) - len(self.metadata["item_tokens"])
+            contract.check_metadata(metadata, staging / contract.METADATA_FILE)
+            (staging / contract.METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+            contract.replace_folder(staging, output)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RecboleLLMError(f"could not write '{output}': {error.strerror or error}; nothing was changed") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return output
+
+
+def read_items_file(path: str | Path) -> dict[str, dict[str, str]]:
+    """New items from a tab-separated file with a header (RecBole's .item format works: ``item_id:token``,
+    ``movie_title:token_seq`` ...): the first column is the item token, the others its text fields.
+    Returns ``{token: {field: value}}`` for :meth:`Recommender.add_items`; RecboleLLMError for an unreadable
+    file, no header or rows, a row of another width, or a token listed twice (naming the line)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or first_line(error)
+        raise RecboleLLMError(f"cannot read items file '{path}' ({reason}); pass a UTF-8 tab-separated file") from None
+    rows = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    if len(rows) < 2:
+        raise RecboleLLMError(f"items file '{path}' needs a header (item token, then text fields, tab-separated) "
+                              "and at least one item")
+    header = [name.split(":")[0].strip() for name in rows[0][1].split("\t")]
+    if len(header) < 2 or not all(header):
+        raise RecboleLLMError(f"items file '{path}', line {rows[0][0]}: the header must name the item token column "
+                              "and at least one text field, tab-separated, e.g. item_id<TAB>movie_title<TAB>class")
+    items: dict[str, dict[str, str]] = {}
+    for number, line in rows[1:]:
+        values = line.split("\t")
+        if len(values) != len(header):
+            raise RecboleLLMError(f"items file '{path}', line {number}: {len(values)} tab-separated values, the "
+                                  f"header has {len(header)}")
+        token = values[0].strip()
+        if token in items:
+            raise RecboleLLMError(f"items file '{path}', line {number}: item '{shown(token)}' is listed twice")
+        items[token] = dict(zip(header[1:], values[1:]))
+    return items

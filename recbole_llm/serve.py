@@ -4,6 +4,9 @@
                    -> {"recommendations": [{"items": [...], "scores": [...], "unknown_tokens": 0}, ...]}
                       (with "explain": true, each answer also has "explanations": for each recommended item,
                       [{"item": history token, "effect": score change without it}, ...], largest first)
+    POST /items       {"items": {"1683": "Toy Story 3 (2010), Animation Children"}}   (only with --allow-item-updates,
+                      on an artifact exported with --item-index: new items from their text, recommended at once)
+                   -> {"added": ["1683"], "n_items": 1683}
     GET  /health      {"status": "ok"}
     GET  /metadata    the artifact's metadata.json (without its item list) and the service's limits
 
@@ -58,13 +61,14 @@ class Limits:
     # recommended items explained per request (histories x k): each costs a model row per history item read
     # and max_length entries of the answer; unbounded, one request could hold the service for a minute
     max_explained: int = 1000
+    max_new_items: int = 1000  # items one POST /items may add (each runs through the text tower)
     body_timeout: float = 10.0  # seconds for a request's head, and its body, to arrive; and to take some answer
     keep_alive_timeout: float = 5.0  # seconds an idle connection stays open
     shutdown_timeout: float = 10.0  # seconds requests in flight may take to finish once told to stop
 
     def check(self) -> None:
         """Raises RecboleLLMError naming the first limit out of range."""
-        for name in ("max_body_bytes", "max_batch", "max_history", "max_explained"):
+        for name in ("max_body_bytes", "max_batch", "max_history", "max_explained", "max_new_items"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RecboleLLMError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
@@ -137,8 +141,9 @@ class Job:
     explain: list[bool]
 
 
-def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
-    """The request body, checked and encoded; raises RequestError naming the first problem."""
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON (UTF-8, nested at most MAX_DEPTH deep, integers of at most 20 digits);
+    RequestError 400 otherwise."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -153,6 +158,12 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
         raise RequestError(400, f"body is not valid JSON ({error}); send a JSON object") from None
     except RecursionError:  # json_depth bounds it: a second line of defence
         raise RequestError(400, f"body nests arrays and objects too deep; the limit is {MAX_DEPTH}") from None
+    return payload
+
+
+def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
+    """The request body, checked and encoded; raises RequestError naming the first problem."""
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise RequestError(422, 'body must be a JSON object like {"histories": [["242", "302"]], "k": 10}')
     unknown_fields = sorted(set(payload) - FIELDS)
@@ -201,6 +212,25 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
         raise RequestError(422, str(error)) from None
     rows = len(histories)
     return Job(encoded, [k] * rows, [exclude_seen] * rows, [explain] * rows)
+
+
+def parse_items(body: bytes, limits: Limits) -> dict[str, Any]:
+    """A POST /items body, ``{"items": {token: text or {field: value}}}``, checked for shape; what the items
+    hold is checked by ``Recommender.add_items``. Raises RequestError naming the first problem."""
+    payload = parse_json(body)
+    if not isinstance(payload, dict) or set(payload) != {"items"} or not isinstance(payload["items"], dict):
+        raise RequestError(422, 'body must be a JSON object {"items": {"new item token": "its text", ...}}')
+    items = payload["items"]
+    if not items:
+        raise RequestError(422, "'items' is empty; give at least one new item token and its text")
+    if len(items) > limits.max_new_items:
+        raise RequestError(413, f"{len(items)} items in one request; the limit is {limits.max_new_items}")
+    for token, text in items.items():
+        strings = [token, *(text.items() if isinstance(text, dict) else [text])]
+        flat = [part for value in strings for part in (value if isinstance(value, tuple) else (value,))]
+        if not all(_valid_unicode(value) for value in flat if isinstance(value, str)):
+            raise RequestError(422, f"item '{shown(token)}' holds a lone UTF-16 surrogate; send valid Unicode")
+    return items
 
 
 class Batcher:
@@ -356,8 +386,10 @@ def create_app(
     unknown_tokens: str = "skip",
     batching: bool = True,
     intra_op_threads: int | None = None,
+    allow_item_updates: bool = False,
 ):
-    """The FastAPI application serving ``artifact``; ``app.state.drain`` is the stop ``serve`` sets."""
+    """The FastAPI application serving ``artifact``; ``app.state.drain`` is the stop ``serve`` sets.
+    ``allow_item_updates`` turns POST /items on (an artifact exported with --item-index and item text)."""
     from contextlib import asynccontextmanager
 
     _require_serving_extra()
@@ -367,13 +399,16 @@ def create_app(
     limits = limits or Limits()
     limits.check()
     recommender = Recommender(artifact, unknown_tokens=unknown_tokens, intra_op_threads=intra_op_threads)
+    if allow_item_updates and not recommender.text_tower:
+        raise RecboleLLMError(f"--allow-item-updates needs an artifact exported with --item-index from a model with "
+                              f"item text; '{artifact}' has {'no text tower' if recommender.item_index else 'no item index'}")
     batcher = Batcher(recommender, limits.max_batch, batching)
     drain = Drain()
     public_metadata = {key: value for key, value in recommender.metadata.items() if key != "item_tokens"}
     public_metadata["n_item_tokens"] = len(recommender.tokens) - 1
     public_metadata["session"] = recommender.session_settings
     public_metadata["service"] = {**asdict(limits), "unknown_tokens": unknown_tokens, "batching": batching,
-                                  "max_k": recommender.max_k,
+                                  "max_k": recommender.max_k, "item_updates": allow_item_updates,
                                   "providers": recommender.session.get_providers()}
 
     @asynccontextmanager
@@ -442,6 +477,31 @@ def create_app(
         return {"recommendations": [{key: value for key, value in asdict(answer).items()
                                      if key != "explanations" or value is not None} for answer in answers]}
 
+    adding = asyncio.Lock()  # one update at a time; recommendations go on meanwhile
+
+    @app.post("/items")
+    async def items(request: Request):
+        if not allow_item_updates:
+            return error(403, "adding items is off; start the service with --allow-item-updates (an artifact "
+                              "exported with --item-index)")
+        try:
+            new = parse_items(await read_body(request), limits)
+        except RequestError as refused:
+            return error(refused.status, str(refused), refused.close)
+        except ClientGone as gone:
+            log.warning("%s went away %s; request dropped", _client(request.scope), gone)
+            return error(400, "the client went away before its body was read", close=True)
+        async with adding:
+            try:
+                await asyncio.to_thread(recommender.add_items, new)
+            except RecboleLLMError as refused:
+                status = 409 if "already in the artifact" in str(refused) else 422
+                return error(status, str(refused))
+            except Exception as failure:  # noqa: BLE001
+                return error(500, f"the text tower failed on this request: {type(failure).__name__}: {failure}")
+        public_metadata["n_item_tokens"] = len(recommender.tokens) - 1
+        return {"added": [str(token) for token in new], "n_items": len(recommender.tokens) - 1}
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
@@ -452,8 +512,8 @@ def create_app(
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
-        return error(404, f"no route {request.method} {shown(request.url.path)}; use POST /recommend, GET /health, "
-                          "GET /metadata")
+        return error(404, f"no route {request.method} {shown(request.url.path)}; use POST /recommend, POST /items, "
+                          "GET /health, GET /metadata")
 
     @app.exception_handler(405)
     async def wrong_method(request: Request, exc):
@@ -558,6 +618,7 @@ def serve(
     unknown_tokens: str = "skip",
     batching: bool = True,
     intra_op_threads: int | None = None,
+    allow_item_updates: bool = False,
 ) -> None:
     """Run the service until interrupted (SIGINT or SIGTERM: a drain bounded by ``limits.shutdown_timeout``)."""
     _require_serving_extra()
@@ -570,7 +631,7 @@ def serve(
     if unknown_tokens not in UNKNOWN_TOKEN_POLICIES:
         raise RecboleLLMError(f"--unknown-tokens '{unknown_tokens}' is not a policy; use skip or error")
     _check_can_listen(host, port)
-    app = create_app(artifact, limits, unknown_tokens, batching, intra_op_threads)
+    app = create_app(artifact, limits, unknown_tokens, batching, intra_op_threads, allow_item_updates)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False,
         http=_protocol_class(limits.body_timeout),

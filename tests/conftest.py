@@ -144,11 +144,20 @@ SERVING_MODEL = {  # BERTLoRA on the random encoder: a real plugin model, traine
     "MAX_ITEM_LIST_LENGTH": 12, "epochs": 1, "train_batch_size": 512,
 }
 SERVING_TOP_K = 5
+# BERTRec with item text (the bundled MiniLM, its first layer for the sequence): an item-index artifact whose
+# text tower adds items
+CATALOGUE_MODEL = {
+    "backbone_layers": 1, "item_repr": "id+text", "item_text_fields": ["movie_title", "class"],
+    "item_text_max_tokens": 16, "MAX_ITEM_LIST_LENGTH": 12, "epochs": 1, "train_batch_size": 512,
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "class"]},
+}
+SERVING_ARTIFACTS = ("scores", "top", "catalogue")
 
 
 def build_serving_artifacts(folder: Path) -> dict[str, str]:
     """BERTLoRA trained on ml-tiny, exported twice into ``folder``: ``scores`` (every item's score) and ``top``
-    (top-5 with exclusions); also its checkpoint. Paths as strings."""
+    (top-5 with exclusions); BERTRec with item text exported with an item index (``catalogue``); their
+    checkpoints. Paths as strings."""
     from recbole_llm.export import ExportOptions, export_checkpoint
 
     folder = Path(folder).resolve()
@@ -156,19 +165,24 @@ def build_serving_artifacts(folder: Path) -> dict[str, str]:
     checkpoint = train_checkpoint(folder, "BERTLoRA", "ml-tiny", {
         "data_path": str(folder / "data"), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
         **SERVING_MODEL})
+    text_checkpoint = train_checkpoint(folder / "text", "BERTRec", "ml-tiny", {
+        "data_path": str(folder / "data"), **CATALOGUE_MODEL})
     return {
         "checkpoint": str(checkpoint),
         "scores": str(export_checkpoint(checkpoint, folder / "scores", ExportOptions()).path),
         "top": str(export_checkpoint(checkpoint, folder / "top", ExportOptions(top_k=SERVING_TOP_K)).path),
+        "catalogue_checkpoint": str(text_checkpoint),
+        "catalogue": str(export_checkpoint(text_checkpoint, folder / "catalogue", ExportOptions(item_index=True)).path),
     }
 
 
 @pytest.fixture(scope="session")
 def serving_artifacts(tmp_path_factory) -> dict[str, str]:
-    """{"scores": artifact folder, "top": top-k artifact folder}: from RECBOLE_LLM_TEST_ARTIFACTS, or built."""
+    """{"scores": artifact folder, "top": top-k artifact folder, "catalogue": item-index artifact folder}: from
+    RECBOLE_LLM_TEST_ARTIFACTS, or built (then also their checkpoints)."""
     given = os.environ.get("RECBOLE_LLM_TEST_ARTIFACTS")
     if given:
-        found = {name: str(Path(given, name).resolve()) for name in ("scores", "top")}
+        found = {name: str(Path(given, name).resolve()) for name in SERVING_ARTIFACTS}
         missing = [path for path in found.values() if not Path(path, "metadata.json").is_file()]
         if missing:
             raise pytest.UsageError(f"RECBOLE_LLM_TEST_ARTIFACTS: no artifact at {missing[0]}; write them with "

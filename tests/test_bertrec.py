@@ -101,11 +101,13 @@ def test_all_positions_trains_each_target_once_per_epoch(tiny_bert):
 
     def training_rows(settings):
         config = Config(model="BERTRec", dataset="ml-slice", config_dict=settings)
-        return config, data_preparation(config, create_dataset(config))[0]._dataset.inter_feat
+        train = data_preparation(config, create_dataset(config))[0]._dataset
+        return config, train.inter_feat, train.item_counter
 
     settings = {**tiny_bert, "MAX_ITEM_LIST_LENGTH": 5}
-    _, every = training_rows(settings)
-    config, kept = training_rows({**settings, "train_positions": "all"})
+    _, every, counts = training_rows(settings)
+    config, kept, window_counts = training_rows({**settings, "train_positions": "all"})
+    assert window_counts == counts  # training interactions per item (the tail metrics' threshold) unchanged
     uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
     seq_field, len_field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"], config["ITEM_LIST_LENGTH_FIELD"]
     for user in every[uid].unique().tolist()[:30]:

@@ -196,6 +196,37 @@ def test_concurrent_requests_get_their_own_answers(service, artifact):
                                                     request["exclude_seen"]))
 
 
+def test_items_added_over_http_are_recommended_at_once(serving_artifacts, service):
+    """POST /items (on with --allow-item-updates): new items from their text, answered as the runtime answers
+    after add_items; recommendations meanwhile and after see them; bad items get 4xx and add nothing."""
+    catalogue = serving_artifacts["catalogue"]
+    status, body = service.request("POST", "/items", json.dumps({"items": {"new-1": "a film"}}).encode())
+    assert status == 403 and "--allow-item-updates" in body["error"]  # off unless asked for
+    updating = Service(catalogue, "--allow-item-updates", "--max-new-items", "3")
+    try:
+        new = {"new-1": "Star Wars: Episode IX (2019), Action Adventure Sci-Fi",
+               "new-2": {"movie_title": "Toy Story 3 (2010)", "class": "Animation Children Comedy"}}
+        status, body = updating.request("POST", "/items", json.dumps({"items": new}).encode())
+        assert status == 200 and body["added"] == ["new-1", "new-2"], body
+        local = Recommender(catalogue)
+        local.add_items(new)
+        histories = [["50", "181", "new-1"], ["new-2"]]
+        status, body = updating.recommend({"histories": histories, "k": 20})
+        want = [asdict(a) for a in local.recommend(histories, k=20)]
+        assert status == 200 and same(body["recommendations"], want)
+        status, body = updating.recommend({"histories": [["50", "181"]], "k": local.max_k, "exclude_seen": False})
+        assert {"new-1", "new-2"} <= set(body["recommendations"][0]["items"])
+        assert updating.get("/metadata")[1]["n_item_tokens"] == len(local.tokens) - 1
+        for payload, code in [({"items": {"new-1": "again"}}, 409), ({"items": {"new-3": ""}}, 422),
+                              ({"items": {f"n{i}": "x" for i in range(4)}}, 413), ({"items": []}, 422),
+                              ({"things": {}}, 422)]:
+            status, body = updating.request("POST", "/items", json.dumps(payload).encode())
+            assert status == code and "\n" not in body["error"], (payload, status, body)
+        assert updating.get("/metadata")[1]["n_item_tokens"] == len(local.tokens) - 1  # nothing added
+    finally:
+        updating.close()
+
+
 def test_serve_refuses_a_folder_that_is_not_an_artifact(tmp_path):
     result = subprocess.run([sys.executable, "-m", "recbole_llm", "serve", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)

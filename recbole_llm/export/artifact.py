@@ -14,11 +14,25 @@ The graph (``FORMAT_VERSION`` 2):
 - outputs, with ``top_k``: ``top_items`` int64 and ``top_scores`` float32 [batch, top_k] (best first,
   ``-inf`` scores where fewer items were left); without: ``scores`` float32 [batch, n_items] (column 0 is
   padding, never an item).
+
+An artifact with an item index (``recbole-llm export --item-index``, plugin models) keeps the item table out
+of the graph, so that items can be added after training and a catalogue can be searched by an index:
+
+- the graph takes a third input ``item_vectors`` float32 [n_items, hidden] (row 0 padding) and returns
+  ``user_vectors`` float32 [batch, hidden]; item i scores ``user_vectors @ item_vectors[i]``;
+- ``item_vectors.npy`` holds the table (metadata.json's ``item_index``: file, dim and SHA-256);
+- for models with item text, ``text_tower.onnx`` (inputs ``input_ids``, ``attention_mask`` int64 [items,
+  tokens]; output ``item_vectors`` [items, hidden]: a new item's row from its text alone) and the
+  tokenizer's ``tokenizer.json`` (metadata.json's ``text_tower``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +51,16 @@ TRITON_FOLDER = "triton"
 PADDING_TOKEN = "[PAD]"  # item_tokens[0]: internal id 0 is padding, never an item
 MAX_LENGTH_LIMIT = 1 << 16  # items per history a graph may take (metadata.json's max_length)
 PRECISIONS = ("fp32", "int8", "fp16")
+MAX_TEXT_TOKENS = 4096  # tokens per item text a text tower may take (metadata.json's text_tower.max_tokens)
 REEXPORT = "export the artifact again: recbole-llm export --checkpoint CHECKPOINT --output FOLDER --force"
 
 ITEM_SEQ, ITEM_LENGTH, EXCLUDE_ITEMS = "item_seq", "item_length", "exclude_items"
 SCORES, TOP_ITEMS, TOP_SCORES = "scores", "top_items", "top_scores"
+# artifacts with an item index (export --item-index)
+ITEM_VECTORS, USER_VECTORS = "item_vectors", "user_vectors"
+ITEM_VECTORS_FILE = "item_vectors.npy"
+TEXT_TOWER_FILE, TOKENIZER_FILE = "text_tower.onnx", "tokenizer.json"
+TEXT_INPUT_IDS, TEXT_ATTENTION_MASK = "input_ids", "attention_mask"
 
 
 class ArtifactError(RecboleLLMError):
@@ -57,32 +77,45 @@ class TensorSpec:
     doc: str
 
 
-def input_specs(top_k: int | None) -> list[TensorSpec]:
-    """The graph's inputs, in order."""
+def input_specs(top_k: int | None, vectors: bool = False) -> list[TensorSpec]:
+    """The graph's inputs, in order (``vectors``: an artifact with an item index)."""
     specs = [
         TensorSpec(ITEM_SEQ, "int64", ("batch", "length"), "internal item ids, most recent last, right-padded with 0"),
         TensorSpec(ITEM_LENGTH, "int64", ("batch",), "real items per row, 1 ... length"),
     ]
-    if top_k is not None:
+    if vectors:
+        specs.append(TensorSpec(ITEM_VECTORS, "float32", ("items", "hidden"),
+                                "every item's vector (item_vectors.npy, items added since included); row 0 padding"))
+    elif top_k is not None:
         specs.append(TensorSpec(EXCLUDE_ITEMS, "int64", ("batch", "excluded"),
                                 "item ids never to return, 0-padded (the whole history to exclude seen items)"))
     return specs
 
 
-def output_specs(top_k: int | None, n_items: int) -> list[TensorSpec]:
+def output_specs(top_k: int | None, n_items: int, vectors: bool = False) -> list[TensorSpec]:
     """The graph's outputs, in order; ``n_items`` counts the padding column."""
+    if vectors:
+        return [TensorSpec(USER_VECTORS, "float32", ("batch", "hidden"),
+                           "each history's vector: item i scores user_vectors @ item_vectors[i]")]
     if top_k is None:
         return [TensorSpec(SCORES, "float32", ("batch", n_items), "every item's score; column 0 is padding")]
     return [TensorSpec(TOP_ITEMS, "int64", ("batch", top_k), "internal ids of the best items, best first"),
             TensorSpec(TOP_SCORES, "float32", ("batch", top_k), "their scores; -inf where fewer items were left")]
 
 
-def input_names(top_k: int | None) -> list[str]:
-    return [spec.name for spec in input_specs(top_k)]
+def input_names(top_k: int | None, vectors: bool = False) -> list[str]:
+    return [spec.name for spec in input_specs(top_k, vectors)]
 
 
-def output_names(top_k: int | None) -> list[str]:
-    return [spec.name for spec in output_specs(top_k, 0)]
+def output_names(top_k: int | None, vectors: bool = False) -> list[str]:
+    return [spec.name for spec in output_specs(top_k, 0, vectors)]
+
+
+def text_tower_specs() -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) of ``text_tower.onnx``: item text, tokenized, to the items' vectors."""
+    return ([TensorSpec(TEXT_INPUT_IDS, "int64", ("items", "tokens"), "token ids (tokenizer.json), 0-padded"),
+             TensorSpec(TEXT_ATTENTION_MASK, "int64", ("items", "tokens"), "1 on real tokens")],
+            [TensorSpec(ITEM_VECTORS, "float32", ("items", "hidden"), "each item's vector from its text alone")])
 
 
 def feeds(item_seq: np.ndarray, item_length: np.ndarray, exclude_items: np.ndarray | None = None,
@@ -107,6 +140,12 @@ def exclusions(seen: Sequence[np.ndarray], exclude_seen: Sequence[bool]) -> np.n
     for row, ids in enumerate(rows):
         out[row, : len(ids)] = ids
     return out
+
+
+def item_scores(user_vectors: np.ndarray, item_vectors: np.ndarray) -> np.ndarray:
+    """Every item's score, float32 [rows, n_items], from an item-index graph's ``user_vectors`` [rows, hidden]
+    and the table ``item_vectors`` [n_items, hidden]: the product the scoring graphs compute inside."""
+    return np.asarray(user_vectors, dtype=np.float32) @ np.asarray(item_vectors, dtype=np.float32).T
 
 
 def top_k(scores: np.ndarray, k: int, exclude_items: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +191,19 @@ def metadata_schema() -> dict[str, Any]:
             "fused_operators": {"type": "object", "additionalProperties": integer},
             "adapters_merged": {"type": "boolean"},
             "item_repr": {"type": "string"},
+            "item_index": {
+                "type": ["object", "null"], "required": ["file", "dim", "sha256"],
+                "description": "present when the graph returns user vectors and the item table is a file",
+                "properties": {"file": {"const": ITEM_VECTORS_FILE}, "dim": {**integer, "minimum": 1},
+                               "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+            },
+            "text_tower": {
+                "type": ["object", "null"], "required": ["file", "tokenizer", "max_tokens", "item_text_fields"],
+                "description": "item text to item vectors, for items added after training",
+                "properties": {"file": {"const": TEXT_TOWER_FILE}, "tokenizer": {"const": TOKENIZER_FILE},
+                               "max_tokens": {**integer, "minimum": 1, "maximum": MAX_TEXT_TOKENS},
+                               "item_text_fields": names},
+            },
             "inputs": {**names, "minItems": 2, "maxItems": 3},
             "outputs": {**names, "minItems": 1, "maxItems": 2},
             "versions": {"type": "object"},
@@ -223,7 +275,116 @@ def check_metadata(metadata: Any, path: str | Path) -> dict[str, Any]:
         if not isinstance(metadata[key], list) or not all(type(name) is str for name in metadata[key]):
             raise ArtifactError(f"'{path}': {key} must be a list of tensor names, not {metadata[key]!r:.80}; "
                                 f"{REEXPORT}")
+    _check_item_index(metadata, path)
     return metadata
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_item_index(metadata: dict[str, Any], path: str | Path) -> None:
+    """``item_index`` and ``text_tower``: absent or null, or naming the contract's own files (never a path)."""
+    index, tower = metadata.get("item_index"), metadata.get("text_tower")
+    if index is not None:
+        if not isinstance(index, dict) or index.get("file") != ITEM_VECTORS_FILE:
+            raise ArtifactError(f"'{path}': item_index must be an object with file '{ITEM_VECTORS_FILE}', not "
+                                f"{index!r:.80}; {REEXPORT}")
+        if not _is_positive_int(index.get("dim")):
+            raise ArtifactError(f"'{path}': item_index.dim must be a positive integer, not "
+                                f"{index.get('dim')!r:.40}; {REEXPORT}")
+        if not isinstance(index.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", index["sha256"]):
+            raise ArtifactError(f"'{path}': item_index.sha256 must be 64 hex digits; {REEXPORT}")
+        if metadata.get("top_k") is not None:
+            raise ArtifactError(f"'{path}': an artifact with an item_index ranks in the runtime: top_k must be "
+                                f"null; {REEXPORT}")
+    if tower is not None:
+        if index is None:
+            raise ArtifactError(f"'{path}' has a text_tower but no item_index to add its items to; {REEXPORT}")
+        if (not isinstance(tower, dict) or tower.get("file") != TEXT_TOWER_FILE
+                or tower.get("tokenizer") != TOKENIZER_FILE):
+            raise ArtifactError(f"'{path}': text_tower must be an object with file '{TEXT_TOWER_FILE}' and "
+                                f"tokenizer '{TOKENIZER_FILE}', not {tower!r:.80}; {REEXPORT}")
+        tokens = tower.get("max_tokens")
+        if not _is_positive_int(tokens) or tokens > MAX_TEXT_TOKENS:
+            raise ArtifactError(f"'{path}': text_tower.max_tokens must be an integer from 1 to {MAX_TEXT_TOKENS}, "
+                                f"not {tokens!r:.40}; {REEXPORT}")
+        fields = tower.get("item_text_fields")
+        if not isinstance(fields, list) or not all(type(field) is str for field in fields):
+            raise ArtifactError(f"'{path}': text_tower.item_text_fields must be a list of field names; {REEXPORT}")
+
+
+def sha256_of(path: str | Path) -> str:
+    """The file's SHA-256, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_item_vectors(folder: str | Path, metadata: dict[str, Any]) -> np.ndarray:
+    """``item_vectors.npy`` of an artifact with an item index: float32 [n_items, dim], checked against
+    metadata.json (its SHA-256, its shape, a zero padding row, finite values); else ArtifactError."""
+    path = Path(folder) / ITEM_VECTORS_FILE
+    index = metadata["item_index"]
+    try:
+        digest = sha256_of(path)
+        if digest != index["sha256"]:
+            raise ArtifactError(f"'{path}' is not the item table metadata.json describes (SHA-256 differs): the "
+                                f"files come from different exports or updates; {REEXPORT}")
+        vectors = np.load(path, allow_pickle=False)  # never unpickles
+    except OSError as error:
+        raise ArtifactError(f"cannot read '{path}' ({error.strerror or error}); {REEXPORT}") from None
+    except ValueError as error:
+        raise ArtifactError(f"'{path}' is not a numpy array file ({first_line(error)}); {REEXPORT}") from None
+    want = (len(metadata["item_tokens"]), index["dim"])
+    if vectors.dtype != np.float32 or vectors.shape != want:
+        raise ArtifactError(f"'{path}' holds {vectors.dtype} {list(vectors.shape)}, not float32 {list(want)} (one "
+                            f"row per item token); {REEXPORT}")
+    if not np.isfinite(vectors).all() or np.any(vectors[0]):
+        raise ArtifactError(f"'{path}' has non-finite values or a non-zero padding row; {REEXPORT}")
+    return vectors
+
+
+def replace_folder(staging: Path, output: Path) -> None:
+    """Move the finished folder ``staging`` to ``output`` (a sibling), replacing what is there: readers see
+    the old folder or the new one, never a mix; a leftover of a killed run is removed by the next one."""
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")  # named so remove_leftovers finds it
+        os.replace(output, old)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
+def remove_leftovers(output: Path) -> None:
+    """Staging and swap folders of writes to ``output`` whose process is gone (killed mid-write)."""
+    for leftover in output.parent.glob(f".{output.name}.*"):
+        match = re.fullmatch(rf"\.{re.escape(output.name)}\.(?:partial|old)-(\d+)(?:-.*)?", leftover.name)
+        if match is None or not leftover.is_dir():
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
+def staging_folder(output: Path) -> Path:
+    """A new, empty folder beside ``output`` to write into before :func:`replace_folder`."""
+    import tempfile
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
+    return staging
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -246,7 +407,19 @@ def check_graph(inputs: Sequence[str], outputs: dict[str, Sequence[Any]], graph_
     """The graph's input names, output names and shapes, and the keys export also wrote into the graph's
     metadata_props (where present), agree with metadata.json; else ArtifactError naming the disagreement."""
     top, n_tokens = metadata.get("top_k"), len(metadata["item_tokens"])
-    if TOP_ITEMS in outputs and TOP_SCORES in outputs:
+    vectors = metadata.get("item_index") is not None
+    if vectors:
+        if USER_VECTORS not in outputs:
+            raise ArtifactError(f"'{metadata_path}' has an item_index but '{model_path}' returns no "
+                                f"'{USER_VECTORS}' (outputs: {', '.join(outputs)}); {REEXPORT}")
+        width = outputs[USER_VECTORS][1] if len(outputs[USER_VECTORS]) == 2 else None
+        if isinstance(width, int) and width != metadata["item_index"]["dim"]:
+            raise ArtifactError(f"'{metadata_path}' has item vectors of dim {metadata['item_index']['dim']} but "
+                                f"'{model_path}' returns user vectors of {width}; {REEXPORT}")
+    elif USER_VECTORS in outputs:
+        raise ArtifactError(f"'{model_path}' returns user vectors (exported with --item-index) but "
+                            f"'{metadata_path}' has no item_index; {REEXPORT}")
+    elif TOP_ITEMS in outputs and TOP_SCORES in outputs:
         if top is None:
             raise ArtifactError(f"'{model_path}' returns top-k items (exported with --top-k) but "
                                 f"'{metadata_path}' has top_k null; {REEXPORT}")
@@ -265,14 +438,15 @@ def check_graph(inputs: Sequence[str], outputs: dict[str, Sequence[Any]], graph_
     else:
         raise ArtifactError(f"'{model_path}' has neither a '{SCORES}' output nor '{TOP_ITEMS}' and '{TOP_SCORES}' "
                             f"(outputs: {', '.join(outputs)}); it is not a recbole_llm export: {REEXPORT}")
-    wanted = input_names(top)
+    wanted = input_names(top, vectors)
     if sorted(inputs) != sorted(wanted):
         raise ArtifactError(f"'{model_path}' takes inputs {', '.join(inputs)}, not {', '.join(wanted)}; it is not "
                             f"a recbole_llm export: {REEXPORT}")
     # The graph's own record of what it was exported with: without it, a metadata.json edited or paired with
     # another export (other item order, another max_length) would load and answer wrongly, silently.
     graph: dict[str, Any] = {}
-    for key in GRAPH_METADATA_KEYS:
+    # Items may be added to an item index after export: its graph vouches for the window and the width only.
+    for key in (("max_length", "top_k") if vectors else GRAPH_METADATA_KEYS):
         try:
             graph[key] = json.loads(graph_metadata[key])
         except (KeyError, ValueError, RecursionError):
@@ -280,13 +454,15 @@ def check_graph(inputs: Sequence[str], outputs: dict[str, Sequence[Any]], graph_
                 f"'{model_path}' does not say which {key} it was exported with (its metadata_props lack a JSON "
                 f"'{key}': re-saved by another tool, or not a recbole_llm export), so '{metadata_path}' cannot be "
                 f"checked against it; {REEXPORT}") from None
-    said = {"max_length": metadata["max_length"], "top_k": top, "n_items": n_tokens}
+    said = {"max_length": metadata["max_length"], "top_k": top}
+    if not vectors:
+        said["n_items"] = n_tokens
     for key, value in said.items():
         if key in graph and graph[key] != value:
             what = f"{n_tokens} item_tokens" if key == "n_items" else f"{key}={value!r}"
             raise ArtifactError(f"'{metadata_path}' has {what} but '{model_path}' was exported with "
                                 f"{key}={graph[key]!r:.60}; the two files come from different exports: {REEXPORT}")
-    if "item_tokens" in graph and graph["item_tokens"] != metadata["item_tokens"]:
+    if not vectors and "item_tokens" in graph and graph["item_tokens"] != metadata["item_tokens"]:
         raise ArtifactError(f"'{metadata_path}' lists other item_tokens than '{model_path}' was exported with; "
                             f"the two files come from different exports: {REEXPORT}")
 

@@ -47,29 +47,60 @@ class ScoringGraph(nn.Module):
         return top_items, top_scores
 
 
-def trace(graph: ScoringGraph, path: Path, max_length: int, opset: int) -> None:
+class UserVectorGraph(nn.Module):
+    """What goes into the ONNX graph of an artifact with an item index: each history's vector, with the item
+    table an input (``PluginModel.user_vectors``), so items added later take part as history items too."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_seq, item_length, item_vectors):
+        return self.model.user_vectors(item_seq, item_length, item_vectors)
+
+
+def trace(graph: ScoringGraph | UserVectorGraph, path: Path, max_length: int, opset: int,
+          item_vectors: torch.Tensor | None = None) -> None:
     """Write ``graph`` to ``path`` with the TorchScript exporter (ONNX Runtime's transformer optimizer fuses
-    its BERT graphs), every named axis of the contract dynamic; raises StaticShapeError otherwise."""
+    its BERT graphs), every named axis of the contract dynamic; raises StaticShapeError otherwise.
+    ``item_vectors`` ``[n_items, hidden]``: the example table of a :class:`UserVectorGraph`."""
     # an example with batch and length >= 2, so the exporter keeps both axes dynamic
     item_seq = torch.ones((2, max_length), dtype=torch.long)
     item_length = torch.tensor([max_length, 2], dtype=torch.long)
     item_seq[1, 2:] = 0
     inputs: tuple = (item_seq, item_length)
-    if graph.top_k is not None:
+    vectors = isinstance(graph, UserVectorGraph)
+    top_k = None if vectors else graph.top_k
+    if vectors:
+        inputs += (item_vectors,)
+    elif top_k is not None:
         inputs += (torch.tensor([[3, 5, 0], [0, 0, 0]], dtype=torch.long),)
-    specs = artifact.input_specs(graph.top_k) + artifact.output_specs(graph.top_k, 0)
+    _export(graph, inputs, path, artifact.input_specs(top_k, vectors), artifact.output_specs(top_k, 0, vectors),
+            opset)
+
+
+def trace_text_tower(tower: nn.Module, path: Path, max_tokens: int, opset: int) -> None:
+    """Write a text tower (``BERTRec.text_tower``) to ``path``: item text, tokenized, to item vectors."""
+    input_ids = torch.full((2, max_tokens), 100, dtype=torch.long)
+    attention_mask = torch.ones((2, max_tokens), dtype=torch.long)
+    attention_mask[1, 3:] = 0
+    input_ids[1, 3:] = 0
+    _export(tower, (input_ids, attention_mask), path, *artifact.text_tower_specs(), opset)
+
+
+def _export(module: nn.Module, inputs: tuple, path: Path, input_specs, output_specs, opset: int) -> None:
     dynamic_axes = {spec.name: {axis: dim for axis, dim in enumerate(spec.shape) if isinstance(dim, str)}
-                    for spec in specs}
+                    for spec in [*input_specs, *output_specs]}
     with warnings.catch_warnings():
         # The tracer's notes on Python-side shape checks (constant for these graphs) and the exporter's
         # deprecation notice are not the user's business.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            graph,
+            module,
             inputs,
             str(path),
-            input_names=artifact.input_names(graph.top_k),
-            output_names=artifact.output_names(graph.top_k),
+            input_names=[spec.name for spec in input_specs],
+            output_names=[spec.name for spec in output_specs],
             dynamic_axes=dynamic_axes,
             opset_version=opset,
             dynamo=False,

@@ -32,6 +32,8 @@ class ExportOptions:
     max_abs_diff: float | None = None
     min_overlap: float = 0.95  # top-10 overlap with PyTorch that fp16 and int8 must keep, 0 to 1
     triton_max_batch_size: int = 256
+    # the graph returns user vectors and the item table is a file (items can be added; plugin models only)
+    item_index: bool = False
     # settings applied to the checkpoint's Config (data_path for data moved since training, ...)
     config_overrides: dict = field(default_factory=dict)
 
@@ -42,11 +44,17 @@ def _is_int(value: object) -> bool:
 
 def check_options(options: ExportOptions) -> None:
     """Raises RecboleLLMError naming the first option out of range or of the wrong type."""
-    for name in ("optimize", "int8", "fp16", "triton", "force"):
+    for name in ("optimize", "int8", "fp16", "triton", "force", "item_index"):
         if not isinstance(getattr(options, name), bool):
             raise RecboleLLMError(f"{name}={getattr(options, name)!r:.40} must be True or False")
     if options.int8 and options.fp16:
         raise RecboleLLMError("--int8 and --fp16 exclude each other: int8 is for CPU, fp16 for GPU; pick one")
+    if options.item_index:
+        clash = next((flag for flag, on in (("--top-k", options.top_k is not None), ("--int8", options.int8),
+                                             ("--fp16", options.fp16), ("--triton", options.triton)) if on), None)
+        if clash:
+            raise RecboleLLMError(f"--item-index and {clash} exclude each other: an item-index artifact ranks in the "
+                                  "runtime, in fp32 (the request's k); drop one of them")
     if not _is_int(options.opset) or not OPSETS[0] <= options.opset <= OPSETS[1]:
         raise RecboleLLMError(f"--opset {options.opset!r:.40} is not supported; use {OPSETS[0]} to {OPSETS[1]} "
                               "(17 is the default)")

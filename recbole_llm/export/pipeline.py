@@ -19,9 +19,7 @@ import datetime
 import errno
 import json
 import os
-import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +117,10 @@ class ExportResult:
         """One line per validation, then where the artifact is: what ``recbole-llm export`` prints."""
         lines = []
         for report in self.reports:
+            if report.graph == "text tower":
+                lines.append(f"validated text tower: {report.rows} item texts, {report.lengths[0]}-"
+                             f"{report.lengths[-1]} tokens, max |diff| {report.max_abs_diff:.2e}")
+                continue
             fused = f", fused {report.fused_operators}" if report.fused_operators else ""
             if report.quantized_operators:
                 fused += f", int8 {report.quantized_operators}"
@@ -147,24 +149,32 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
     if options.top_k is not None and options.top_k >= n_items:
         raise RecboleLLMError(f"--top-k {options.top_k} exceeds the {n_items - 1} items of the model: use at most "
                               f"{n_items - 1}")
+    if options.item_index and not isinstance(model, PluginModel):
+        raise RecboleLLMError(
+            f"--item-index needs a recbole_llm model (BERTRec, BERTLoRA, ...): {config['model']} scores items "
+            "inside its own layers; export it without --item-index")
     exported, merged = export_model(model)
     max_length = int(config["MAX_ITEM_LIST_LENGTH"])
     item_seq, item_length = validate.validation_inputs(model, test_data, options.validation_rows)
     reference = validate.reference_scores(model, item_seq, item_length)  # the model before merging
+    table = None
+    if options.item_index:
+        with torch.no_grad():
+            table = exported.item_table().detach().float().cpu().numpy().copy()
+        table[0] = 0.0  # padding: never scored, never read (masked) in a history
 
     def check(path: Path, precision: str) -> ValidationReport:
         return validate.validate(path, reference, item_seq, item_length, precision, options.top_k,
-                                 options.max_abs_diff, options.min_overlap)
+                                 options.max_abs_diff, options.min_overlap, item_vectors=table)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(output)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
+    staging = artifact.staging_folder(output)
     try:
         onnx_path = staging / artifact.MODEL_FILE
-        graph.trace(graph.ScoringGraph(exported, options.top_k).eval(), onnx_path, max_length, options.opset)
+        if table is None:
+            graph.trace(graph.ScoringGraph(exported, options.top_k).eval(), onnx_path, max_length, options.opset)
+        else:
+            graph.trace(graph.UserVectorGraph(exported).eval(), onnx_path, max_length, options.opset,
+                        torch.from_numpy(table))
         reports = [check(onnx_path, "fp32")]
         fused: dict[str, int] = {}
         if options.optimize:
@@ -195,18 +205,20 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
             "fused_operators": fused,
             "adapters_merged": merged,
             "item_repr": config["item_repr"] or "id",
-            "inputs": artifact.input_names(options.top_k),
-            "outputs": artifact.output_names(options.top_k),
+            "inputs": artifact.input_names(options.top_k, table is not None),
+            "outputs": artifact.output_names(options.top_k, table is not None),
             "versions": _versions(options.opset),
             "validation": [asdict(r) for r in reports],
             "item_tokens": item_tokens(config, dataset),
         }
+        if table is not None:
+            metadata.update(write_item_index(exported, table, staging, options, reports))
         artifact.check_metadata(metadata, staging / artifact.METADATA_FILE)  # what the runtime will read
         _write_graph_metadata(onnx_path, metadata)
         (staging / artifact.METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
         if options.triton:
             triton.write_repository(staging, config["model"], options.top_k, n_items, options.triton_max_batch_size)
-        _move_into_place(staging, output)
+        artifact.replace_folder(staging, output)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
@@ -220,6 +232,43 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
     return ExportResult(output, metadata, reports)
 
 
+def write_item_index(model: nn.Module, table, staging: Path, options: ExportOptions,
+                     reports: list[ValidationReport]) -> dict[str, Any]:
+    """The item table (``item_vectors.npy``) and, for a model with item text, its text tower
+    (``text_tower.onnx``, validated against PyTorch on the model's own item texts) and tokenizer: the
+    metadata keys ``item_index`` and ``text_tower``."""
+    import numpy as np
+
+    np.save(staging / artifact.ITEM_VECTORS_FILE, table.astype(np.float32), allow_pickle=False)
+    keys: dict[str, Any] = {"item_index": {"file": artifact.ITEM_VECTORS_FILE, "dim": int(table.shape[1]),
+                                           "sha256": artifact.sha256_of(staging / artifact.ITEM_VECTORS_FILE)},
+                            "text_tower": None}
+    tower = model.text_tower()
+    if tower is None:
+        return keys
+    from transformers import AutoTokenizer
+
+    from recbole_llm.model.backbone import resolve_pretrained
+
+    max_tokens = int(model.item_text_max_tokens)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(model.pretrained_model_name_or_path))
+    if not tokenizer.is_fast:
+        raise RecboleLLMError(f"--item-index with item text needs a fast (Rust) tokenizer with a tokenizer.json; "
+                              f"'{model.pretrained_model_name_or_path}' has none: export without --item-index")
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    # what the model's own tokenization did (item_text.tokenize_items), so the runtime needs no transformers
+    backend.enable_truncation(max_length=max_tokens)
+    backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    backend.save(str(staging / artifact.TOKENIZER_FILE))
+    tower_path = staging / artifact.TEXT_TOWER_FILE
+    graph.trace_text_tower(tower, tower_path, max_tokens, options.opset)
+    reports.append(validate.validate_text_tower(tower, tower_path, model.text_input_ids, model.text_attention_mask,
+                                                model.item_has_text, options.max_abs_diff))
+    keys["text_tower"] = {"file": artifact.TEXT_TOWER_FILE, "tokenizer": artifact.TOKENIZER_FILE,
+                          "max_tokens": max_tokens, "item_text_fields": list(model.item_text_fields)}
+    return keys
+
+
 def _check_exportable(config) -> None:
     """Only sequential models have a history to score: say so before building the data."""
     from recbole.utils import ModelType
@@ -229,21 +278,6 @@ def _check_exportable(config) -> None:
             f"{config['model']} is not a sequential model (it ranks without a history), so there is nothing to "
             "export; export a sequential model such as BERTLoRA, BERTRec, SASRec, GRU4Rec or BERT4Rec"
         )
-
-
-def _remove_leftovers(output: Path) -> None:
-    """Staging and swap folders of exports to ``output`` whose process is gone (killed mid-export)."""
-    for leftover in output.parent.glob(f".{output.name}.*"):
-        match = re.fullmatch(rf"\.{re.escape(output.name)}\.(?:partial|old)-(\d+)(?:-.*)?", leftover.name)
-        if match is None or not leftover.is_dir():
-            continue
-        pid = int(match.group(1))
-        try:
-            os.kill(pid, 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            shutil.rmtree(leftover, ignore_errors=True)
-        except PermissionError:  # another user's live process
-            pass
 
 
 def _write_graph_metadata(onnx_path: Path, metadata: dict) -> None:
@@ -256,13 +290,3 @@ def _write_graph_metadata(onnx_path: Path, metadata: dict) -> None:
         entry.key = key
         entry.value = value if isinstance(value, str) else json.dumps(value)
     onnx.save(model, str(onnx_path))
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")  # named so _remove_leftovers finds it
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)

@@ -34,6 +34,7 @@ class ValidationReport:
     top: int = VALIDATION_TOP  # the top-N compared (top10_* fields): 10, or top_k when it is smaller
     fused_operators: dict[str, int] = field(default_factory=dict)  # ONNX Runtime fusions, with optimize
     quantized_operators: dict[str, int] = field(default_factory=dict)  # integer operators, with int8
+    graph: str = "scores"  # what was compared: "scores" (the model.onnx), or "text tower" (item vectors)
 
 
 class ValidationFailed(RecboleLLMError):
@@ -91,7 +92,10 @@ def providers(fp16: bool) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _ort_outputs(path: Path, feeds: dict[str, np.ndarray], fp16: bool, batch_sizes: list[int]) -> list[np.ndarray]:
+def _ort_outputs(path: Path, feeds: dict[str, np.ndarray], fp16: bool, batch_sizes: list[int],
+                 shared: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """The graph's outputs for ``feeds`` (rows split into batches of ``batch_sizes`` in turn); ``shared``
+    inputs (the item table) go whole into every call."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -102,7 +106,7 @@ def _ort_outputs(path: Path, feeds: dict[str, np.ndarray], fp16: bool, batch_siz
     while start < rows:
         size = batch_sizes[turn % len(batch_sizes)]
         chunk = {name: value[start : start + size] for name, value in feeds.items()}
-        outputs.append(session.run(None, chunk))
+        outputs.append(session.run(None, {**chunk, **(shared or {})}))
         start, turn = start + size, turn + 1
     return [np.concatenate([out[i] for out in outputs]) for i in range(len(outputs[0]))]
 
@@ -129,15 +133,21 @@ def validate(
     top_k: int | None,
     tolerance: float | None = None,
     min_overlap: float = 0.95,
+    item_vectors: np.ndarray | None = None,
 ) -> ValidationReport:
     """The graph at ``onnx_path`` in ONNX Runtime against ``reference`` (:func:`reference_scores` of the model
     before merging) on the same rows. ``tolerance``: fp32 max |score difference|, None for 1e-4 on ONNX
-    Runtime's CPU provider and 1e-3 on CUDA (its fp32 products may use TF32). Returns the report of a
-    passing graph; raises ScoresDiffer, RankingDiffers or OverlapTooLow."""
+    Runtime's CPU provider and 1e-3 on CUDA (its fp32 products may use TF32). ``item_vectors`` float32
+    [n_items, hidden]: the item table of a graph returning user vectors, scored as the runtime does
+    (``user_vectors @ item_vectors.T``). Returns the report of a passing graph; raises ScoresDiffer,
+    RankingDiffers or OverlapTooLow."""
     if tolerance is None:
         tolerance = 1e-3 if providers(precision == "fp16")[0] == "CUDAExecutionProvider" else 1e-4
     feeds = artifact.feeds(item_seq, item_length, top_k=top_k)
-    outputs = _ort_outputs(onnx_path, feeds, precision == "fp16", BATCH_SIZES)
+    shared = None if item_vectors is None else {artifact.ITEM_VECTORS: item_vectors}
+    outputs = _ort_outputs(onnx_path, feeds, precision == "fp16", BATCH_SIZES, shared)
+    if item_vectors is not None:
+        outputs = [artifact.item_scores(outputs[0], item_vectors)]
     top = min(VALIDATION_TOP, top_k or VALIDATION_TOP)
     if top_k is not None:
         top_items, top_scores = outputs
@@ -182,4 +192,35 @@ def validate(
     if failure is not None:
         report.passed = False
         raise failure(report)
+    return report
+
+
+TEXT_TOWER_ROWS = 64  # item texts the text tower is validated on
+
+
+def validate_text_tower(tower, onnx_path: Path, input_ids, attention_mask, has_text,
+                        tolerance: float | None = None) -> ValidationReport:
+    """The text tower at ``onnx_path`` in ONNX Runtime against PyTorch's ``tower`` on up to 64 of the model's
+    own item texts (``input_ids``, ``attention_mask`` int64 [n_items, tokens], ``has_text`` bool [n_items]):
+    the item vectors must agree within ``tolerance`` (default as :func:`validate`), else ScoresDiffer."""
+    import torch
+
+    if tolerance is None:
+        tolerance = 1e-3 if providers(False)[0] == "CUDAExecutionProvider" else 1e-4
+    rows = torch.nonzero(has_text).squeeze(-1)[:TEXT_TOWER_ROWS]
+    ids, mask = input_ids[rows], attention_mask[rows]
+    with torch.no_grad():
+        expected = tower(ids, mask).float().numpy()
+    feeds = {artifact.TEXT_INPUT_IDS: ids.numpy(), artifact.TEXT_ATTENTION_MASK: mask.numpy()}
+    (got,) = _ort_outputs(onnx_path, feeds, False, BATCH_SIZES)
+    max_diff = float(np.max(np.abs(expected - got))) if len(rows) else 0.0
+    report = ValidationReport(precision="fp32", rows=len(rows), lengths=sorted({int(n) for n in mask.sum(1)}) or [0],
+                              batch_sizes=BATCH_SIZES, max_abs_diff=max_diff, top10_identical_rows=1.0,
+                              top10_order_mismatches_beyond_ties=0, top10_overlap=1.0, passed=True,
+                              graph="text tower")
+    if not max_diff <= tolerance:
+        report.passed = False
+        report.reason = (f"text tower: max |ONNX Runtime - PyTorch| item-vector difference {max_diff:.3g} exceeds "
+                         f"{tolerance:g}")
+        raise ScoresDiffer(report)
     return report

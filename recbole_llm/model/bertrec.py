@@ -326,6 +326,30 @@ class BERTRec(SequentialRecommender):
         table = self.item_table()
         return self.forward(item_seq, item_length, table) @ table.t()
 
+    def user_vectors(self, item_seq: torch.Tensor, item_length: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+        """The history representation ``[batch, hidden]`` that scores item ``i`` as ``user_vectors @ item_table[i]``:
+        what an artifact with an item index exports, with ``item_table`` ``[n_items, hidden]`` a graph input
+        (items added after training have rows there, and histories may hold them). Traceable."""
+        return self.forward(item_seq, item_length, item_table)
+
+    def text_tower(self) -> nn.Module | None:
+        """A module mapping item text (``input_ids``, ``attention_mask`` int64 ``[items, item_text_max_tokens]``,
+        from this model's tokenizer) to item vectors ``[items, hidden]``: the row an item that was never trained
+        gets from its text alone (its ID embedding, untrained, counts as zero). None without item text.
+
+        ``text_encoder: frozen``: the whole pretrained encoder, centred by the catalogue's mean as at training;
+        ``trained``: the sequence encoder (adapters included), centred by the current catalogue's mean.
+        """
+        if "text" not in self.item_repr:
+            return None
+        if self.text_encoder_mode == "frozen":
+            encoder, centre = load_text_encoder(self.pretrained_model_name_or_path), self.text_centre
+        else:
+            with torch.no_grad():
+                centre = self._pool_texts(self.run_encoder, batch_size=256)[1:].mean(dim=0)
+            encoder = _RunEncoder(self)
+        return ItemTextTower(encoder, centre.detach().clone(), self.text_projection).eval()
+
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight: the whole model is fine-tuned."""
         return self.state_dict()
@@ -336,3 +360,28 @@ class BERTRec(SequentialRecommender):
     def merge_adapters(self) -> bool:
         """No adapters: nothing merges."""
         return False
+
+
+class _RunEncoder(nn.Module):
+    """``model.run_encoder`` as a module (adapters included), for a text tower of ``text_encoder: trained``."""
+
+    def __init__(self, model: BERTRec):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return self.model.run_encoder(**inputs)
+
+
+class ItemTextTower(nn.Module):
+    """Item text to item vectors: mean-pooled encoder states, centred, normalised, projected
+    (:meth:`BERTRec.text_tower`)."""
+
+    def __init__(self, encoder: nn.Module, centre: torch.Tensor, projection: nn.Linear):
+        super().__init__()
+        self.encoder, self.projection = encoder, projection
+        self.register_buffer("centre", centre)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.projection(text_vectors(mean_pool(hidden, attention_mask), self.centre))

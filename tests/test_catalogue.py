@@ -1,0 +1,139 @@
+"""A living catalogue: items added to an exported artifact from their text score as the PyTorch model scores
+them, the update is written atomically, and bad new items are refused in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_llm import RecboleLLMError
+from recbole_llm.export import ExportOptions, export_checkpoint
+from recbole_llm.export.options import check_options
+from recbole_llm.runtime import Recommender
+
+STAR_WARS = {"movie_title": "Star Wars (1977)", "class": "Action Adventure Romance Sci-Fi War"}
+NEW = {"new-1": "Star Wars: Episode IX (2019), Action Adventure Sci-Fi", "new-2": STAR_WARS,
+       "new-3": "Toy Story 3 (2010), Animation Children Comedy"}
+
+
+@pytest.fixture(scope="module")
+def pytorch_model(serving_artifacts):
+    from recbole_llm.export.pipeline import load_for_export
+
+    _, model, _, _ = load_for_export(serving_artifacts["catalogue_checkpoint"])
+    return model
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
+def test_new_items_score_as_the_pytorch_model_scores_them(serving_artifacts, pytorch_model):
+    """New items' rows come from the text tower alone; recommended and read in histories, their scores match
+    PyTorch given the same text (its tokenizer, its text tower, the table extended by their rows) within 1e-4."""
+    from transformers import AutoTokenizer
+
+    from recbole_llm.model.backbone import resolve_pretrained
+
+    recommender = Recommender(serving_artifacts["catalogue"])
+    before = len(recommender.tokens)
+    ids = recommender.add_items(NEW)
+    assert ids == list(range(before, before + 3)) and recommender.tokens[-3:] == list(NEW)
+    history = ["50", "181", "new-1", "172", "new-3"]  # new items as history items too
+    [answer] = recommender.recommend([history], k=recommender.max_k, exclude_seen=False)
+    got = dict(zip(answer.items, answer.scores))
+    assert set(NEW) <= set(got)
+
+    model = pytorch_model
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(model.pretrained_model_name_or_path))
+    texts = [NEW["new-1"], ", ".join(STAR_WARS.values()), NEW["new-3"]]  # as item_texts joins fields
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=model.item_text_max_tokens,
+                        return_tensors="pt")
+    with torch.no_grad():
+        table = torch.cat([model.item_table(), model.text_tower()(encoded["input_ids"], encoded["attention_mask"])])
+        table[0] = 0
+        seq = torch.tensor([[recommender.token_to_id[t] for t in history]])
+        expected = (model.user_vectors(seq, torch.tensor([len(history)]), table) @ table.T)[0].numpy()
+    diffs = [abs(expected[recommender.token_to_id[token]] - score) for token, score in got.items()]
+    assert max(diffs) < 1e-4, max(diffs)
+    # the same text as fields or as a joined string is the same item: the same vector
+    assert np.allclose(recommender.item_vectors[ids[1]], recommender.vectors_from_text([texts[1]])[0], atol=1e-6)
+
+
+def test_add_items_command_writes_the_update_atomically(serving_artifacts, tmp_path):
+    """recbole-llm add-items: a new folder with --output, else the artifact replaced whole; a refused file
+    leaves the artifact as it was."""
+    import shutil
+
+    artifact = tmp_path / "catalogue"
+    shutil.copytree(serving_artifacts["catalogue"], artifact)
+    items = tmp_path / "items.tsv"
+    items.write_text("item_id:token\tmovie_title:token_seq\tclass:token_seq\n"
+                     "new-1\tStar Wars: Episode IX (2019)\tAction Adventure Sci-Fi\n"
+                     "new-2\tToy Story 3 (2010)\tAnimation Children Comedy\n")
+    command = [sys.executable, "-m", "recbole_llm", "add-items"]
+    copy = subprocess.run([*command, str(artifact), str(items), "--output", str(tmp_path / "copy")],
+                          capture_output=True, text=True)
+    assert copy.returncode == 0, copy.stderr
+    updated = Recommender(tmp_path / "copy")
+    assert updated.tokens[-2:] == ["new-1", "new-2"] and updated.metadata["items_added"] == 2
+    assert len(Recommender(artifact).tokens) == len(updated.tokens) - 2  # --output left the source alone
+
+    before = folder_digest(artifact)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("item_id\tmovie_title\nnew-9\tA film\nnew-9\tThe same token\n")
+    refused = subprocess.run([*command, str(artifact), str(bad)], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "line 3" in refused.stderr
+    assert folder_digest(artifact) == before and not list(tmp_path.glob(".catalogue.*"))
+
+    in_place = subprocess.run([*command, str(artifact), str(items)], capture_output=True, text=True)
+    assert in_place.returncode == 0, in_place.stderr
+    assert Recommender(artifact).tokens == updated.tokens and not list(tmp_path.glob(".catalogue.*"))
+    again = subprocess.run([*command, str(artifact), str(items)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already in the artifact" in again.stderr
+
+
+@pytest.mark.parametrize("items, fragment", [
+    ({"50": "An old token"}, "already in the artifact"),
+    ({"7777": "a film", 7777: "the same token as an integer"}, "given twice"),
+    ({"new": "   "}, "has no text"),
+    ({"new": {"movie_title": ""}}, "has no text"),
+    ({"new": {"director": "Someone"}}, "not one of the model's text fields"),
+    ({"new": 5}, "must be a string or a mapping"),
+    ({"": "a film"}, "non-empty string"),
+    ({}, "non-empty mapping"),
+    (["new", "a film"], "non-empty mapping"),
+])
+def test_bad_new_items_are_refused_and_nothing_is_added(serving_artifacts, items, fragment):
+    recommender = Recommender(serving_artifacts["catalogue"])
+    before = len(recommender.tokens)
+    with pytest.raises(RecboleLLMError, match=fragment) as refused:
+        recommender.add_items(items)
+    assert "\n" not in str(refused.value) and len(recommender.tokens) == before
+
+
+def test_only_item_index_artifacts_with_text_take_new_items(serving_artifacts, tmp_path):
+    """The scores artifact keeps its table inside its graph; an id-only model exported with an item index
+    ranks like its scores artifact but has no text to make a new item from."""
+    with pytest.raises(RecboleLLMError, match="export it with --item-index"):
+        Recommender(serving_artifacts["scores"]).add_items({"new": "a film"})
+    id_only = export_checkpoint(serving_artifacts["checkpoint"], tmp_path / "ids", ExportOptions(item_index=True))
+    assert id_only.metadata["text_tower"] is None and (tmp_path / "ids" / "item_vectors.npy").is_file()
+    indexed, scores = Recommender(tmp_path / "ids"), Recommender(serving_artifacts["scores"])
+    histories = [["50", "181", "172"], ["1", "2"]]
+    for a, b in zip(indexed.recommend(histories, k=10), scores.recommend(histories, k=10)):
+        assert a.items == b.items and np.allclose(a.scores, b.scores, atol=1e-5)
+    with pytest.raises(RecboleLLMError, match="no item text"):
+        indexed.add_items({"new": "a film"})
+
+
+@pytest.mark.parametrize("option", [{"top_k": 5}, {"int8": True}, {"triton": True}])
+def test_item_index_excludes_graph_side_ranking_and_int8(option):
+    with pytest.raises(RecboleLLMError, match="--item-index and"):
+        check_options(ExportOptions(item_index=True, **option))
