@@ -38,7 +38,7 @@ commands:
     recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
                [--max-batch 256] [--max-history 10000] [--max-body-bytes 1048576] [--no-batching]
                [--max-explained 1000] [--threads N] [--body-timeout 10] [--keep-alive-timeout 5]
-               [--shutdown-timeout 10] [--allow-item-updates] [--max-new-items 1000]
+               [--shutdown-timeout 10] [--allow-item-updates] [--max-new-items 1000] [--retrieval exact|ann]
   models   list the models 'run' accepts (the plugin's, then RecBole's)
 
 'serve' and 'add-items' run in a serving install (export/requirements-serve.txt: no torch, no RecBole); the
@@ -209,6 +209,8 @@ def _serve(args: Sequence[str]) -> int:
     parser.add_argument("--allow-item-updates", action="store_true",
                         help="turn POST /items on: new items from their text (an artifact exported with --item-index)")
     parser.add_argument("--max-new-items", type=int, default=1000, help="items one POST /items may add (default 1000)")
+    parser.add_argument("--retrieval", default="exact", choices=("exact", "ann"),
+                        help="exact (default: every item scored) or ann (faiss HNSW over an --item-index artifact)")
     parser.error = lambda message: sys.exit(_fail(f"{message} (see: recbole-llm serve --help)"))  # one line
     known = parser.parse_args(args)
 
@@ -226,7 +228,7 @@ def _serve(args: Sequence[str]) -> int:
     try:
         limits.check()
         serve(known.artifact, known.host, known.port, limits, known.unknown_tokens, not known.no_batching,
-              known.threads, known.allow_item_updates)
+              known.threads, known.allow_item_updates, known.retrieval)
     except RecboleLLMError as error:
         return _fail(str(error))
     return 0

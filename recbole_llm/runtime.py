@@ -41,6 +41,10 @@ from recbole_llm.export.artifact import (FORMAT_VERSION, REEXPORT, exclusions, f
                                          shown)
 
 UNKNOWN_TOKEN_POLICIES = ("skip", "error")
+RETRIEVALS = ("exact", "ann")
+# faiss HNSW over the item table (inner product): graph degree, build and search breadth. Measured by
+# benchmarks/catalogue_scale.py: Recall@10 against exact retrieval at these settings is in its results.
+ANN_M, ANN_EF_CONSTRUCTION, ANN_EF_SEARCH = 32, 80, 256
 MAX_ITEM_TEXT_CHARS = 10_000  # characters of one new item's text (the tower reads its first max_tokens tokens)
 
 
@@ -74,6 +78,14 @@ class Recommendation:
     unknown_tokens: int  # tokens of this history that the model does not know (skipped)
     # with explain: for each recommended item, the history items the model read, largest effect first
     explanations: list[list[Contribution]] | None = None
+
+
+class Catalogue(NamedTuple):
+    """The items an artifact knows, replaced as a whole when items are added: a call reads it once."""
+
+    tokens: list[str]  # internal id -> raw token; 0 is padding
+    token_to_id: dict[str, int]
+    vectors: np.ndarray | None  # float32 [len(tokens), dim] of an item-index artifact, else None
 
 
 class Encoded(NamedTuple):
@@ -137,7 +149,11 @@ class Recommender:
         providers: Sequence[str] | None = None,
         unknown_tokens: str = "skip",
         intra_op_threads: int | None = None,
+        retrieval: str = "exact",
     ):
+        """Load and check ``artifact``. ``retrieval``: ``exact`` (every item scored) or ``ann`` (an artifact
+        exported with --item-index: a faiss HNSW index over its item table, built here; needs faiss-cpu).
+        Raises ArtifactError for a broken artifact, RecboleLLMError for bad arguments."""
         import onnxruntime as ort
 
         folder = Path(artifact)
@@ -160,17 +176,24 @@ class Recommender:
         self.max_length = self.metadata["max_length"]
         self.top_k = self.metadata.get("top_k")
         self.folder = folder
-        self.tokens = self.metadata["item_tokens"]
-        self.token_to_id = {token: index for index, token in enumerate(self.tokens) if index}
+        tokens = self.metadata["item_tokens"]
         # an artifact exported with --item-index: the item table is a file, and items can be added
         self.item_index = self.metadata.get("item_index")
-        self.item_vectors = contract.read_item_vectors(folder, self.metadata) if self.item_index else None
+        self._catalogue = Catalogue(tokens, {token: index for index, token in enumerate(tokens) if index},
+                                    contract.read_item_vectors(folder, self.metadata) if self.item_index else None)
         self.text_tower = self.metadata.get("text_tower")
         for name in ((contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE) if self.text_tower else ()):
             if not (folder / name).is_file():
                 raise contract.ArtifactError(f"'{folder}' has a text_tower but no {name}; {REEXPORT}")
         self._text_session = None  # (tokenizer, ONNX Runtime session), loaded by the first add_items
         self._adding = threading.Lock()
+        if retrieval not in RETRIEVALS:
+            raise RecboleLLMError(f"retrieval {retrieval!r:.40} is not supported; use 'exact' or 'ann'")
+        if retrieval == "ann" and self.item_index is None:
+            raise RecboleLLMError("retrieval='ann' searches an item index: export the model with --item-index")
+        self.retrieval = retrieval
+        self._ann = self._build_ann(self.item_vectors) if retrieval == "ann" else None
+        self._ann_lock = threading.Lock()  # faiss: no search while items are added
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -194,6 +217,20 @@ class Recommender:
                              self.session.get_modelmeta().custom_metadata_map, self.metadata, model_path,
                              metadata_path)
         self._probe(model_path, metadata_path)
+
+    @property
+    def tokens(self) -> list[str]:
+        """Internal item id -> raw item token (0 is padding), items added included."""
+        return self._catalogue.tokens
+
+    @property
+    def token_to_id(self) -> dict[str, int]:
+        return self._catalogue.token_to_id
+
+    @property
+    def item_vectors(self) -> np.ndarray | None:
+        """The item table float32 [n_items, dim] of an item-index artifact (items added included), else None."""
+        return self._catalogue.vectors
 
     def _probe(self, model_path: Path, metadata_path: Path) -> None:
         """One history of ``max_length`` items through the graph: it runs, and its outputs have the shapes and
@@ -351,40 +388,91 @@ class Recommender:
             feeds[contract.ITEM_VECTORS] = self.item_vectors
         return feeds
 
-    def _scores(self, item_seq: np.ndarray, item_length: np.ndarray) -> np.ndarray:
-        """Every item's score, float32 [rows, n_items], from a graph without top-k."""
-        vectors = self.item_vectors  # one table for the whole call, even if items are added meanwhile
+    def _scores(self, item_seq: np.ndarray, item_length: np.ndarray, vectors: np.ndarray | None = None) -> np.ndarray:
+        """Every item's score, float32 [rows, n_items], from a graph without top-k (``vectors``: the item
+        table of the catalogue the call reads)."""
+        if vectors is None:
+            vectors = self.item_vectors
         if vectors is None:
             (scores,) = self.session.run(contract.output_names(None), contract.feeds(item_seq, item_length))
             return scores
-        feeds = {**contract.feeds(item_seq, item_length), contract.ITEM_VECTORS: vectors}
+        return contract.item_scores(self._user_vectors(item_seq, item_length, vectors), vectors)
+
+    def _user_vectors(self, item_seq: np.ndarray, item_length: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """The graph's user vectors [rows, dim]. The graph only looks rows of ``item_vectors`` up, so it gets
+        the rows of the items these histories hold (padding first) and ids into them: its cost does not grow
+        with the catalogue."""
+        used, positions = np.unique(np.concatenate([[0], item_seq.ravel()]), return_inverse=True)
+        feeds = {**contract.feeds(positions[1:].reshape(item_seq.shape), item_length),
+                 contract.ITEM_VECTORS: np.ascontiguousarray(vectors[used])}
         (user_vectors,) = self.session.run(contract.output_names(None, True), feeds)
-        return contract.item_scores(user_vectors, vectors)
+        return user_vectors
 
     def _rank(self, encoded: Encoded, ks: Sequence[int], exclude_seen: Sequence[bool]) -> list[Recommendation]:
+        catalogue = self._catalogue  # one catalogue for the whole call, even if items are added meanwhile
         k_max = max(ks)
         exclude_items = exclusions(encoded.seen, exclude_seen)
         if self.top_k is not None:
             feeds = contract.feeds(encoded.item_seq, encoded.item_length, exclude_items, self.top_k)
             top_items, top_scores = self.session.run(contract.output_names(self.top_k), feeds)
             top_items, top_scores = top_items[:, :k_max], top_scores[:, :k_max]
+        elif self._ann is not None:
+            user_vectors = self._user_vectors(encoded.item_seq, encoded.item_length, catalogue.vectors)
+            top_items, top_scores = self._ann_top_k(user_vectors, k_max, exclude_items, len(catalogue.tokens))
         else:  # the same exclusions and ordering as a top-k graph, in numpy
-            scores = self._scores(encoded.item_seq, encoded.item_length)
+            scores = self._scores(encoded.item_seq, encoded.item_length, catalogue.vectors)
             top_items, top_scores = contract.top_k(scores, k_max, exclude_items)
-        if not ((top_items >= 0) & (top_items < len(self.tokens))).all():  # never an index past the token list
+        if not ((top_items >= 0) & (top_items < len(catalogue.tokens))).all():  # never past the token list
             raise contract.ArtifactError(
-                f"the model returned item ids beyond the {len(self.tokens)} item_tokens of its metadata.json: the "
+                f"the model returned item ids beyond the {len(catalogue.tokens)} item_tokens of its metadata.json: the "
                 f"artifact's files come from different exports; {REEXPORT}")
         answers = []
         for items, scores_row, k, unknown in zip(top_items, top_scores, ks, encoded.unknown):
             items, scores_row = items[:k], scores_row[:k]
             finite = np.isfinite(scores_row)  # fewer than k recommendable items left after exclusions
             answers.append(Recommendation(
-                items=[self.tokens[i] for i in items[finite]],
+                items=[catalogue.tokens[i] for i in items[finite]],
                 scores=[float(s) for s in scores_row[finite]],
                 unknown_tokens=int(unknown),
             ))
         return answers
+
+    # --- approximate retrieval: retrieval="ann" ------------------------------------------------------------
+
+    @staticmethod
+    def _build_ann(vectors: np.ndarray):
+        """A faiss HNSW index (inner product) over the item table, padding left out: faiss id i is item i + 1."""
+        try:
+            import faiss
+        except ImportError:
+            raise RecboleLLMError("retrieval='ann' needs faiss: pip install faiss-cpu (or recbole_llm[ann])") from None
+        faiss.omp_set_num_threads(usable_cores())
+        index = faiss.IndexHNSWFlat(int(vectors.shape[1]), ANN_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ANN_EF_CONSTRUCTION
+        index.add(np.ascontiguousarray(vectors[1:]))
+        return index
+
+    def _ann_top_k(self, user_vectors: np.ndarray, k: int, exclude_items: np.ndarray,
+                   n_items: int) -> tuple[np.ndarray, np.ndarray]:
+        """(items int64, scores float32) [rows, k] from the index: k plus as many as a row excludes are searched,
+        excluded ones and items past the call's catalogue (``n_items``: added meanwhile) dropped; -inf where
+        fewer were found. Scores are exact inner products."""
+        import faiss
+
+        excluded = [set(row[row > 0].tolist()) for row in exclude_items]
+        width = min(n_items - 1, k + max(len(row) for row in excluded))
+        params = faiss.SearchParametersHNSW(efSearch=max(ANN_EF_SEARCH, width))
+        with self._ann_lock:
+            scores, ids = self._ann.search(np.ascontiguousarray(user_vectors, dtype=np.float32), width, params=params)
+        items = np.zeros((len(ids), k), dtype=np.int64)
+        top = np.full((len(ids), k), -np.inf, dtype=np.float32)
+        for row, (found, found_scores) in enumerate(zip(ids + 1, scores)):
+            keep = [(int(i), float(s)) for i, s in zip(found, found_scores)
+                    if 0 < i < n_items and int(i) not in excluded[row]]
+            keep = keep[:k]
+            items[row, : len(keep)] = [i for i, _ in keep]
+            top[row, : len(keep)] = [s for _, s in keep]
+        return items, top
 
     # --- a living catalogue: artifacts exported with --item-index ---------------------------------------
 
@@ -421,13 +509,14 @@ class Recommender:
                 raise RecboleLLMError(f"item '{shown(next(t for t in tokens if t in self.token_to_id))}' was added "
                                       "meanwhile; new items need new tokens")
             new = self.vectors_from_text(texts)
-            first = len(self.tokens)
-            token_to_id = dict(self.token_to_id)
+            old = self._catalogue
+            first = len(old.tokens)
+            token_to_id = dict(old.token_to_id)
             token_to_id.update({token: first + offset for offset, token in enumerate(tokens)})
-            # the table first: a reader that meets a new id in token_to_id always finds its row
-            self.item_vectors = np.concatenate([self.item_vectors, new])
-            self.tokens = self.tokens + tokens
-            self.token_to_id = token_to_id
+            if self._ann is not None:  # the index first: a call that finds these ids before it reads the
+                with self._ann_lock:   # new catalogue drops them (past its tokens)
+                    self._ann.add(new)  # faiss ids follow the table's rows
+            self._catalogue = Catalogue(old.tokens + tokens, token_to_id, np.concatenate([old.vectors, new]))
         return list(range(first, first + len(tokens)))
 
     def _item_text(self, token: str, text: Any) -> str:
@@ -497,8 +586,7 @@ class Recommender:
         output = Path(output).resolve()
         if output.exists() and not (replace and (output / contract.METADATA_FILE).is_file()):
             raise RecboleLLMError(f"'{output}' exists; choose a new folder (or replace the artifact itself)")
-        with self._adding:
-            tokens, vectors = self.tokens, self.item_vectors
+        tokens, _, vectors = self._catalogue
         staging = contract.staging_folder(output)
         try:
             for name in (contract.MODEL_FILE, contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE):

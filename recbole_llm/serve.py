@@ -387,9 +387,11 @@ def create_app(
     batching: bool = True,
     intra_op_threads: int | None = None,
     allow_item_updates: bool = False,
+    retrieval: str = "exact",
 ):
     """The FastAPI application serving ``artifact``; ``app.state.drain`` is the stop ``serve`` sets.
-    ``allow_item_updates`` turns POST /items on (an artifact exported with --item-index and item text)."""
+    ``allow_item_updates`` turns POST /items on (an artifact exported with --item-index and item text);
+    ``retrieval`` is the Recommender's (``exact``, or ``ann`` on an item index)."""
     from contextlib import asynccontextmanager
 
     _require_serving_extra()
@@ -398,7 +400,8 @@ def create_app(
 
     limits = limits or Limits()
     limits.check()
-    recommender = Recommender(artifact, unknown_tokens=unknown_tokens, intra_op_threads=intra_op_threads)
+    recommender = Recommender(artifact, unknown_tokens=unknown_tokens, intra_op_threads=intra_op_threads,
+                              retrieval=retrieval)
     if allow_item_updates and not recommender.text_tower:
         raise RecboleLLMError(f"--allow-item-updates needs an artifact exported with --item-index from a model with "
                               f"item text; '{artifact}' has {'no text tower' if recommender.item_index else 'no item index'}")
@@ -409,6 +412,7 @@ def create_app(
     public_metadata["session"] = recommender.session_settings
     public_metadata["service"] = {**asdict(limits), "unknown_tokens": unknown_tokens, "batching": batching,
                                   "max_k": recommender.max_k, "item_updates": allow_item_updates,
+                                  "retrieval": retrieval,
                                   "providers": recommender.session.get_providers()}
 
     @asynccontextmanager
@@ -619,6 +623,7 @@ def serve(
     batching: bool = True,
     intra_op_threads: int | None = None,
     allow_item_updates: bool = False,
+    retrieval: str = "exact",
 ) -> None:
     """Run the service until interrupted (SIGINT or SIGTERM: a drain bounded by ``limits.shutdown_timeout``)."""
     _require_serving_extra()
@@ -631,7 +636,7 @@ def serve(
     if unknown_tokens not in UNKNOWN_TOKEN_POLICIES:
         raise RecboleLLMError(f"--unknown-tokens '{unknown_tokens}' is not a policy; use skip or error")
     _check_can_listen(host, port)
-    app = create_app(artifact, limits, unknown_tokens, batching, intra_op_threads, allow_item_updates)
+    app = create_app(artifact, limits, unknown_tokens, batching, intra_op_threads, allow_item_updates, retrieval)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", access_log=False,
         http=_protocol_class(limits.body_timeout),

@@ -137,3 +137,30 @@ def test_only_item_index_artifacts_with_text_take_new_items(serving_artifacts, t
 def test_item_index_excludes_graph_side_ranking_and_int8(option):
     with pytest.raises(RecboleLLMError, match="--item-index and"):
         check_options(ExportOptions(item_index=True, **option))
+
+
+def test_approximate_retrieval_returns_the_exact_top_10_on_a_small_catalogue(serving_artifacts):
+    """retrieval='ann' (faiss HNSW over the item table) answers as exact retrieval on the bundled catalogue,
+    exclusions included, and finds items added afterwards."""
+    exact = Recommender(serving_artifacts["catalogue"])
+    approximate = Recommender(serving_artifacts["catalogue"], retrieval="ann")
+    rng = np.random.default_rng(0)
+    real = exact.tokens[1:]
+    histories = [[real[i] for i in rng.integers(0, len(real), size=rng.integers(1, 30))] for _ in range(64)]
+    for seen in (True, False):
+        got = approximate.recommend(histories, k=10, exclude_seen=seen)
+        want = exact.recommend(histories, k=10, exclude_seen=seen)
+        recall = np.mean([len(set(g.items) & set(w.items)) / 10 for g, w in zip(got, want)])
+        assert recall >= 0.99, recall
+        assert all(np.allclose(g.scores, w.scores, atol=1e-5) for g, w in zip(got, want) if g.items == w.items)
+        if seen:
+            assert all(not set(g.items) & set(h) for g, h in zip(got, histories))
+    for recommender in (exact, approximate):
+        recommender.add_items({"new-1": "Star Wars (1977), Action Adventure Romance Sci-Fi War"})
+    [a], [e] = approximate.recommend([["50"]], k=exact.max_k, exclude_seen=False), exact.recommend(
+        [["50"]], k=50, exclude_seen=False)
+    assert "new-1" in a.items and ("new-1" in a.items[:50]) == ("new-1" in e.items)
+    with pytest.raises(RecboleLLMError, match="export the model with --item-index"):
+        Recommender(serving_artifacts["scores"], retrieval="ann")
+    with pytest.raises(RecboleLLMError, match="retrieval 'fast' is not supported"):
+        Recommender(serving_artifacts["catalogue"], retrieval="fast")

@@ -234,3 +234,21 @@ def test_explanations_need_an_artifact_that_scores_every_item(tmp_path):
         recommender.recommend([["item-1"]], k=2, explain=True)
     with pytest.raises(RecboleLLMError, match="explain must be True or False"):
         recommender.recommend([["item-1"]], k=2, explain="yes")
+
+
+@pytest.mark.parametrize("n_items", [5000, 20000])
+def test_partial_sort_gives_the_full_sorts_answer_ties_included(n_items):
+    """Large catalogues rank with argpartition: the same items as the stable full sort, ties at the k-th score
+    (lower id first), exclusions and rows with fewer finite scores than k included."""
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 50, size=(8, n_items)).astype(np.float32)
+    scores[3] = 7.0
+    scores[4, 100:] = -np.inf
+    exclude = rng.integers(0, n_items, size=(8, 30))
+    masked = scores.copy()
+    np.put_along_axis(masked, exclude, -np.inf, axis=1)
+    masked[:, 0] = -np.inf
+    for k in (1, 10, 200):
+        items, top = artifact.top_k(scores, k, exclude)
+        assert (items == np.argsort(-masked, axis=1, kind="stable")[:, :k]).all()
+        assert np.array_equal(top, np.take_along_axis(masked, items, axis=1))
