@@ -8,7 +8,7 @@ item vectors, then rows drawn around them (a real row plus Gaussian noise of the
 dimension), so that a large catalogue has the structure of a real one rather than of random points. Each
 (size, retrieval) runs in its own process: load the artifact (and build the index), warm up, then time
 ``Recommender.recommend`` on real histories at batch 1 and 64 (median, min, max of the calls), and the
-process's peak resident memory. Approximate retrieval (faiss HNSW, inner product) is scored against the
+process's peak resident memory. Approximate retrieval (faiss IVF, inner product) is scored against the
 exact top-10 of the same process: Recall@10 = |approximate ∩ exact| / 10.
 
 Writes benchmarks/results/catalogue_scale.{json,md,png}.
@@ -166,7 +166,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("items in the catalogue")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle("recbole_llm runtime: catalogue size, exact vs approximate (faiss HNSW)")
+    fig.suptitle("recbole_llm runtime: catalogue size, exact vs approximate (faiss IVF)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

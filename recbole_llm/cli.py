@@ -210,7 +210,7 @@ def _serve(args: Sequence[str]) -> int:
                         help="turn POST /items on: new items from their text (an artifact exported with --item-index)")
     parser.add_argument("--max-new-items", type=int, default=1000, help="items one POST /items may add (default 1000)")
     parser.add_argument("--retrieval", default="exact", choices=("exact", "ann"),
-                        help="exact (default: every item scored) or ann (faiss HNSW over an --item-index artifact)")
+                        help="exact (default: every item scored) or ann (faiss IVF over an --item-index artifact)")
     parser.error = lambda message: sys.exit(_fail(f"{message} (see: recbole-llm serve --help)"))  # one line
     known = parser.parse_args(args)
 
