@@ -239,8 +239,9 @@ def _add_items(args: Sequence[str]) -> int:
         "Add items to an artifact exported with --item-index, each from its text alone (the model's text "
         "tower): the updated artifact is written to a new folder, then renamed into place."))
     parser.add_argument("artifact", help="a folder written by recbole-llm export --item-index")
-    parser.add_argument("items", help="a tab-separated file with a header: the item token, then the item's text "
-                                      "fields (e.g. item_id, movie_title, class; RecBole's .item format works)")
+    parser.add_argument("items", help="a tab-separated file with a header: the item token, then the item's fields; "
+                                      "the model's text fields are used, other columns left out (RecBole's .item "
+                                      "format works: item_id:token, movie_title:token_seq, ...)")
     parser.add_argument("--output", default=None, help="write the updated artifact here (default: replace ARTIFACT)")
     known = parser.parse_args(args)
 
@@ -248,8 +249,9 @@ def _add_items(args: Sequence[str]) -> int:
     from recbole_llm.runtime import Recommender, read_items_file
 
     try:
-        items = read_items_file(known.items)
         recommender = Recommender(known.artifact)
+        fields = (recommender.text_tower or {}).get("item_text_fields")
+        items = read_items_file(known.items, fields)  # columns other than the model's text fields are left out
         recommender.add_items(items)
         written = recommender.save(known.output or known.artifact, replace=known.output is None)
     except RecboleLLMError as error:

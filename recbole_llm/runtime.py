@@ -620,9 +620,10 @@ class Recommender:
         return output
 
 
-def read_items_file(path: str | Path) -> dict[str, dict[str, str]]:
+def read_items_file(path: str | Path, fields: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
     """New items from a tab-separated file with a header (RecBole's .item format works: ``item_id:token``,
-    ``movie_title:token_seq`` ...): the first column is the item token, the others its text fields.
+    ``movie_title:token_seq`` ...): the first column is the item token, the others its fields; with
+    ``fields`` (the model's text fields) only those columns are kept, and the header must name one.
     Returns ``{token: {field: value}}`` for :meth:`Recommender.add_items`; RecboleLLMError for an unreadable
     file, no header or rows, a row of another width, or a token listed twice (naming the line)."""
     path = Path(path)
@@ -639,6 +640,9 @@ def read_items_file(path: str | Path) -> dict[str, dict[str, str]]:
     if len(header) < 2 or not all(header):
         raise RecboleLLMError(f"items file '{path}', line {rows[0][0]}: the header must name the item token column "
                               "and at least one text field, tab-separated, e.g. item_id<TAB>movie_title<TAB>class")
+    if fields is not None and not set(header[1:]) & set(fields):
+        raise RecboleLLMError(f"items file '{path}': the header names none of the model's text fields "
+                              f"{list(fields)} (it has {header[1:]}); name the text columns as the model's item file did")
     items: dict[str, dict[str, str]] = {}
     for number, line in rows[1:]:
         values = line.split("\t")
@@ -648,5 +652,6 @@ def read_items_file(path: str | Path) -> dict[str, dict[str, str]]:
         token = values[0].strip()
         if token in items:
             raise RecboleLLMError(f"items file '{path}', line {number}: item '{shown(token)}' is listed twice")
-        items[token] = dict(zip(header[1:], values[1:]))
+        items[token] = {name: value for name, value in zip(header[1:], values[1:])
+                        if fields is None or name in fields}
     return items

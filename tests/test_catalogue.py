@@ -74,9 +74,9 @@ def test_add_items_command_writes_the_update_atomically(serving_artifacts, tmp_p
     artifact = tmp_path / "catalogue"
     shutil.copytree(serving_artifacts["catalogue"], artifact)
     items = tmp_path / "items.tsv"
-    items.write_text("item_id:token\tmovie_title:token_seq\tclass:token_seq\n"
-                     "new-1\tStar Wars: Episode IX (2019)\tAction Adventure Sci-Fi\n"
-                     "new-2\tToy Story 3 (2010)\tAnimation Children Comedy\n")
+    items.write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"  # ml-100k's
+                     "new-1\tStar Wars: Episode IX (2019)\t2019\tAction Adventure Sci-Fi\n"  # .item: the year is
+                     "new-2\tToy Story 3 (2010)\t2010\tAnimation Children Comedy\n")  # no text field, left out
     command = [sys.executable, "-m", "recbole_llm", "add-items"]
     copy = subprocess.run([*command, str(artifact), str(items), "--output", str(tmp_path / "copy")],
                           capture_output=True, text=True)
