@@ -58,6 +58,21 @@ def machine() -> str:
     return described
 
 
+def peak_rss_mb() -> int:
+    """This process's peak resident memory in MB: /proc/self/status VmHWM, which starts afresh at exec.
+    (getrusage's ru_maxrss keeps the parent's peak across fork and exec on Linux, so a child started right
+    after its parent built a big table would report the parent's memory.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def run_child(script: Path, args: list[str], result_file: Path, log_file: Path, python: str | None = None) -> dict:
     """Run ``python script args`` in a fresh process (this interpreter, or ``python``: another environment)
     that writes its result as JSON to ``result_file``."""

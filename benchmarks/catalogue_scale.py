@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SCRATCH, provenance, run_child, write_results  # noqa: E402
+from _common import RESULTS, SCRATCH, peak_rss_mb, provenance, run_child, write_results  # noqa: E402
 
 BATCHES = (1, 64)
 CALLS = {1: 50, 64: 10}  # timed calls per batch size, after warm-up
@@ -88,7 +87,7 @@ def child(folder: Path, retrieval: str, out: Path) -> None:
             times.append((time.perf_counter() - t) * 1000)
         result["latency_ms"][str(batch)] = {"p50": round(statistics.median(times), 3), "min": round(min(times), 3),
                                             "max": round(max(times), 3), "calls": len(times)}
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result["peak_rss_mb"] = peak_rss_mb()
     if retrieval != "exact":  # against the exact answer, in this process, untimed
         exact = Recommender(folder, retrieval="exact")
         sample = queries[:256]

@@ -34,8 +34,7 @@ commands:
   add-items  add items to an artifact exported with --item-index, from their text (written atomically)
            recbole-llm add-items DIR items.tsv [--output DIR2]
   serve    an HTTP JSON service over an exported artifact (needs: pip install "recbole_llm[serve]")
-           recbole-llm add-items DIR items.tsv [--output DIR2]
-    recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
+           recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
                [--max-batch 256] [--max-history 10000] [--max-body-bytes 1048576] [--no-batching]
                [--max-explained 1000] [--threads N] [--body-timeout 10] [--keep-alive-timeout 5]
                [--shutdown-timeout 10] [--allow-item-updates] [--max-new-items 1000] [--retrieval exact|ann]
@@ -161,7 +160,8 @@ def _export(args: Sequence[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--item-index", action="store_true",
                         help="the graph returns user vectors and the item table is a file, so items can be added "
-                             "from their text (add-items) and the runtime ranks (recbole_llm models only)")
+                             "from their text (add-items) and the runtime ranks (recbole_llm models only; not with "
+                             "--top-k, --int8, --fp16 or --triton)")
     known, rest = parser.parse_known_args(args)
     overrides = _overrides(rest)
     if isinstance(overrides, int):
@@ -248,6 +248,11 @@ def _add_items(args: Sequence[str]) -> int:
     from recbole_llm.errors import RecboleLLMError
     from recbole_llm.runtime import Recommender, read_items_file
 
+    from pathlib import Path
+
+    if known.output is not None and Path(known.output).exists():
+        return _fail(f"--output '{known.output}' exists; choose a new folder, or leave --output out to replace "
+                     f"'{known.artifact}'")
     try:
         recommender = Recommender(known.artifact)
         fields = (recommender.text_tower or {}).get("item_text_fields")
@@ -256,7 +261,10 @@ def _add_items(args: Sequence[str]) -> int:
         written = recommender.save(known.output or known.artifact, replace=known.output is None)
     except RecboleLLMError as error:
         return _fail(str(error))
-    print(f"added {len(items)} items ({len(recommender.tokens) - 1} in all); wrote {written}")
+    used = sorted({name for fields_of in items.values() for name in fields_of})
+    plural = "item" if len(items) == 1 else "items"
+    print(f"added {len(items)} {plural} (text from {', '.join(used)}; {len(recommender.tokens) - 1} items in all); "
+          f"wrote {written}")
     return 0
 
 
@@ -285,10 +293,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     missing = [name for name in TRAINING_PACKAGES if importlib.util.find_spec(name) is None]
     if command in ("run", "evaluate", "export", "models") and missing and not {"-h", "--help"} & set(rest):
-        # a serving install (export/requirements-serve.txt): only `serve` works there
+        # a serving install (export/requirements-serve.txt): only `serve` and `add-items` work there
         return _fail(
             f"'{command}' needs the full install ({', '.join(missing)} missing; this looks like a serving install, "
-            "which runs only 'serve'): pip install torch==2.13.0 && pip install recbole_llm (from a checkout: "
+            "which runs only 'serve' and 'add-items'): pip install torch==2.13.0 && pip install recbole_llm (from a checkout: "
             "pip install -e .; on Python >= 3.12 first pip install --no-deps recbole==1.2.1)"
         )
     if command == "run":

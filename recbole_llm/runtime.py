@@ -49,6 +49,35 @@ RETRIEVALS = ("exact", "ann")
 # query), this 0.99 at 1.4 ms; its results give Recall@10 and the speed-up at every size.
 ANN_LISTS_PER_SQRT, ANN_MIN_LIST, ANN_PROBED, ANN_MIN_SCANNED = 4, 39, 0.1, 4096
 MAX_ITEM_TEXT_CHARS = 10_000  # characters of one new item's text (the tower reads its first max_tokens tokens)
+MAX_TOKEN_CHARS = 1000  # characters of a new item's token
+TEXT_CHUNK = 256  # item texts per text-tower call
+
+
+def _encodable(text: str) -> bool:
+    """Valid Unicode: no lone UTF-16 surrogate (from a JSON escape or a bad decode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_new_token(token: Any) -> str:
+    """A new item's token as a string: non-empty, printable (no tab, newline or control character), no
+    surrounding spaces (" 50" would be another item than "50"), valid Unicode, at most MAX_TOKEN_CHARS, and
+    not the padding token; else RecboleLLMError."""
+    if not _is_token(token) or not str(token):
+        raise RecboleLLMError(f"item token {shown(repr(token))} must be a non-empty string")
+    text = str(token)
+    if not _encodable(text) or not text.isprintable() or text != text.strip():
+        raise RecboleLLMError(f"item token '{shown(text)}' has surrounding spaces, a control character or a lone "
+                              "surrogate; item tokens are printable text without surrounding spaces")
+    if len(text) > MAX_TOKEN_CHARS:
+        raise RecboleLLMError(f"item token '{shown(text)}' is longer than {MAX_TOKEN_CHARS} characters")
+    if text == contract.PADDING_TOKEN:
+        raise RecboleLLMError(f"'{contract.PADDING_TOKEN}' is the padding token (internal id 0), not an item; "
+                              "choose another token")
+    return text
 
 
 def _is_token(token: Any) -> bool:
@@ -188,7 +217,7 @@ class Recommender:
         for name in ((contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE) if self.text_tower else ()):
             if not (folder / name).is_file():
                 raise contract.ArtifactError(f"'{folder}' has a text_tower but no {name}; {REEXPORT}")
-        self._text_session = None  # (tokenizer, ONNX Runtime session), loaded by the first add_items
+        self._text_session = None  # (tokenizer, ONNX Runtime session) of the text tower
         self._adding = threading.Lock()
         if retrieval not in RETRIEVALS:
             raise RecboleLLMError(f"retrieval {retrieval!r:.40} is not supported; use 'exact' or 'ann'")
@@ -220,6 +249,8 @@ class Recommender:
                              self.session.get_modelmeta().custom_metadata_map, self.metadata, model_path,
                              metadata_path)
         self._probe(model_path, metadata_path)
+        if self.text_tower:  # checked now, not at the first item added (a service would start, then fail)
+            self.vectors_from_text(["probe " * self.text_tower["max_tokens"]])
 
     @property
     def tokens(self) -> list[str]:
@@ -449,13 +480,20 @@ class Recommender:
         try:
             import faiss
         except ImportError:
-            raise RecboleLLMError("retrieval='ann' needs faiss: pip install faiss-cpu (or recbole_llm[ann])") from None
+            raise RecboleLLMError("retrieval='ann' needs faiss: pip install faiss-cpu") from None
         faiss.omp_set_num_threads(usable_cores())
         items = np.ascontiguousarray(vectors[1:], dtype=np.float32)
+        if len(items) <= ANN_MIN_SCANNED:  # searched whole anyway: a flat index, no clustering
+            index = faiss.IndexFlatIP(items.shape[1])
+            index.add(items)
+            return index, None
         lists = max(1, min(int(ANN_LISTS_PER_SQRT * len(items) ** 0.5), len(items) // ANN_MIN_LIST))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(items.shape[1]), items.shape[1], lists,
                                    faiss.METRIC_INNER_PRODUCT)
-        index.train(items)
+        # k-means on a sample of 64 items a list (faiss samples 256 a list itself): a 1M-item catalogue took
+        # 950 s to index on 2 busy cores otherwise; the lists then take every item
+        sample = np.random.default_rng(0).choice(len(items), size=min(len(items), 64 * lists), replace=False)
+        index.train(items[np.sort(sample)])
         index.add(items)
         per_list = len(items) / lists
         return index, min(lists, max(1, round(ANN_PROBED * lists), int(np.ceil(ANN_MIN_SCANNED / per_list))))
@@ -471,9 +509,9 @@ class Recommender:
         excluded = [set(row[row > 0].tolist()) for row in exclude_items]
         width = min(n_items - 1, k + max(len(row) for row in excluded))
         index, probed = self._ann
+        params = None if probed is None else faiss.SearchParametersIVF(nprobe=probed)
         with self._ann_lock:
-            _, ids = index.search(np.ascontiguousarray(user_vectors, dtype=np.float32), width,
-                                  params=faiss.SearchParametersIVF(nprobe=probed))
+            _, ids = index.search(np.ascontiguousarray(user_vectors, dtype=np.float32), width, params=params)
         items = np.zeros((len(ids), k), dtype=np.int64)
         top = np.full((len(ids), k), -np.inf, dtype=np.float32)
         for row, found in enumerate(ids + 1):
@@ -505,9 +543,7 @@ class Recommender:
                                   "{'1683': 'Toy Story 3 (2010), Animation Children'}")
         tokens, texts = [], []
         for token, text in items.items():
-            if not _is_token(token) or not str(token).strip():
-                raise RecboleLLMError(f"item token {shown(repr(token))} must be a non-empty string")
-            token = str(token)
+            token = check_new_token(token)
             if token in self.token_to_id:
                 raise RecboleLLMError(f"item '{shown(token)}' is already in the artifact (internal id "
                                       f"{self.token_to_id[token]}); new items need new tokens")
@@ -544,6 +580,8 @@ class Recommender:
         if not isinstance(text, str):
             raise RecboleLLMError(f"item '{shown(token)}': its text must be a string or a mapping of {fields} to "
                                   f"strings, not {type(text).__name__}")
+        if not _encodable(text):
+            raise RecboleLLMError(f"item '{shown(token)}': its text holds a lone UTF-16 surrogate; send valid Unicode")
         if not text.strip():
             raise RecboleLLMError(f"item '{shown(token)}' has no text; a new item's representation comes from its "
                                   f"text ({', '.join(fields)})")
@@ -553,17 +591,25 @@ class Recommender:
         return text.strip()
 
     def vectors_from_text(self, texts: Sequence[str]) -> np.ndarray:
-        """Item vectors float32 [len(texts), dim] from item texts, through the artifact's text tower."""
+        """Item vectors float32 [len(texts), dim] from item texts, through the artifact's text tower, in chunks
+        of ``TEXT_CHUNK`` texts (memory stays flat however many items are added)."""
         tokenizer, session = self._text_tower()
-        encodings = tokenizer.encode_batch(list(texts))
-        input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        (vectors,) = session.run([contract.ITEM_VECTORS], {contract.TEXT_INPUT_IDS: input_ids,
-                                                           contract.TEXT_ATTENTION_MASK: attention_mask})
-        if vectors.shape != (len(texts), self.item_index["dim"]) or not np.isfinite(vectors).all():
-            raise contract.ArtifactError(f"'{self.folder / contract.TEXT_TOWER_FILE}' returned item vectors of shape "
-                                         f"{list(vectors.shape)} or non-finite values; {REEXPORT}")
-        return vectors.astype(np.float32)
+        parts = []
+        for start in range(0, len(texts), TEXT_CHUNK):
+            encodings = tokenizer.encode_batch(list(texts[start : start + TEXT_CHUNK]))
+            input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
+            attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            try:
+                (vectors,) = session.run([contract.ITEM_VECTORS], {contract.TEXT_INPUT_IDS: input_ids,
+                                                                   contract.TEXT_ATTENTION_MASK: attention_mask})
+            except Exception as error:  # noqa: BLE001 - ONNX Runtime's errors share no public base class
+                raise contract.ArtifactError(f"'{self.folder / contract.TEXT_TOWER_FILE}' fails on item text "
+                                             f"({first_line(error)}); {REEXPORT}") from None
+            if vectors.shape != (len(encodings), self.item_index["dim"]) or not np.isfinite(vectors).all():
+                raise contract.ArtifactError(f"'{self.folder / contract.TEXT_TOWER_FILE}' returned item vectors of "
+                                             f"shape {list(vectors.shape)} or non-finite values; {REEXPORT}")
+            parts.append(vectors.astype(np.float32))
+        return np.concatenate(parts)
 
     def _text_tower(self):
         if self._text_session is None:
@@ -580,44 +626,96 @@ class Recommender:
                                              f"({first_line(error)}); {REEXPORT}") from None
             tokenizer.enable_truncation(self.text_tower["max_tokens"])  # as the model read item text
             options, _ = session_options(self._threads)
+            path = self.folder / contract.TEXT_TOWER_FILE
             try:
-                session = ort.InferenceSession(str(self.folder / contract.TEXT_TOWER_FILE), options,
-                                               providers=self._providers)
+                session = ort.InferenceSession(str(path), options, providers=self._providers)
             except Exception as error:  # noqa: BLE001
-                raise contract.ArtifactError(f"ONNX Runtime cannot load '{self.folder / contract.TEXT_TOWER_FILE}' "
-                                             f"({first_line(error)}); {REEXPORT}") from None
+                raise contract.ArtifactError(f"ONNX Runtime cannot load '{path}' ({first_line(error)}); "
+                                             f"{REEXPORT}") from None
+            inputs, want = sorted(node.name for node in session.get_inputs()), [s.name for s in contract.text_tower_specs()[0]]
+            outputs = [node.name for node in session.get_outputs()]
+            if inputs != sorted(want) or outputs != [contract.ITEM_VECTORS]:
+                raise contract.ArtifactError(f"'{path}' takes {inputs} and returns {outputs}, not a text tower's "
+                                             f"{want} -> ['{contract.ITEM_VECTORS}']; {REEXPORT}")
             self._text_session = (tokenizer, session)
         return self._text_session
 
     def save(self, output: str | Path, replace: bool = False) -> Path:
         """Write this artifact, items added included, to the folder ``output``: into a new folder beside it,
         renamed into place when whole (a reader sees the old artifact or the new one). ``output`` must not
-        exist unless ``replace`` (then it must be an artifact). Returns the folder."""
+        exist unless ``replace`` (then it must be an artifact); replacing the folder this artifact was loaded
+        from is refused if another update wrote it meanwhile (its item table changed since the load: load it
+        again). Writers of one folder take turns (a lock file beside it). Returns the folder."""
         if self.item_index is None:
             raise RecboleLLMError("only an artifact exported with --item-index changes after export; nothing to save")
         output = Path(output).resolve()
+        source = self.folder.resolve()
+        if source in output.parents:
+            raise RecboleLLMError(f"'{output}' is inside the artifact '{source}'; choose a folder outside it")
         if output.exists() and not (replace and (output / contract.METADATA_FILE).is_file()):
-            raise RecboleLLMError(f"'{output}' exists; choose a new folder (or replace the artifact itself)")
+            raise RecboleLLMError(f"'{output}' exists; choose a new folder, or replace an artifact (save(..., "
+                                  "replace=True); recbole-llm add-items without --output)")
         tokens, _, vectors = self._catalogue
-        staging = contract.staging_folder(output)
+        staging = None
         try:
-            for name in (contract.MODEL_FILE, contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE):
-                if (self.folder / name).is_file():
-                    shutil.copy2(self.folder / name, staging / name)
-            np.save(staging / contract.ITEM_VECTORS_FILE, vectors, allow_pickle=False)
-            metadata = dict(self.metadata, item_tokens=tokens, n_items=len(tokens))
-            metadata["item_index"] = dict(self.item_index, sha256=contract.sha256_of(staging / contract.ITEM_VECTORS_FILE))
-            metadata["items_added"] = int(self.metadata.get("items_added", 0)) + len(tokens) - len(self.metadata["item_tokens"])
-            contract.check_metadata(metadata, staging / contract.METADATA_FILE)
-            (staging / contract.METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
-            contract.replace_folder(staging, output)
+            with _folder_lock(output):
+                if output == source and self._changed_on_disk():
+                    raise RecboleLLMError(f"'{output}' changed since it was loaded (another update wrote it); load "
+                                          "it again and add the items again")
+                staging = contract.staging_folder(output)
+                for name in (contract.MODEL_FILE, contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE):
+                    if (self.folder / name).is_file():
+                        shutil.copy2(self.folder / name, staging / name)
+                np.save(staging / contract.ITEM_VECTORS_FILE, vectors, allow_pickle=False)
+                metadata = dict(self.metadata, item_tokens=tokens, n_items=len(tokens))
+                metadata["item_index"] = dict(self.item_index,
+                                              sha256=contract.sha256_of(staging / contract.ITEM_VECTORS_FILE))
+                metadata["items_added"] = (self.metadata.get("items_added", 0) + len(tokens)
+                                           - len(self.metadata["item_tokens"]))
+                contract.check_metadata(metadata, staging / contract.METADATA_FILE)
+                (staging / contract.METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+                contract.replace_folder(staging, output)
         except OSError as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise RecboleLLMError(f"could not write '{output}': {error.strerror or error}; nothing was changed") from None
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise RecboleLLMError(f"could not write '{output}': {error.strerror or error}; nothing was changed; "
+                                  "choose a writable folder") from None
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
+        if output == source:  # what is on disk now is this artifact
+            self.metadata, self.item_index = metadata, metadata["item_index"]
         return output
+
+    def _changed_on_disk(self) -> bool:
+        try:
+            on_disk = json.loads((self.folder / contract.METADATA_FILE).read_bytes())
+            return on_disk["item_index"]["sha256"] != self.item_index["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+
+
+def _folder_lock(output: Path):
+    """An exclusive lock on ``.<name>.lock`` beside ``output`` (fcntl; a no-op where fcntl is missing)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            yield
+            return
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output.parent / f".{output.name}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    return held()
 
 
 def read_items_file(path: str | Path, fields: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
@@ -627,11 +725,15 @@ def read_items_file(path: str | Path, fields: Sequence[str] | None = None) -> di
     Returns ``{token: {field: value}}`` for :meth:`Recommender.add_items`; RecboleLLMError for an unreadable
     file, no header or rows, a row of another width, or a token listed twice (naming the line)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise RecboleLLMError(f"items file '{path}' is not a regular file; pass a tab-separated file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or first_line(error)
         raise RecboleLLMError(f"cannot read items file '{path}' ({reason}); pass a UTF-8 tab-separated file") from None
+    # lines end at \n (or \r\n) only: a title may hold other characters Python counts as line breaks
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     rows = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
     if len(rows) < 2:
         raise RecboleLLMError(f"items file '{path}' needs a header (item token, then text fields, tab-separated) "
@@ -640,6 +742,9 @@ def read_items_file(path: str | Path, fields: Sequence[str] | None = None) -> di
     if len(header) < 2 or not all(header):
         raise RecboleLLMError(f"items file '{path}', line {rows[0][0]}: the header must name the item token column "
                               "and at least one text field, tab-separated, e.g. item_id<TAB>movie_title<TAB>class")
+    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    if twice is not None:
+        raise RecboleLLMError(f"items file '{path}', line {rows[0][0]}: column '{shown(twice)}' is named twice")
     if fields is not None and not set(header[1:]) & set(fields):
         raise RecboleLLMError(f"items file '{path}': the header names none of the model's text fields "
                               f"{list(fields)} (it has {header[1:]}); name the text columns as the model's item file did")
@@ -650,6 +755,10 @@ def read_items_file(path: str | Path, fields: Sequence[str] | None = None) -> di
             raise RecboleLLMError(f"items file '{path}', line {number}: {len(values)} tab-separated values, the "
                                   f"header has {len(header)}")
         token = values[0].strip()
+        try:
+            check_new_token(token)
+        except RecboleLLMError as error:
+            raise RecboleLLMError(f"items file '{path}', line {number}: {error}") from None
         if token in items:
             raise RecboleLLMError(f"items file '{path}', line {number}: item '{shown(token)}' is listed twice")
         items[token] = {name: value for name, value in zip(header[1:], values[1:])

@@ -6,7 +6,8 @@
                       [{"item": history token, "effect": score change without it}, ...], largest first)
     POST /items       {"items": {"1683": "Toy Story 3 (2010), Animation Children"}}   (only with --allow-item-updates,
                       on an artifact exported with --item-index: new items from their text, recommended at once)
-                   -> {"added": ["1683"], "n_items": 1683}
+                   -> {"added": ["1683"], "n_item_tokens": 1683}   (kept in memory: recbole-llm add-items writes
+                      an artifact; 403 when off, 409 for a token already there, 413 over --max-new-items, 422)
     GET  /health      {"status": "ok"}
     GET  /metadata    the artifact's metadata.json (without its item list) and the service's limits
 
@@ -44,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export.artifact import shown
+from recbole_llm.export.artifact import ArtifactError, shown
 from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender
 
 FIELDS = {"histories", "k", "exclude_seen", "explain"}
@@ -119,6 +120,16 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+def _no_twice(pairs: list) -> dict:
+    """A JSON object, refused when it names a key twice (JSON keeps the last silently: an ambiguous request)."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise RequestError(422, f"key '{shown(key)}' appears twice in one JSON object; give each key once")
+        seen[key] = value
+    return seen
+
+
 def _no_constant(name: str):
     raise RequestError(400, f"body is not valid JSON ({name} is not a JSON value); send a JSON object")
 
@@ -153,7 +164,7 @@ def parse_json(body: bytes) -> Any:
         raise RequestError(400, f"body nests arrays and objects {depth} deep; the limit is {MAX_DEPTH} "
                                 '(a request nests 3: {"histories": [["242", "302"]]})')
     try:
-        payload = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+        payload = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant, object_pairs_hook=_no_twice)
     except json.JSONDecodeError as error:
         raise RequestError(400, f"body is not valid JSON ({error}); send a JSON object") from None
     except RecursionError:  # json_depth bounds it: a second line of defence
@@ -218,8 +229,13 @@ def parse_items(body: bytes, limits: Limits) -> dict[str, Any]:
     """A POST /items body, ``{"items": {token: text or {field: value}}}``, checked for shape; what the items
     hold is checked by ``Recommender.add_items``. Raises RequestError naming the first problem."""
     payload = parse_json(body)
-    if not isinstance(payload, dict) or set(payload) != {"items"} or not isinstance(payload["items"], dict):
+    if not isinstance(payload, dict):
         raise RequestError(422, 'body must be a JSON object {"items": {"new item token": "its text", ...}}')
+    unknown_fields = sorted(set(payload) - {"items"})
+    if unknown_fields:
+        raise RequestError(422, f"unknown field '{shown(unknown_fields[0])}'; the only field is items")
+    if not isinstance(payload.get("items"), dict):
+        raise RequestError(422, '\'items\' must be a JSON object {"new item token": "its text", ...}')
     items = payload["items"]
     if not items:
         raise RequestError(422, "'items' is empty; give at least one new item token and its text")
@@ -482,6 +498,7 @@ def create_app(
                                      if key != "explanations" or value is not None} for answer in answers]}
 
     adding = asyncio.Lock()  # one update at a time; recommendations go on meanwhile
+    added_here: list[str] = []  # items added over POST /items: in memory only, gone when the service stops
 
     @app.post("/items")
     async def items(request: Request):
@@ -498,13 +515,15 @@ def create_app(
         async with adding:
             try:
                 await asyncio.to_thread(recommender.add_items, new)
+            except ArtifactError as broken:  # the artifact's text tower, not the request
+                return error(500, f"the artifact's text tower failed: {broken}")
             except RecboleLLMError as refused:
                 status = 409 if "already in the artifact" in str(refused) else 422
                 return error(status, str(refused))
             except Exception as failure:  # noqa: BLE001
                 return error(500, f"the text tower failed on this request: {type(failure).__name__}: {failure}")
-        public_metadata["n_item_tokens"] = len(recommender.tokens) - 1
-        return {"added": [str(token) for token in new], "n_items": len(recommender.tokens) - 1}
+        added_here.extend(str(token) for token in new)
+        return {"added": [str(token) for token in new], "n_item_tokens": len(recommender.tokens) - 1}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -512,7 +531,13 @@ def create_app(
 
     @app.get("/metadata")
     async def metadata() -> dict[str, Any]:
-        return {**public_metadata, "model_calls": batcher.calls, "rows_scored": batcher.rows}
+        current = {**public_metadata, "model_calls": batcher.calls, "rows_scored": batcher.rows}
+        if added_here:  # the catalogue served now, not the one on disk
+            current.update(n_items=len(recommender.tokens), n_item_tokens=len(recommender.tokens) - 1,
+                           items_added_since_start=len(added_here))
+            current["service"] = {**current["service"], "max_k": recommender.max_k}
+            current.pop("item_index", None)
+        return current
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
@@ -644,7 +669,9 @@ def serve(
         timeout_graceful_shutdown=limits.shutdown_timeout,
     )
     providers = ", ".join(app.state.batcher.recommender.session.get_providers())
-    print(f"recbole-llm serve: {artifact} on http://{host}:{port} ({providers}); SIGINT or SIGTERM stops it",
+    extras = "".join([", retrieval ann" if retrieval == "ann" else "",
+                      ", POST /items on (items added are kept in memory only)" if allow_item_updates else ""])
+    print(f"recbole-llm serve: {artifact} on http://{host}:{port} ({providers}{extras}); SIGINT or SIGTERM stops it",
           file=sys.stderr, flush=True)
     try:
         _server_class()(config, app.state.drain).run()

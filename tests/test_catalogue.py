@@ -90,11 +90,29 @@ def test_add_items_command_writes_the_update_atomically(serving_artifacts, tmp_p
     bad.write_text("item_id\tmovie_title\nnew-9\tA film\nnew-9\tThe same token\n")
     refused = subprocess.run([*command, str(artifact), str(bad)], capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "line 3" in refused.stderr
-    assert folder_digest(artifact) == before and not list(tmp_path.glob(".catalogue.*"))
+    assert folder_digest(artifact) == before
+    assert not [p for p in tmp_path.glob(".catalogue.*") if not p.name.endswith(".lock")]
+
+    for output, fragment in ((artifact / "inside", "inside the artifact"), (items / "sub", "could not write")):
+        refused = subprocess.run([*command, str(artifact), str(items), "--output", str(output)], capture_output=True,
+                                 text=True)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and fragment in refused.stderr
+    assert folder_digest(artifact) == before
+
+    # a second writer of the same folder that loaded it before the first wrote is refused, not lost
+    early, late = Recommender(artifact), Recommender(artifact)
+    early.add_items({"early": "A film (2001), Drama"})
+    late.add_items({"late": "Another film (2002), Comedy"})
+    early.save(artifact, replace=True)
+    with pytest.raises(RecboleLLMError, match="changed since it was loaded"):
+        late.save(artifact, replace=True)
+    assert Recommender(artifact).tokens[-1] == "early"
 
     in_place = subprocess.run([*command, str(artifact), str(items)], capture_output=True, text=True)
     assert in_place.returncode == 0, in_place.stderr
-    assert Recommender(artifact).tokens == updated.tokens and not list(tmp_path.glob(".catalogue.*"))
+    assert "text from class, movie_title" in in_place.stdout
+    assert Recommender(artifact).tokens == updated.tokens[:-2] + ["early"] + updated.tokens[-2:]
+    assert not [p for p in tmp_path.glob(".catalogue.*") if not p.name.endswith(".lock")]
     again = subprocess.run([*command, str(artifact), str(items)], capture_output=True, text=True)
     assert again.returncode == 2 and "already in the artifact" in again.stderr
 
@@ -107,6 +125,10 @@ def test_add_items_command_writes_the_update_atomically(serving_artifacts, tmp_p
     ({"new": {"director": "Someone"}}, "not one of the model's text fields"),
     ({"new": 5}, "must be a string or a mapping"),
     ({"": "a film"}, "non-empty string"),
+    ({"[PAD]": "a film"}, "padding token"),
+    ({" 50": "a film"}, "surrounding spaces"),
+    ({"a\tb": "a film"}, "control character"),
+    ({"new": "a\ud800b"}, "lone UTF-16 surrogate"),
     ({}, "non-empty mapping"),
     (["new", "a film"], "non-empty mapping"),
 ])

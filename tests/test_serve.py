@@ -219,9 +219,11 @@ def test_items_added_over_http_are_recommended_at_once(serving_artifacts, servic
         assert updating.get("/metadata")[1]["n_item_tokens"] == len(local.tokens) - 1
         for payload, code in [({"items": {"new-1": "again"}}, 409), ({"items": {"new-3": ""}}, 422),
                               ({"items": {f"n{i}": "x" for i in range(4)}}, 413), ({"items": []}, 422),
-                              ({"things": {}}, 422)]:
+                              ({"things": {}}, 422), ({"items": {"new-1": "x"}, "extra": 1}, 422)]:
             status, body = updating.request("POST", "/items", json.dumps(payload).encode())
             assert status == code and "\n" not in body["error"], (payload, status, body)
+        status, body = updating.request("POST", "/items", b'{"items": {"new-4": "a", "new-4": "b"}}')
+        assert status == 422 and "appears twice" in body["error"]
         assert updating.get("/metadata")[1]["n_item_tokens"] == len(local.tokens) - 1  # nothing added
     finally:
         updating.close()

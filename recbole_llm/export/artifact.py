@@ -302,6 +302,9 @@ def _is_positive_int(value: Any) -> bool:
 def _check_item_index(metadata: dict[str, Any], path: str | Path) -> None:
     """``item_index`` and ``text_tower``: absent or null, or naming the contract's own files (never a path)."""
     index, tower = metadata.get("item_index"), metadata.get("text_tower")
+    added = metadata.get("items_added", 0)
+    if isinstance(added, bool) or not isinstance(added, int) or added < 0:
+        raise ArtifactError(f"'{path}': items_added must be a non-negative integer, not {added!r:.40}; {REEXPORT}")
     if index is not None:
         if not isinstance(index, dict) or index.get("file") != ITEM_VECTORS_FILE:
             raise ArtifactError(f"'{path}': item_index must be an object with file '{ITEM_VECTORS_FILE}', not "
@@ -344,20 +347,26 @@ def read_item_vectors(folder: str | Path, metadata: dict[str, Any]) -> np.ndarra
     metadata.json (its SHA-256, its shape, a zero padding row, finite values); else ArtifactError."""
     path = Path(folder) / ITEM_VECTORS_FILE
     index = metadata["item_index"]
+    want = (len(metadata["item_tokens"]), index["dim"])
     try:
-        digest = sha256_of(path)
-        if digest != index["sha256"]:
+        if sha256_of(path) != index["sha256"]:
             raise ArtifactError(f"'{path}' is not the item table metadata.json describes (SHA-256 differs): the "
                                 f"files come from different exports or updates; {REEXPORT}")
+        with open(path, "rb") as handle:  # the header first: a shape it declares is not allocated unchecked
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(handle)
+        if dtype != np.dtype(np.float32) or tuple(shape) != want:
+            raise ArtifactError(f"'{path}' holds {dtype} {list(shape)}, not float32 {list(want)} (one row per item "
+                                f"token); {REEXPORT}")
         vectors = np.load(path, allow_pickle=False)  # never unpickles
+    except ArtifactError:
+        raise
     except OSError as error:
         raise ArtifactError(f"cannot read '{path}' ({error.strerror or error}); {REEXPORT}") from None
-    except ValueError as error:
+    except (ValueError, EOFError) as error:
         raise ArtifactError(f"'{path}' is not a numpy array file ({first_line(error)}); {REEXPORT}") from None
-    want = (len(metadata["item_tokens"]), index["dim"])
-    if vectors.dtype != np.float32 or vectors.shape != want:
-        raise ArtifactError(f"'{path}' holds {vectors.dtype} {list(vectors.shape)}, not float32 {list(want)} (one "
-                            f"row per item token); {REEXPORT}")
     if not np.isfinite(vectors).all() or np.any(vectors[0]):
         raise ArtifactError(f"'{path}' has non-finite values or a non-zero padding row; {REEXPORT}")
     return vectors
@@ -376,16 +385,20 @@ def replace_folder(staging: Path, output: Path) -> None:
 
 
 def remove_leftovers(output: Path) -> None:
-    """Staging and swap folders of writes to ``output`` whose process is gone (killed mid-write)."""
-    for leftover in output.parent.glob(f".{output.name}.*"):
-        match = re.fullmatch(rf"\.{re.escape(output.name)}\.(?:partial|old)-(\d+)(?:-.*)?", leftover.name)
+    """Staging and swap folders of writes to ``output`` whose process is gone (killed mid-write); a swapped-out
+    artifact whose writer died between its two renames is put back, not removed."""
+    for leftover in sorted(output.parent.glob(f".{output.name}.*")):
+        match = re.fullmatch(rf"\.{re.escape(output.name)}\.(partial|old)-(\d+)(?:-.*)?", leftover.name)
         if match is None or not leftover.is_dir():
             continue
-        pid = int(match.group(1))
+        pid = int(match.group(2))
         try:
             os.kill(pid, 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
-            shutil.rmtree(leftover, ignore_errors=True)
+            if match.group(1) == "old" and not output.exists():
+                os.replace(leftover, output)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
         except PermissionError:  # another user's live process
             pass
 
