@@ -8,13 +8,11 @@ Kang & McAuley, ICDM 2018, and gSASRec, Petrov & Macdonald, RecSys 2023) learns 
 window, counted back from each user's most recent training item, so every training target is predicted
 exactly once per epoch. Validation and test keep every row RecBole builds.
 
-RecBole looks the class up as ``recbole.data.dataset.<Model>Dataset`` (``recbole/data/utils.py:41``);
-:func:`register` adds that name for every plugin model.
+The dataset class is :class:`recbole_llm.dataset.PluginSequentialDataset`, which RecBole finds as
+``recbole.data.dataset.<Model>Dataset`` (``recbole/data/utils.py:41``); this module imports no RecBole.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -46,48 +44,3 @@ def window_ends(user_ids: torch.Tensor, window: int) -> torch.Tensor:
     index_in_group = torch.arange(user_ids.numel()) - first[group]
     from_end = sizes[group] - 1 - index_in_group
     return torch.nonzero(from_end % window == 0).squeeze(-1)
-
-
-@functools.lru_cache(maxsize=None)
-def plugin_dataset_class() -> type:
-    """``PluginSequentialDataset``: RecBole's SequentialDataset whose training split, with ``train_positions:
-    all``, keeps one row per window of ``MAX_ITEM_LIST_LENGTH`` targets (see :func:`window_ends`).
-
-    Made on first use: this module is imported while the plugin installs itself into RecBole, before
-    RecBole's dataset module may be imported.
-    """
-    from recbole.data.dataset import SequentialDataset
-
-    class PluginSequentialDataset(SequentialDataset):
-        @property
-        def item_counter(self):
-            """Training interactions per item: every prefix row's target, as RecBole's models count them
-            (TailNDCG's threshold, Pop), also when the rows were cut to windows."""
-            kept = getattr(self, "prefix_item_counter", None)
-            return kept if kept is not None else SequentialDataset.item_counter.fget(self)
-
-        def build(self):
-            datasets = super().build()
-            positions = self.config["train_positions"]
-            if positions not in TRAIN_POSITIONS:  # the model's read_config says the same, later
-                raise RecboleLLMError(f"train_positions={positions!r} is not supported; use last or all")
-            if positions == "all" and datasets:
-                train = datasets[0]
-                kept = window_ends(train.inter_feat[train.uid_field], self.max_item_list_len)
-                windows = train.copy(train.inter_feat[kept])
-                windows.prefix_item_counter = train.item_counter
-                datasets[0] = windows
-            return datasets
-
-    PluginSequentialDataset.__module__ = __name__
-    return PluginSequentialDataset
-
-
-def register() -> None:
-    """Make RecBole's ``create_dataset`` build the plugin's dataset class for every plugin model."""
-    import recbole.data.dataset as dataset_module
-
-    from recbole_llm.catalog import PLUGIN_MODELS
-
-    for name in PLUGIN_MODELS:
-        setattr(dataset_module, f"{name}Dataset", plugin_dataset_class())

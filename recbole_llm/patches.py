@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 from typing import Any, Callable
 
 MARK = "__recbole_llm__"  # set on every replacement: this attribute is the plugin's already
@@ -214,10 +215,14 @@ def install() -> None:
 
     import torch
 
-    from recbole_llm import data, metrics
+    from recbole_llm import metrics
 
     metrics.register()  # RecBole's metric tables: entries, not replacements
-    data.register()  # recbole.data.dataset.<Model>Dataset for the plugin models: entries, not replacements
+    # recbole.data.dataset.<Model>Dataset for the plugin models (entries, not replacements). Importing the
+    # class's module may be what installed the plugin: then it registers itself once its class exists.
+    dataset = sys.modules.get("recbole_llm.dataset")
+    if dataset is None or hasattr(dataset, "PluginSequentialDataset"):
+        importlib.import_module("recbole_llm.dataset").register_for_plugin_models()
     # RecBole's metrics use np.float, which only Config() recreates: a process that unpickles a Config
     # (load_data_and_model) never runs it.
     compat.numpy_aliases()

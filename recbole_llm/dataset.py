@@ -1,0 +1,49 @@
+"""The plugin models' dataset class: RecBole's SequentialDataset with training windows (:mod:`recbole_llm.data`).
+
+A module of its own, importable by name, so that RecBole can pickle the dataset (``save_dataset``).
+"""
+
+from __future__ import annotations
+
+from recbole.data.dataset import SequentialDataset
+
+from recbole_llm.data import TRAIN_POSITIONS, window_ends
+from recbole_llm.errors import RecboleLLMError
+
+
+class PluginSequentialDataset(SequentialDataset):
+    """RecBole's sequential dataset; with ``train_positions: all`` the training split keeps one row per window
+    of ``MAX_ITEM_LIST_LENGTH`` targets (see :func:`recbole_llm.data.window_ends`)."""
+
+    @property
+    def item_counter(self):
+        """Training interactions per item: every prefix row's target, as RecBole's models count them
+        (TailNDCG's threshold, Pop), also when the rows were cut to windows."""
+        kept = getattr(self, "prefix_item_counter", None)
+        return kept if kept is not None else SequentialDataset.item_counter.fget(self)
+
+    def build(self):
+        datasets = super().build()
+        positions = self.config["train_positions"]
+        if positions not in TRAIN_POSITIONS:  # the model's read_config says the same, later
+            raise RecboleLLMError(f"train_positions={positions!r} is not supported; use last or all")
+        if positions == "all" and datasets:
+            train = datasets[0]
+            kept = window_ends(train.inter_feat[train.uid_field], self.max_item_list_len)
+            windows = train.copy(train.inter_feat[kept])
+            windows.prefix_item_counter = train.item_counter
+            datasets[0] = windows
+        return datasets
+
+
+def register_for_plugin_models() -> None:
+    """``recbole.data.dataset.<Model>Dataset = PluginSequentialDataset`` for every plugin model."""
+    import recbole.data.dataset as dataset_module
+
+    from recbole_llm.catalog import PLUGIN_MODELS
+
+    for name in PLUGIN_MODELS:
+        setattr(dataset_module, f"{name}Dataset", PluginSequentialDataset)
+
+
+register_for_plugin_models()
