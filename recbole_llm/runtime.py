@@ -53,8 +53,10 @@ MAX_TOKEN_CHARS = 1000  # characters of a new item's token
 TEXT_CHUNK = 256  # item texts per text-tower call
 
 
-def _encodable(text: str) -> bool:
+def valid_unicode(text: str) -> bool:
     """Valid Unicode: no lone UTF-16 surrogate (from a JSON escape or a bad decode)."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -69,7 +71,7 @@ def check_new_token(token: Any) -> str:
     if not _is_token(token) or not str(token):
         raise RecboleLLMError(f"item token {shown(repr(token))} must be a non-empty string")
     text = str(token)
-    if not _encodable(text) or not text.isprintable() or text != text.strip():
+    if not valid_unicode(text) or not text.isprintable() or text != text.strip():
         raise RecboleLLMError(f"item token '{shown(text)}' has surrounding spaces, a control character or a lone "
                               "surrogate; item tokens are printable text without surrounding spaces")
     if len(text) > MAX_TOKEN_CHARS:
@@ -580,7 +582,7 @@ class Recommender:
         if not isinstance(text, str):
             raise RecboleLLMError(f"item '{shown(token)}': its text must be a string or a mapping of {fields} to "
                                   f"strings, not {type(text).__name__}")
-        if not _encodable(text):
+        if not valid_unicode(text):
             raise RecboleLLMError(f"item '{shown(token)}': its text holds a lone UTF-16 surrogate; send valid Unicode")
         if not text.strip():
             raise RecboleLLMError(f"item '{shown(token)}' has no text; a new item's representation comes from its "

@@ -46,7 +46,7 @@ import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.export.artifact import ArtifactError, shown
-from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender
+from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender, valid_unicode
 
 FIELDS = {"histories", "k", "exclude_seen", "explain"}
 MAX_DEPTH = 8  # arrays and objects nested in a body; a request nests 3: {"histories": [["242", ...]]}
@@ -134,16 +134,6 @@ def _no_constant(name: str):
     raise RequestError(400, f"body is not valid JSON ({name} is not a JSON value); send a JSON object")
 
 
-def _valid_unicode(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape like "\ud800"
-        return False
-    return True
-
-
 @dataclass
 class Job:
     encoded: Encoded
@@ -201,7 +191,7 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
                 raise RequestError(
                     422, f"history {row}, position {position}: item tokens must be strings or integers, "
                     f"not {type(token).__name__}")
-            if isinstance(token, str) and not _valid_unicode(token):
+            if isinstance(token, str) and not valid_unicode(token):
                 raise RequestError(
                     422, f"history {row}, position {position}: item token '{shown(token)}' holds a lone UTF-16 "
                     "surrogate; send valid Unicode")
@@ -242,9 +232,8 @@ def parse_items(body: bytes, limits: Limits) -> dict[str, Any]:
     if len(items) > limits.max_new_items:
         raise RequestError(413, f"{len(items)} items in one request; the limit is {limits.max_new_items}")
     for token, text in items.items():
-        strings = [token, *(text.items() if isinstance(text, dict) else [text])]
-        flat = [part for value in strings for part in (value if isinstance(value, tuple) else (value,))]
-        if not all(_valid_unicode(value) for value in flat if isinstance(value, str)):
+        strings = [token, *(part for pair in text.items() for part in pair)] if isinstance(text, dict) else [token, text]
+        if not all(valid_unicode(value) for value in strings if isinstance(value, str)):
             raise RequestError(422, f"item '{shown(token)}' holds a lone UTF-16 surrogate; send valid Unicode")
     return items
 
