@@ -3,6 +3,8 @@
     python benchmarks/quality.py --profile quick                 # ml-100k, 2 CPU cores (about an hour)
     python benchmarks/quality.py --profile full --data-path ../shared/datasets   # one GPU, bf16, ml-100k + ml-1m
     python benchmarks/quality.py --profile converged             # ml-100k to early stopping, 3 seeds (hours)
+    python benchmarks/quality.py --profile augmentation          # BERTRec-all-drop3 with and without each
+                                                                 # augmentation and FGM, converged, 3 seeds
 
 Every run is a fresh process doing what ``run_recbole`` does (Config, init_seed, create_dataset,
 data_preparation, get_model, get_trainer, fit, evaluate with the best checkpoint) on the same dataset,
@@ -104,6 +106,18 @@ RUNS = {
     "BERTRec-all-drop5": ("BERTRec", {"train_positions": "all", "train_batch_size": 128,
                                       "hidden_dropout_prob": 0.5, "attn_dropout_prob": 0.5}),
 }
+# Regularisers beside BERTRec-all-drop3 (issue 19): each sequence augmentation, all three (one drawn per
+# sequence), FGM on the item embeddings, and augmentation with FGM.
+_DROP3 = RUNS["BERTRec-all-drop3"][1]
+for _suffix, _extra in {"crop": {"augmentation": ["crop"]}, "mask": {"augmentation": ["mask"]},
+                        "reorder": {"augmentation": ["reorder"]},
+                        "aug": {"augmentation": ["crop", "mask", "reorder"]}, "fgm": {"adversarial": "fgm"},
+                        "aug-fgm": {"augmentation": ["crop", "mask", "reorder"], "adversarial": "fgm"}}.items():
+    RUNS[f"BERTRec-all-drop3-{_suffix}"] = ("BERTRec", {**_DROP3, **_extra})
+AUGMENTATION_RUNS = ["BERTRec-all-drop3", *(f"BERTRec-all-drop3-{s}" for s in
+                                          ("crop", "mask", "reorder", "aug", "fgm", "aug-fgm"))]
+# The converged profile's settings and runs (the same scratch folder, so runs are shared), for these models.
+PROFILES["augmentation"] = {**PROFILES["converged"], "models": AUGMENTATION_RUNS, "workdir": "quality_converged"}
 PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA", *(name for name in RUNS if "-all" in name)}
 BASELINES = ("GRU4Rec", "SASRec", "BERT4Rec")
 
@@ -343,6 +357,8 @@ def markdown(report: dict) -> list[str]:
 
 
 def verdict(runs: dict, profile: str) -> str:
+    if profile == "augmentation":
+        return augmentation_verdict(runs)
     present = [n for n in BASELINES if n in runs]
     plugins = [n for n in PLUGIN if n in runs]
     if not present or not plugins:
@@ -354,6 +370,28 @@ def verdict(runs: dict, profile: str) -> str:
     met = "met" if ratio >= floor else "MISSED"
     return (f"Best plugin model {best} {runs[best]['test']['ndcg@10']:.4f} vs best RecBole baseline {base} "
             f"{runs[base]['test']['ndcg@10']:.4f}: ratio {ratio:.3f} (target >= {floor:.2f}: {met}).")
+
+
+def augmentation_verdict(runs: dict) -> str:
+    """Each regulariser against the run without one: the change in mean NDCG@10 and tail NDCG@10, and whether
+    it is larger than the two runs' standard deviations together (otherwise: within seed noise)."""
+    base_name = AUGMENTATION_RUNS[0]
+    if base_name not in runs:
+        return f"No {base_name} run to compare against."
+    base = runs[base_name]
+    lines = [f"Against {base_name} (no augmentation, no FGM):", ""]
+    for name, r in runs.items():
+        if name == base_name:
+            continue
+        parts = []
+        for key, label in (("ndcg@10", "NDCG@10"), ("tailndcg@10", "tail NDCG@10")):
+            change = r["test"][key] / max(base["test"][key], 1e-12) - 1
+            noise = r.get("test_std", {}).get(key, 0.0) + base.get("test_std", {}).get(key, 0.0)
+            judged = ("helps" if change > 0 else "hurts") if abs(r["test"][key] - base["test"][key]) > noise \
+                else "within seed noise"
+            parts.append(f"{label} {change:+.1%} ({judged})")
+        lines.append(f"- {name}: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -411,7 +449,7 @@ def main() -> None:
     datasets = args.datasets.split(",") if args.datasets else profile["datasets"]
     if "ml-1m" in datasets and not args.data_path:
         raise SystemExit("quality.py: error: ml-1m needs --data-path (e.g. ../shared/datasets)")
-    workdir = SCRATCH / f"quality_{args.profile}"
+    workdir = SCRATCH / profile.get("workdir", f"quality_{args.profile}")
     workdir.mkdir(parents=True, exist_ok=True)
     report = {**provenance(), "profile": args.profile, "budget": f"{budget:g} {profile['clock']} s per run"}
     how_long = (f"trains for {budget:g} {profile['clock'].upper()} seconds (training batches only), then the "
