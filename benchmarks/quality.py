@@ -3,6 +3,7 @@
     python benchmarks/quality.py --profile quick                 # ml-100k, 2 CPU cores (about an hour)
     python benchmarks/quality.py --profile full --data-path ../shared/datasets   # one GPU, bf16, ml-100k + ml-1m
     python benchmarks/quality.py --profile converged             # ml-100k to early stopping, 3 seeds (hours)
+    python benchmarks/quality.py --profile sparse --data-path ../shared/datasets   # ml-1m, 10 items per user
     python benchmarks/quality.py --profile augmentation          # BERTRec-all-drop3 with and without each
                                                                  # augmentation and FGM, converged, 3 seeds
 
@@ -38,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SCRATCH, RESULTS, peak_rss_mb, provenance, run_child, write_results  # noqa: E402
 
 EVAL = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}
-TEXT_FIELDS = {"ml-100k": ["movie_title", "class"], "ml-1m": ["movie_title", "genre"]}
+TEXT_FIELDS = {"ml-100k": ["movie_title", "class"], "ml-1m": ["movie_title", "genre"],
+               "ml-1m-short": ["movie_title", "genre"]}
+# Sparse, text-rich data: a dataset cut from another, every user keeping only their most recent interactions
+# (name -> (source dataset, interactions kept per user)). ml-1m-short: 6,040 users x 10, and most of ml-1m's
+# 3,706 items left with few interactions, while every item keeps its title and genres.
+SHORT_HISTORIES = {"ml-1m-short": ("ml-1m", 10)}
 METRICS = ["Recall", "NDCG", "MRR", "TailNDCG"]
 
 # RecBole's own tuned settings (github.com/RUCAIBox/RecBole, benchmark/hyper/sequential/<Model>-ml-1m_seq.md:
@@ -116,6 +122,16 @@ for _suffix, _extra in {"crop": {"augmentation": ["crop"]}, "mask": {"augmentati
     RUNS[f"BERTRec-all-drop3-{_suffix}"] = ("BERTRec", {**_DROP3, **_extra})
 AUGMENTATION_RUNS = ["BERTRec-all-drop3", *(f"BERTRec-all-drop3-{s}" for s in
                                           ("crop", "mask", "reorder", "aug", "fgm", "aug-fgm"))]
+# Text where data is sparse: ml-1m-short, to early stopping over 3 seeds; the plugin model with item IDs only,
+# text only, and both. Histories hold at most 10 items (8 before the validation and test targets).
+PROFILES["sparse"] = {
+    **PROFILES["converged"], "datasets": ["ml-1m-short"],
+    "config": {**PROFILES["converged"]["config"], "MAX_ITEM_LIST_LENGTH": 10},
+    "models": ["Pop", "GRU4Rec", "SASRec", "BERT4Rec", "BERTRec-all-drop3-id", "BERTRec-all-drop3-text",
+               "BERTRec-all-drop3"],
+}
+for _repr in ("id", "text"):
+    RUNS[f"BERTRec-all-drop3-{_repr}"] = ("BERTRec", {**_DROP3, "item_repr": _repr})
 # The converged profile's settings and runs (the same scratch folder, so runs are shared), for these models.
 PROFILES["augmentation"] = {**PROFILES["converged"], "models": AUGMENTATION_RUNS, "workdir": "quality_converged"}
 PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA", *(name for name in RUNS if "-all" in name)}
@@ -168,6 +184,34 @@ def config_for(name: str, dataset: str, profile: dict, data_path: str | None, se
     config.update(profile.get("recbole", {}).get(name, {}))
     config.update(overrides)
     return model, config
+
+
+def prepare_short_histories(source_path: Path, name: str) -> Path:
+    """Write dataset ``name`` of :data:`SHORT_HISTORIES` (each user's last ``keep`` interactions of the source,
+    in time order; the source's item file as it is) under benchmarks/scratch/datasets, once; return that
+    folder, RecBole's ``data_path`` for it. Raises SystemExit when the source dataset is missing."""
+    import pandas as pd
+
+    source, keep = SHORT_HISTORIES[name]
+    folder = SCRATCH / "datasets"
+    target = folder / name
+    if (target / f"{name}.inter").exists():
+        return folder
+    inter, item = source_path / source / f"{source}.inter", source_path / source / f"{source}.item"
+    if not inter.exists() or not item.exists():
+        raise SystemExit(f"quality.py: error: {name} is cut from {source}, not found under {source_path}; "
+                         f"pass --data-path with a {source}/ folder (e.g. ../shared/datasets)")
+    table = pd.read_csv(inter, sep="\t", dtype=str)
+    user, time_field = table.columns[0], next(c for c in table.columns if c.startswith("timestamp"))
+    order = table[time_field].astype(float)
+    table = table.assign(_t=order).sort_values([user, "_t"], kind="stable").groupby(user, sort=False).tail(keep)
+    staging = folder / f".{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    table.drop(columns="_t").to_csv(staging / f"{name}.inter", sep="\t", index=False)
+    shutil.copyfile(item, staging / f"{name}.item")
+    staging.rename(target)
+    return folder
 
 
 def child(name: str, dataset: str, profile_name: str, budget: float, data_path: str | None, out: Path,
@@ -449,6 +493,16 @@ def main() -> None:
     datasets = args.datasets.split(",") if args.datasets else profile["datasets"]
     if "ml-1m" in datasets and not args.data_path:
         raise SystemExit("quality.py: error: ml-1m needs --data-path (e.g. ../shared/datasets)")
+    derived = [d for d in datasets if d in SHORT_HISTORIES]
+    if derived:
+        if not args.data_path:
+            raise SystemExit(f"quality.py: error: {derived[0]} is cut from {SHORT_HISTORIES[derived[0]][0]}, which "
+                             "needs --data-path (e.g. ../shared/datasets)")
+        if len(derived) != len(datasets):
+            raise SystemExit("quality.py: error: run the derived datasets (" + ", ".join(SHORT_HISTORIES) +
+                             ") apart from the others")
+        for name in derived:
+            args.data_path = str(prepare_short_histories(Path(args.data_path), name))
     workdir = SCRATCH / profile.get("workdir", f"quality_{args.profile}")
     workdir.mkdir(parents=True, exist_ok=True)
     report = {**provenance(), "profile": args.profile, "budget": f"{budget:g} {profile['clock']} s per run"}
