@@ -31,6 +31,10 @@ What this module fixes, each by wrapping a RecBole function rather than copying 
 - A dataset that is not on disk makes RecBole prompt for a download on standard input, which hangs
   offline and in CI. It becomes a one-line error saying where RecBole looked.
 - RecBole on this stack prints warnings that are not the user's business; they are filtered by message.
+- ``Pop.calculate_loss`` counts with ``item_cnt[item] = item_cnt[item] + 1``, which adds one per *distinct*
+  item of a batch (an item's count becomes the number of batches it appears in), and counts the random
+  negatives that pointwise sampling (RecBole's default for Pop) puts in the same item column: Pop ranked by
+  a shuffle-, batch-size- and seed-dependent count. Every positive interaction counts once, negatives not.
 """
 
 from __future__ import annotations
@@ -530,3 +534,33 @@ def quiet_stack() -> None:
     """Warnings and log records of RecBole's dependencies that say nothing the user can act on, silenced."""
     silence_stack_noise()
     _quiet_ray_session_log()
+
+
+def wrap_pop_init(original):
+    """RecBole's ``Pop.__init__``, keeping the label field's name: pointwise training batches mark their
+    sampled negatives with label 0 there."""
+
+    @functools.wraps(original)
+    def __init__(self, config, dataset):
+        original(self, config, dataset)
+        self.LABEL = config["LABEL_FIELD"]
+
+    return __init__
+
+
+def pop_calculate_loss(self, interaction):
+    """RecBole's Pop, counting each positive training interaction of the batch once (``index_add_`` sums
+    duplicates; rows whose label is 0, sampled negatives, add nothing).
+
+    ``item_cnt`` is ``[n_items, 1]`` int64; ``max_cnt`` its maximum, as RecBole's Pop keeps them. Returns
+    RecBole's zero loss (Pop has nothing to train)."""
+    import torch
+
+    item = interaction[self.ITEM_ID]
+    label = getattr(self, "LABEL", None)
+    if label is not None and label in interaction.interaction:
+        positive = interaction[label] > 0
+        item = item[positive]
+    self.item_cnt.index_add_(0, item, torch.ones_like(item).unsqueeze(-1))
+    self.max_cnt = torch.max(self.item_cnt, dim=0)[0]
+    return torch.nn.Parameter(torch.zeros(1)).to(self.device)

@@ -96,6 +96,7 @@ def patches() -> list[Patch]:
     from recbole.evaluator.collector import Collector
     from recbole.evaluator.evaluator import Evaluator
     from recbole.model.abstract_recommender import SequentialRecommender
+    from recbole.model.general_recommender.pop import Pop
     from recbole.model.sequential_recommender.bert4rec import BERT4Rec
     from recbole.quick_start import quick_start
     from recbole.trainer import trainer
@@ -162,6 +163,14 @@ def patches() -> list[Patch]:
         Patch(utils, "get_flops", registry.wrap_get_flops,
               "recbole/utils/utils.py:250 get_flops fails on peft wrappers (thop's total_ops buffer): counted on "
               "a merged copy", also=_modules("recbole.utils", "recbole.quick_start.quick_start")),
+        # -- RecBole's own models --
+        # The two Pop patches go together: calculate_loss reads the label field __init__ keeps.
+        Patch(Pop, "__init__", compat.wrap_pop_init,
+              "recbole/model/general_recommender/pop.py:32 Pop.__init__ keeps no label field, which tells "
+              "pointwise sampling's negatives from positives: kept"),
+        Patch(Pop, "calculate_loss", instead(compat.pop_calculate_loss),
+              "recbole/model/general_recommender/pop.py:45 Pop.calculate_loss adds one per distinct item of a "
+              "batch (an index assignment drops duplicates) and counts sampled negatives: each positive once"),
         # -- evaluator --
         Patch(Collector, "eval_batch_collect", metrics.wrap_eval_batch_collect,
               "recbole/evaluator/collector.py:137 Collector.eval_batch_collect keeps no target item: "
