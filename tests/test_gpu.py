@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_checkpoint
+from conftest import LEARNING_DATASET, bundled, train_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,13 +34,13 @@ def ort_has_cuda() -> bool:
 needs_ort_cuda = pytest.mark.skipif(not ort_has_cuda(), reason="needs onnxruntime-gpu's CUDAExecutionProvider")
 
 
-def train(model: str, precision: str, config: dict, epochs: int = 6):
+def train(model: str, precision: str, config: dict, epochs: int = 8):
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, get_trainer, init_seed
 
-    config = Config(model=model, dataset="ml-slice", config_dict={
-        **config, "epochs": epochs, "mixed_precision": precision, "gpu_id": "0", "use_gpu": True})
+    config = Config(model=model, dataset=LEARNING_DATASET, config_dict={
+        **bundled(config), "train_positions": "all", "train_batch_size": 16, "learning_rate": 0.002, "epochs": epochs, "mixed_precision": precision, "gpu_id": "0", "use_gpu": True})
     assert config["device"].type == "cuda"
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)

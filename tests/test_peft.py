@@ -12,6 +12,7 @@ from recbole.quick_start import load_data_and_model
 from recbole.trainer import Trainer
 from recbole.utils import get_model, get_trainer, init_seed
 
+from conftest import LEARNING_DATASET, bundled
 from recbole_llm import RecboleLLMError, load_checkpoint
 from recbole_llm.trainer import PluginTrainer
 
@@ -42,8 +43,10 @@ def frozen_and_trainable(model):
 
 @pytest.mark.parametrize("model_name", list(PEFT_VARIANTS))
 def test_backbone_stays_frozen_adapters_learn_beyond_popularity(model_name, tiny_bert, pop_ndcg):
-    settings = {**tiny_bert, **PEFT_VARIANTS[model_name], "epochs": 6, "learning_rate": 0.005}
-    config, model, train_data, valid_data, test_data = build(model_name, settings)
+    # every position of each window of 20 trained: on ml-100k, a few seconds an epoch for the tiny encoder
+    settings = bundled({**tiny_bert, **PEFT_VARIANTS[model_name], "epochs": 8, "learning_rate": 0.002,
+                        "train_positions": "all", "train_batch_size": 16})
+    config, model, train_data, valid_data, test_data = build(model_name, settings, dataset=LEARNING_DATASET)
     frozen_before, adapters_before = frozen_and_trainable(model)
     assert frozen_before and adapters_before
     budget_before = model.rank_budget() if model_name == "BERTAdaLoRA" else None
