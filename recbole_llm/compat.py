@@ -34,7 +34,9 @@ What this module fixes, each by wrapping a RecBole function rather than copying 
 - ``Pop.calculate_loss`` counts with ``item_cnt[item] = item_cnt[item] + 1``, which adds one per *distinct*
   item of a batch (an item's count becomes the number of batches it appears in), and counts the random
   negatives that pointwise sampling (RecBole's default for Pop) puts in the same item column: Pop ranked by
-  a shuffle-, batch-size- and seed-dependent count. Every positive interaction counts once, negatives not.
+  a shuffle-, batch-size- and seed-dependent count. Every real training interaction now counts once (with
+  or without negative sampling, whatever a rating ``threshold`` labels it), sampled negatives not, and the
+  counts of DDP ranks are summed, so every rank holds the whole count.
 """
 
 from __future__ import annotations
@@ -537,30 +539,37 @@ def quiet_stack() -> None:
 
 
 def wrap_pop_init(original):
-    """RecBole's ``Pop.__init__``, keeping the label field's name: pointwise training batches mark their
-    sampled negatives with label 0 there."""
+    """RecBole's ``Pop.__init__``, keeping the label field's name when training batches carry sampled
+    negatives (label 0) there: with negative sampling on, RecBole labels every real interaction 1."""
 
     @functools.wraps(original)
     def __init__(self, config, dataset):
         original(self, config, dataset)
-        self.LABEL = config["LABEL_FIELD"]
+        sampled = (config["train_neg_sample_args"] or {}).get("distribution", "none") != "none"
+        self.LABEL = config["LABEL_FIELD"] if sampled else None
 
     return __init__
 
 
 def pop_calculate_loss(self, interaction):
-    """RecBole's Pop, counting each positive training interaction of the batch once (``index_add_`` sums
-    duplicates; rows whose label is 0, sampled negatives, add nothing).
+    """RecBole's Pop, counting each real training interaction of the batch once (``index_add_`` sums
+    duplicates; sampled negatives, label 0 when negative sampling is on, add nothing). Under DDP the ranks'
+    counts are summed (``all_reduce``), so each rank ranks by the whole training split's counts; the few rows
+    ``DistributedSampler`` repeats to even out the ranks are counted twice.
 
     ``item_cnt`` is ``[n_items, 1]`` int64; ``max_cnt`` its maximum, as RecBole's Pop keeps them. Returns
     RecBole's zero loss (Pop has nothing to train)."""
     import torch
+    import torch.distributed as dist
 
-    item = interaction[self.ITEM_ID]
+    item = interaction[self.ITEM_ID].to(self.item_cnt.device)
     label = getattr(self, "LABEL", None)
     if label is not None and label in interaction.interaction:
-        positive = interaction[label] > 0
-        item = item[positive]
-    self.item_cnt.index_add_(0, item, torch.ones_like(item).unsqueeze(-1))
+        item = item[interaction[label].to(item.device) > 0]
+    increment = torch.zeros_like(self.item_cnt)
+    increment.index_add_(0, item, torch.ones(len(item), 1, dtype=increment.dtype, device=increment.device))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(increment)
+    self.item_cnt += increment
     self.max_cnt = torch.max(self.item_cnt, dim=0)[0]
     return torch.nn.Parameter(torch.zeros(1)).to(self.device)

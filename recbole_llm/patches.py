@@ -166,11 +166,12 @@ def patches() -> list[Patch]:
         # -- RecBole's own models --
         # The two Pop patches go together: calculate_loss reads the label field __init__ keeps.
         Patch(Pop, "__init__", compat.wrap_pop_init,
-              "recbole/model/general_recommender/pop.py:32 Pop.__init__ keeps no label field, which tells "
-              "pointwise sampling's negatives from positives: kept"),
+              "recbole/model/general_recommender/pop.py:32 Pop.__init__ keeps no label field, which marks the "
+              "negatives pointwise sampling adds: kept when sampling is on"),
         Patch(Pop, "calculate_loss", instead(compat.pop_calculate_loss),
               "recbole/model/general_recommender/pop.py:45 Pop.calculate_loss adds one per distinct item of a "
-              "batch (an index assignment drops duplicates) and counts sampled negatives: each positive once"),
+              "batch (an index assignment drops duplicates), counts sampled negatives and, under DDP, only its rank's "
+              "share: each real interaction once, summed over ranks"),
         # -- evaluator --
         Patch(Collector, "eval_batch_collect", metrics.wrap_eval_batch_collect,
               "recbole/evaluator/collector.py:137 Collector.eval_batch_collect keeps no target item: "

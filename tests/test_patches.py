@@ -49,24 +49,29 @@ def test_recbole_functions_stay_reachable_and_rebound_everywhere():
         assert __import__(module, fromlist=["ensure_dir"]).ensure_dir is utils.ensure_dir
 
 
-def test_pop_counts_every_positive_training_interaction_once(base_config):
+@pytest.mark.parametrize("labels", ["sampled", "rating threshold"])
+def test_pop_counts_every_training_interaction_once(base_config, data_root, labels):
     """RecBole's Pop added one per distinct item of a batch and counted sampled negatives: its ranking
-    changed with the seed and batch size. The right count is the training split's own item counts."""
+    changed with the seed and batch size. The right count is the training split's own item counts, whatever
+    labels the rows carry (a rating threshold's label 0 is still an interaction)."""
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.model.general_recommender.pop import Pop
 
     counts = []
     for seed, batch in ((2020, 64), (2021, 4096)):
-        config = Config(model="Pop", dataset="ml-tiny", config_dict={
-            **base_config, "seed": seed, "train_batch_size": batch,
-            "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}})
+        settings = {**base_config, "seed": seed, "train_batch_size": batch, "use_gpu": False,
+                    "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}}
+        if labels == "rating threshold":  # no sampling: RecBole keeps rating < 4 as label 0
+            settings.update(load_col={"inter": ["user_id", "item_id", "rating", "timestamp"]},
+                            threshold={"rating": 4}, train_neg_sample_args=None)
+        config = Config(model="Pop", dataset="ml-tiny", config_dict=settings)
         train_data, _, _ = data_preparation(config, create_dataset(config))
         item_field = config["ITEM_ID_FIELD"]
         expected = torch.bincount(train_data._dataset.inter_feat[item_field], minlength=train_data._dataset.item_num)
         model, recbole_pop = Pop(config, train_data._dataset), Pop(config, train_data._dataset)
         for batch_data in train_data:
-            assert (batch_data[config["LABEL_FIELD"]] == 0).any()  # pointwise sampling mixes in negatives
+            assert (batch_data[config["LABEL_FIELD"]] == 0).any()  # sampled negatives, or disliked items
             model.calculate_loss(batch_data)
             Pop.calculate_loss.__wrapped__(recbole_pop, batch_data)
         assert torch.equal(model.item_cnt.squeeze(-1), expected)
