@@ -394,6 +394,17 @@ def follow_this_machine(config: Any) -> None:
         final["gpu_id"] = ""
 
 
+def follow_this_process(config: Any) -> None:
+    """A checkpoint that DDP ranks trained, used outside a process group: one process's settings, so that
+    RecBole builds its data with a plain sampler (its ``DistributedSampler`` fails without a process group)."""
+    import torch.distributed as dist
+
+    final = getattr(config, "final_config_dict", None)
+    if isinstance(final, dict) and final.get("single_spec") is False and not (
+            dist.is_available() and dist.is_initialized()):
+        final.update(single_spec=True, world_size=1, nproc=1, local_rank=0)
+
+
 def check_exists(path: str | os.PathLike) -> None:
     """A one-line error for a checkpoint path that is not a file (checked before anything heavy loads)."""
     if not os.path.isfile(os.fspath(path)):
@@ -526,6 +537,7 @@ def load_for_use(
         with read_once(path, map_location=None) as checkpoint:  # None: where RecBole's own call puts tensors
             if check is not None:
                 check(checkpoint["config"])
+            follow_this_process(checkpoint["config"])
             argv, sys.argv = sys.argv, sys.argv[:1]
             try:
                 return _recbole_load_data_and_model()(path)

@@ -60,6 +60,11 @@ def test_two_cpu_ranks_train_bertlora_like_one_process_with_the_same_global_batc
     assert len(files) == 2 and files[1] == files[0].replace(".pth", "-latest.pth"), files
     best = load_checkpoint(tmp_path / "two" / "saved" / files[0])
     assert best["config"]["world_size"] == 2
+    # ... which loads, data and model, in this one process (no process group): RecBole's own path
+    from recbole.quick_start import load_data_and_model
+
+    config, model, _, _, _, test_data = load_data_and_model(str(tmp_path / "two" / "saved" / files[0]))
+    assert type(model).__name__ == "BERTLoRA" and len(test_data) > 0
     # ... and only rank 0 logged results
     assert log.count("test result") == 1
 
