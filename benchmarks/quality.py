@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SCRATCH, RESULTS, peak_rss_mb, provenance, run_child, write_results  # noqa: E402
 
 EVAL = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}
-TEXT_FIELDS = {"ml-100k": ["movie_title", "class"], "ml-1m": ["movie_title", "genre"],
-               "ml-1m-short": ["movie_title", "genre"]}
+TEXT_FIELDS = {"ml-100k": ["movie_title", "class"], "ml-1m": ["movie_title", "genre"]}
 # Sparse, text-rich data: a dataset cut from another, every user keeping only their most recent interactions
 # (name -> (source dataset, interactions kept per user)). ml-1m-short: 6,040 users x 10, and most of ml-1m's
 # 3,706 items left with few interactions, while every item keeps its title and genres.
 SHORT_HISTORIES = {"ml-1m-short": ("ml-1m", 10)}
+TEXT_FIELDS.update({name: TEXT_FIELDS[source] for name, (source, _) in SHORT_HISTORIES.items()})  # its source's
 METRICS = ["Recall", "NDCG", "MRR", "TailNDCG"]
 
 # RecBole's own tuned settings (github.com/RUCAIBox/RecBole, benchmark/hyper/sequential/<Model>-ml-1m_seq.md:
