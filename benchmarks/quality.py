@@ -122,6 +122,16 @@ for _suffix, _extra in {"crop": {"augmentation": ["crop"]}, "mask": {"augmentati
     RUNS[f"BERTRec-all-drop3-{_suffix}"] = ("BERTRec", {**_DROP3, **_extra})
 AUGMENTATION_RUNS = ["BERTRec-all-drop3", *(f"BERTRec-all-drop3-{s}" for s in
                                           ("crop", "mask", "reorder", "aug", "fgm", "aug-fgm"))]
+# Overlapping training windows (issue 17): a row every 25 targets, each target predicted from at least 26
+# items as at evaluation (non-overlapping windows of 50 predict half their targets from fewer than 25).
+for _suffix, _extra in {"s25": {}, "aug-s25": {"augmentation": ["crop", "mask", "reorder"]}}.items():
+    RUNS[f"BERTRec-all-drop3-{_suffix}"] = ("BERTRec", {**_DROP3, **_extra, "train_window_stride": 25})
+# SASRec's size (a random 2-layer encoder, 64 wide, dropout 0.5, item IDs) with the plugin's objective: what
+# the pretrained 384-wide layer and item text add over a small encoder trained from scratch.
+RUNS["BERTRec-all-small"] = ("BERTRec", {"train_positions": "all", "train_batch_size": 128,
+                                         "pretrained_model_name_or_path": None, "backbone_layers": None,
+                                         "item_repr": "id", "hidden_size": 64, "n_layers": 2, "n_heads": 2,
+                                         "inner_size": 256, "hidden_dropout_prob": 0.5, "attn_dropout_prob": 0.5})
 # Text where data is sparse: ml-1m-short, to early stopping over 3 seeds; the plugin model with item IDs only,
 # text only, and both. Histories hold at most 10 items (8 before the validation and test targets).
 PROFILES["sparse"] = {

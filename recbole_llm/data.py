@@ -6,7 +6,11 @@ item at every position of a causal encoder (``train_positions: all``: SASRec's o
 Kang & McAuley, ICDM 2018, and gSASRec, Petrov & Macdonald, RecSys 2023) learns from one row every
 ``MAX_ITEM_LIST_LENGTH`` items all that the n - 1 prefixes hold: the rows kept here are the ones ending a
 window, counted back from each user's most recent training item, so every training target is predicted
-exactly once per epoch. Validation and test keep every row RecBole builds.
+exactly once per epoch. ``train_window_stride: N`` (N < ``MAX_ITEM_LIST_LENGTH``) keeps a row every N targets
+instead, and the model scores only the last N positions of each: every target is still predicted once, but
+from at least ``MAX_ITEM_LIST_LENGTH - N + 1`` items when the history holds them, as at evaluation
+(non-overlapping windows predict a window's first targets from a few items only). Validation and test keep
+every row RecBole builds.
 
 The dataset class is :class:`recbole_llm.dataset.PluginSequentialDataset`, which RecBole finds as
 ``recbole.data.dataset.<Model>Dataset`` (``recbole/data/utils.py:41``); this module imports no RecBole.
@@ -19,6 +23,31 @@ import torch
 from recbole_llm.errors import RecboleLLMError
 
 TRAIN_POSITIONS = ("last", "all")
+
+
+def window_stride(config) -> int | None:
+    """The training windows' stride for ``config``: ``train_window_stride``, or ``MAX_ITEM_LIST_LENGTH`` when
+    it is null (windows that do not overlap); None with ``train_positions: last`` (no windows).
+
+    Raises RecboleLLMError when the stride is not an integer in [1, MAX_ITEM_LIST_LENGTH] or is set with
+    ``train_positions: last``.
+    """
+    stride, length = config["train_window_stride"], config["MAX_ITEM_LIST_LENGTH"]
+    if config["train_positions"] != "all":
+        if stride is not None:
+            raise RecboleLLMError(
+                f"train_window_stride={stride!r} applies to train_positions: all only; set train_positions: all "
+                "or train_window_stride: null"
+            )
+        return None
+    if stride is None:
+        return length
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= length:
+        raise RecboleLLMError(
+            f"train_window_stride={stride!r} must be an integer from 1 to MAX_ITEM_LIST_LENGTH ({length}): e.g. "
+            f"train_window_stride: {max(length // 2, 1)}"
+        )
+    return stride
 
 
 def window_ends(user_ids: torch.Tensor, window: int) -> torch.Tensor:

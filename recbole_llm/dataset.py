@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from recbole.data.dataset import SequentialDataset
 
-from recbole_llm.data import TRAIN_POSITIONS, window_ends
+from recbole_llm.data import TRAIN_POSITIONS, window_ends, window_stride
 from recbole_llm.errors import RecboleLLMError
 
 
 class PluginSequentialDataset(SequentialDataset):
-    """RecBole's sequential dataset; with ``train_positions: all`` the training split keeps one row per window
-    of ``MAX_ITEM_LIST_LENGTH`` targets (see :func:`recbole_llm.data.window_ends`)."""
+    """RecBole's sequential dataset; with ``train_positions: all`` the training split keeps one row every
+    ``train_window_stride`` (by default ``MAX_ITEM_LIST_LENGTH``) targets (see :func:`recbole_llm.data.window_ends`)."""
 
     @property
     def item_counter(self):
@@ -27,9 +27,10 @@ class PluginSequentialDataset(SequentialDataset):
         positions = self.config["train_positions"]
         if positions not in TRAIN_POSITIONS:  # the model's read_config says the same, later
             raise RecboleLLMError(f"train_positions={positions!r} is not supported; use last or all")
+        stride = window_stride(self.config)
         if positions == "all" and datasets:
             train = datasets[0]
-            kept = window_ends(train.inter_feat[train.uid_field], self.max_item_list_len)
+            kept = window_ends(train.inter_feat[train.uid_field], stride)
             windows = train.copy(train.inter_feat[kept])
             windows.prefix_item_counter = train.item_counter
             datasets[0] = windows

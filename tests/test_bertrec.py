@@ -115,31 +115,50 @@ def test_bad_model_settings_fail_before_training(tiny_bert, override, fragment):
         get_model("BERTRec")(config, dataset)
 
 
-def test_all_positions_trains_each_target_once_per_epoch(tiny_bert):
-    """train_positions: all keeps one training row per window of MAX_ITEM_LIST_LENGTH targets, counted back from
-    each user's most recent one; together the kept rows' shifted sequences hold every training target once."""
+@pytest.mark.parametrize("stride", [None, 2])
+def test_all_positions_trains_each_target_once_per_epoch(tiny_bert, stride):
+    """train_positions: all keeps one training row every train_window_stride targets (by default
+    MAX_ITEM_LIST_LENGTH), counted back from each user's most recent one; the positions the model scores in the
+    kept rows hold every training target once, each predicted from at least MAX_ITEM_LIST_LENGTH - stride + 1
+    items when the history has them."""
 
     def training_rows(settings):
         config = Config(model="BERTRec", dataset="ml-slice", config_dict=settings)
         train = data_preparation(config, create_dataset(config))[0]._dataset
-        return config, train.inter_feat, train.item_counter
+        return config, train, train.item_counter
 
-    settings = {**tiny_bert, "MAX_ITEM_LIST_LENGTH": 5}
+    length = 5
+    settings = {**tiny_bert, "MAX_ITEM_LIST_LENGTH": length}
     _, every, counts = training_rows(settings)
-    config, kept, window_counts = training_rows({**settings, "train_positions": "all"})
+    every = every.inter_feat
+    config, train, window_counts = training_rows({**settings, "train_positions": "all",
+                                                  "train_window_stride": stride})
+    kept = train.inter_feat
     assert window_counts == counts  # training interactions per item (the tail metrics' threshold) unchanged
+    model = get_model("BERTRec")(config, train)
+    step = stride or length
     uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
     seq_field, len_field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"], config["ITEM_LIST_LENGTH_FIELD"]
     for user in every[uid].unique().tolist()[:30]:
         targets = every[iid][every[uid] == user].tolist()  # every prefix row's target, oldest first
         mine = kept[uid] == user
-        assert int(mine.sum()) == -(-len(targets) // 5)  # ceil(rows / window)
-        covered = []
-        for seq, length, target in zip(kept[seq_field][mine].tolist(), kept[len_field][mine].tolist(),
-                                       kept[iid][mine].tolist()):
-            covered += seq[1:length] + [target]  # what the loss predicts: the history shifted by one
+        assert int(mine.sum()) == -(-len(targets) // step)  # ceil(rows / stride)
+        row_targets, scored = model.next_item_targets(kept[seq_field][mine], kept[len_field][mine], kept[iid][mine])
+        covered = row_targets[scored].tolist()  # what the loss predicts, rows oldest first
         assert covered == targets
-    assert len(kept) < len(every) / 3
+        before = scored.nonzero()[:, 1] + 1  # items of the row each scored target is predicted from
+        index_in_history = torch.arange(1, len(targets) + 1)
+        assert torch.all(before >= torch.clamp(index_in_history, max=length - step + 1))
+    assert len(kept) < len(every) / (3 if stride is None else 1.5)
+
+
+def test_train_window_stride_needs_all_positions_and_a_length_it_fits(tiny_bert):
+    for override, words in [({"train_window_stride": 2}, "applies to train_positions: all only"),
+                            ({"train_positions": "all", "train_window_stride": 0}, "from 1 to MAX_ITEM_LIST_LENGTH"),
+                            ({"train_positions": "all", "MAX_ITEM_LIST_LENGTH": 5, "train_window_stride": 6}, "from 1 to MAX_ITEM_LIST_LENGTH")]:
+        with pytest.raises(RecboleLLMError, match=words):
+            config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, **override})
+            data_preparation(config, create_dataset(config))  # the training windows are cut here
 
 
 def test_all_positions_encoder_is_causal_and_exports_the_same_scores(tiny_bert):

@@ -32,7 +32,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
-from recbole_llm.data import TRAIN_POSITIONS
+from recbole_llm.data import TRAIN_POSITIONS, window_stride
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.model.backbone import build_encoder, load_text_encoder, most_recent, resolve_pretrained
 from recbole_llm.model.item_text import item_texts, mean_pool, tokenize_items
@@ -149,6 +149,8 @@ class BERTRec(SequentialRecommender):
                 "train_positions='all' predicts every position against every item (CE); loss_type='BPR' samples "
                 "one negative per row: use loss_type: CE, or train_positions: last"
             )
+        # positions scored per training row (train_positions: all): the dataset keeps a row every `stride` targets
+        self.train_window_stride: int | None = window_stride(config)
         self.item_text_max_tokens = positive_int("item_text_max_tokens", config["item_text_max_tokens"], 32)
         fields = config["item_text_fields"]
         if isinstance(fields, str):
@@ -296,19 +298,29 @@ class BERTRec(SequentialRecommender):
 
     def all_positions_loss(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, pos_items: torch.Tensor,
                            table: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the next item at every real position of each (causally encoded) sequence.
-
-        Position t's target is item t + 1 of the history, and the last position's is ``pos_items``; padded
-        positions (and items an augmentation masked) are no target. SASRec's training objective (Kang &
-        McAuley, ICDM 2018), with the full softmax of SASRec+/gSASRec (Klenitskiy & Vasilev, RecSys 2023).
-        """
+        """Cross-entropy of the next item at the scored positions of each (causally encoded) sequence (see
+        :meth:`next_item_targets`). SASRec's training objective (Kang & McAuley, ICDM 2018), with the full
+        softmax of SASRec+/gSASRec (Klenitskiy & Vasilev, RecSys 2023)."""
         item_seq, item_seq_len = most_recent(item_seq, item_seq_len, self.max_seq_length)
         hidden = self.encoder_output(item_seq, table).last_hidden_state  # [B, L, H]
+        targets, scored = self.next_item_targets(item_seq, item_seq_len, pos_items)
+        return self.loss_fct(hidden[scored] @ table.t(), targets[scored])
+
+    def next_item_targets(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor,
+                          pos_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each position's target and whether the loss scores it, both ``[batch, length]``.
+
+        Position t's target is item t + 1 of the history, and the last position's is ``pos_items``. Scored: the
+        last ``train_window_stride`` real positions of each row (all of them with non-overlapping windows), so
+        that rows kept every stride targets predict each target once; padded positions and items an
+        augmentation masked (target 0) are never scored.
+        """
         targets = torch.cat((item_seq[:, 1:], torch.zeros_like(item_seq[:, :1])), dim=1)
         targets = targets.scatter(1, (item_seq_len - 1).unsqueeze(-1), pos_items.unsqueeze(-1))
         positions = torch.arange(item_seq.size(1), device=item_seq.device)
-        scored = (positions < item_seq_len.unsqueeze(-1)) & (targets != 0)  # [B, L]
-        return self.loss_fct(hidden[scored] @ table.t(), targets[scored])
+        last = item_seq_len.unsqueeze(-1)
+        scored = (positions < last) & (positions >= last - self.train_window_stride) & (targets != 0)
+        return targets, scored
 
     def predict(self, interaction):
         table = self.item_table()
