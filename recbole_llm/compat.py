@@ -238,6 +238,17 @@ def check_config_values(final: dict) -> None:
             )
 
 
+def check_training_rows(final: dict) -> None:
+    """A plugin model's ``train_positions`` and ``train_window_stride``, checked before RecBole reads any data
+    (the dataset cuts its training rows by them once the data is loaded)."""
+    from recbole_llm.data import TRAIN_POSITIONS, window_stride
+
+    positions = final.get("train_positions")
+    if positions not in TRAIN_POSITIONS:
+        raise RecboleLLMError(f"train_positions={positions!r} is not supported; use {' or '.join(TRAIN_POSITIONS)}")
+    window_stride(final)
+
+
 def wrap_set_default_parameters(original):
     """``Config._set_default_parameters``: CE without negative sampling, values checked, encoder limits."""
     from recbole.utils import ModelType
@@ -259,6 +270,7 @@ def wrap_set_default_parameters(original):
             from recbole_llm.model.backbone import check_encoder_settings
 
             check_encoder_settings(final)
+            check_training_rows(final)
         original(self)
 
     return _set_default_parameters
@@ -483,15 +495,28 @@ def wrap_create_dataset(original):
     return create_dataset
 
 
+# Plugin config keys that decide the training rows (recbole_llm.dataset): saved dataloaders built with other
+# values hold other rows, which RecBole's own comparison (its dataset_arguments, seed, eval_args) misses.
+TRAINING_ROW_KEYS = ("train_positions", "train_window_stride")
+
+
 def wrap_load_split_dataloaders(original):
     """``load_split_dataloaders`` unpickles only the file ``dataloaders_save_path`` names, never RecBole's
-    default ``<checkpoint_dir>/<dataset>-for-<model>-dataloader.pth`` (a file dropped there would run code)."""
+    default ``<checkpoint_dir>/<dataset>-for-<model>-dataloader.pth`` (a file dropped there would run code),
+    and rebuilds the loaders (returns None, as RecBole does for its own keys) when they were saved with other
+    :data:`TRAINING_ROW_KEYS` values: a model scoring the last N positions of rows cut every M != N targets
+    would train on a fraction of the targets, or some twice, with no error."""
 
     @functools.wraps(original)
     def load_split_dataloaders(config):
         if not config["dataloaders_save_path"]:
             return None
-        return original(config)
+        loaders = original(config)
+        # the dataset's Config: RecBole has already given the loaders the current one (update_config)
+        built_with = loaders[0]._dataset.config if loaders is not None else None
+        if loaders is not None and any(config[key] != built_with[key] for key in TRAINING_ROW_KEYS):
+            return None
+        return loaders
 
     return load_split_dataloaders
 

@@ -9,14 +9,17 @@ window, counted back from each user's most recent training item, so every traini
 exactly once per epoch. ``train_window_stride: N`` (N < ``MAX_ITEM_LIST_LENGTH``) keeps a row every N targets
 instead, and the model scores only the last N positions of each: every target is still predicted once, but
 from at least ``MAX_ITEM_LIST_LENGTH - N + 1`` items when the history holds them, as at evaluation
-(non-overlapping windows predict a window's first targets from a few items only). Validation and test keep
-every row RecBole builds.
+(non-overlapping windows predict a window's first targets from a few items only). Sequence augmentation
+(``augmentation``) then changes which items a row's scored positions hold, as it is meant to. Validation and
+test keep every row RecBole builds.
 
 The dataset class is :class:`recbole_llm.dataset.PluginSequentialDataset`, which RecBole finds as
 ``recbole.data.dataset.<Model>Dataset`` (``recbole/data/utils.py:41``); this module imports no RecBole.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -25,15 +28,16 @@ from recbole_llm.errors import RecboleLLMError
 TRAIN_POSITIONS = ("last", "all")
 
 
-def window_stride(config) -> int | None:
+def window_stride(config: Any) -> int | None:
     """The training windows' stride for ``config``: ``train_window_stride``, or ``MAX_ITEM_LIST_LENGTH`` when
     it is null (windows that do not overlap); None with ``train_positions: last`` (no windows).
 
-    Raises RecboleLLMError when the stride is not an integer in [1, MAX_ITEM_LIST_LENGTH] or is set with
-    ``train_positions: last``.
+    Raises RecboleLLMError when the stride is not an integer in [1, MAX_ITEM_LIST_LENGTH], or is set with
+    ``train_positions: last`` or with pre-split data (``benchmark_filename``: one row per user, no prefixes).
     """
-    stride, length = config["train_window_stride"], config["MAX_ITEM_LIST_LENGTH"]
-    if config["train_positions"] != "all":
+    setting = config.get if isinstance(config, dict) else config.__getitem__  # a Config reads unset keys as None
+    stride, length = setting("train_window_stride"), setting("MAX_ITEM_LIST_LENGTH")
+    if setting("train_positions") != "all":
         if stride is not None:
             raise RecboleLLMError(
                 f"train_window_stride={stride!r} applies to train_positions: all only; set train_positions: all "
@@ -42,6 +46,11 @@ def window_stride(config) -> int | None:
         return None
     if stride is None:
         return length
+    if setting("benchmark_filename"):
+        raise RecboleLLMError(
+            f"train_window_stride={stride!r} needs RecBole's prefix rows, and pre-split data (benchmark_filename) "
+            "has one row per user: use train_window_stride: null"
+        )
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= length:
         raise RecboleLLMError(
             f"train_window_stride={stride!r} must be an integer from 1 to MAX_ITEM_LIST_LENGTH ({length}): e.g. "

@@ -155,10 +155,27 @@ def test_all_positions_trains_each_target_once_per_epoch(tiny_bert, stride):
 def test_train_window_stride_needs_all_positions_and_a_length_it_fits(tiny_bert):
     for override, words in [({"train_window_stride": 2}, "applies to train_positions: all only"),
                             ({"train_positions": "all", "train_window_stride": 0}, "from 1 to MAX_ITEM_LIST_LENGTH"),
-                            ({"train_positions": "all", "MAX_ITEM_LIST_LENGTH": 5, "train_window_stride": 6}, "from 1 to MAX_ITEM_LIST_LENGTH")]:
-        with pytest.raises(RecboleLLMError, match=words):
-            config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, **override})
-            data_preparation(config, create_dataset(config))  # the training windows are cut here
+                            ({"train_positions": "all", "MAX_ITEM_LIST_LENGTH": 5, "train_window_stride": 6},
+                             "from 1 to MAX_ITEM_LIST_LENGTH"),
+                            ({"train_positions": "all", "train_window_stride": 2,
+                              "benchmark_filename": ["train", "valid", "test"]}, "pre-split data")]:
+        with pytest.raises(RecboleLLMError, match=words):  # when the Config is built, before any data is read
+            Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, **override})
+
+
+def test_saved_dataloaders_of_another_window_stride_are_rebuilt(tiny_bert, tmp_path):
+    """Dataloaders saved with other training windows are not reused: RecBole compares only its own keys, and
+    rows cut every 5 targets, scored 2 positions each, would train on 2 targets in 5 with no error."""
+    settings = {**tiny_bert, "train_positions": "all", "MAX_ITEM_LIST_LENGTH": 5, "checkpoint_dir": str(tmp_path)}
+    config = Config(model="BERTRec", dataset="ml-slice", config_dict={**settings, "save_dataloaders": True})
+    saved_rows = len(data_preparation(config, create_dataset(config))[0]._dataset)
+    saved = next(tmp_path.glob("*-dataloader.pth"))
+    for stride in (None, 2):
+        config = Config(model="BERTRec", dataset="ml-slice",
+                        config_dict={**settings, "dataloaders_save_path": str(saved), "train_window_stride": stride})
+        rows = len(data_preparation(config, create_dataset(config))[0]._dataset)
+        assert (rows == saved_rows) == (stride is None)
+        assert rows > 2 * saved_rows or stride is None
 
 
 def test_all_positions_encoder_is_causal_and_exports_the_same_scores(tiny_bert):
@@ -178,6 +195,13 @@ def test_all_positions_encoder_is_causal_and_exports_the_same_scores(tiny_bert):
         prefix_hidden = model.encoder_output(cut).last_hidden_state
         assert torch.allclose(hidden[:, :2], prefix_hidden[:, :2], atol=1e-5)
         assert not torch.allclose(hidden[:, 2], prefix_hidden[:, 2], atol=1e-3)
+        # The mask augmentation pads older items: a position whose own and earlier items are all masked still
+        # sees nothing later (a fully blocked attention row would spread over every position, its target's too).
+        masked = item_seq.clone()
+        masked[:, :2] = 0
+        other = torch.where(masked > 0, masked % (model.n_items - 1) + 1, masked)  # other later items
+        first = model.encoder_output(masked).last_hidden_state[:, :2]
+        assert torch.allclose(first, model.encoder_output(other).last_hidden_state[:, :2], atol=1e-5)
         traced = torch.jit.trace(ScoringGraph(model, top_k=None), (item_seq[:4], length[:4]), check_trace=False)
         expected = model.full_sort_predict({model.ITEM_SEQ: item_seq, model.ITEM_SEQ_LEN: length})
         assert torch.allclose(traced(item_seq, length), expected, atol=1e-5)

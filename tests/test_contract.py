@@ -119,6 +119,10 @@ BAD_VALUES = [
     ("BERTRec", "loss_type", "MSE", {}),  # refused by Config, for every sequential model
     ("BERTRec", "train_positions", "every", {}),
     ("BERTRec", "train_positions", "all", {"loss_type": "BPR"}),
+    ("BERTRec", "train_window_stride", 2, {}),  # train_positions: last has no windows
+    ("BERTRec", "train_window_stride", 0, {"train_positions": "all"}),
+    ("BERTRec", "train_window_stride", 2.5, {"train_positions": "all"}),
+    ("BERTRec", "train_window_stride", True, {"train_positions": "all"}),
     # the encoder's keys, checked when the Config is built
     ("BERTRec", "pretrained_model_name_or_path", 5, {}),
     ("BERTRec", "n_layers", 0, {}),

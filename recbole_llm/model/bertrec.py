@@ -264,14 +264,19 @@ class BERTRec(SequentialRecommender):
 
         ``train_positions: last``: ``[batch, length]``, 1 on real items (bidirectional attention).
         ``all``: an additive ``[batch, 1, length, length]`` mask in ``dtype``, 0 where position q may attend
-        to key k (k <= q and item k is real) and the dtype's minimum elsewhere: a causal encoder, so that every
-        position predicts its next item without seeing it. Built from the input's shape only (traceable).
+        to key k (k <= q and item k is real, or k = q) and the dtype's minimum elsewhere: a causal encoder, so
+        that every position predicts its next item without seeing it. A position always sees itself: one whose
+        own and earlier items are all masked (the ``mask`` augmentation) would otherwise have no key left, and
+        a fully blocked row's softmax spreads evenly over every position, later ones and its target included.
+        Built from the input's shape only (traceable).
         """
         real = item_seq != 0
         if self.train_positions == "last":
             return real.long()
         order = torch.cumsum(torch.ones_like(item_seq[0]), 0)  # [length] 1..length, from the input's shape
-        allowed = (order.unsqueeze(0) <= order.unsqueeze(1)).unsqueeze(0) & real.unsqueeze(1)  # [B, q, k]
+        earlier = order.unsqueeze(0) <= order.unsqueeze(1)  # [q, k]
+        itself = order.unsqueeze(0) == order.unsqueeze(1)
+        allowed = (earlier.unsqueeze(0) & real.unsqueeze(1)) | itself.unsqueeze(0)  # [B, q, k]
         blocked = torch.zeros(allowed.shape, dtype=dtype, device=item_seq.device)
         return blocked.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
