@@ -238,17 +238,6 @@ def check_config_values(final: dict) -> None:
             )
 
 
-def check_training_rows(final: dict) -> None:
-    """A plugin model's ``train_positions`` and ``train_window_stride``, checked before RecBole reads any data
-    (the dataset cuts its training rows by them once the data is loaded)."""
-    from recbole_llm.data import TRAIN_POSITIONS, window_stride
-
-    positions = final.get("train_positions")
-    if positions not in TRAIN_POSITIONS:
-        raise RecboleLLMError(f"train_positions={positions!r} is not supported; use {' or '.join(TRAIN_POSITIONS)}")
-    window_stride(final)
-
-
 def wrap_set_default_parameters(original):
     """``Config._set_default_parameters``: CE without negative sampling, values checked, encoder limits."""
     from recbole.utils import ModelType
@@ -269,8 +258,10 @@ def wrap_set_default_parameters(original):
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
             from recbole_llm.model.backbone import check_encoder_settings
 
+            from recbole_llm.data import training_rows
+
             check_encoder_settings(final)
-            check_training_rows(final)
+            training_rows(final)  # the dataset cuts its training rows by these once the data is loaded
         original(self)
 
     return _set_default_parameters

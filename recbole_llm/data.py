@@ -28,6 +28,20 @@ from recbole_llm.errors import RecboleLLMError
 TRAIN_POSITIONS = ("last", "all")
 
 
+def training_rows(config: Any) -> int | None:
+    """Check ``train_positions`` and ``train_window_stride`` of ``config`` (a Config or its dict) and return the
+    training windows' stride (see :func:`window_stride`). Called when the Config is built, before any data is
+    read, and again by the dataset, whose Config may come from a checkpoint.
+
+    Raises RecboleLLMError (one line) on a ``train_positions`` other than last or all, or a bad stride.
+    """
+    setting = config.get if isinstance(config, dict) else config.__getitem__
+    positions = setting("train_positions")
+    if positions not in TRAIN_POSITIONS:
+        raise RecboleLLMError(f"train_positions={positions!r} is not supported; use {' or '.join(TRAIN_POSITIONS)}")
+    return window_stride(config)
+
+
 def window_stride(config: Any) -> int | None:
     """The training windows' stride for ``config``: ``train_window_stride``, or ``MAX_ITEM_LIST_LENGTH`` when
     it is null (windows that do not overlap); None with ``train_positions: last`` (no windows).

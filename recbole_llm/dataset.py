@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from recbole.data.dataset import SequentialDataset
 
-from recbole_llm.data import TRAIN_POSITIONS, window_ends, window_stride
-from recbole_llm.errors import RecboleLLMError
+from recbole_llm.data import training_rows, window_ends
 
 
 class PluginSequentialDataset(SequentialDataset):
@@ -24,11 +23,8 @@ class PluginSequentialDataset(SequentialDataset):
 
     def build(self):
         datasets = super().build()
-        positions = self.config["train_positions"]
-        if positions not in TRAIN_POSITIONS:  # the model's read_config says the same, later
-            raise RecboleLLMError(f"train_positions={positions!r} is not supported; use last or all")
-        stride = window_stride(self.config)
-        if positions == "all" and datasets:
+        stride = training_rows(self.config)  # None with train_positions: last
+        if stride is not None and datasets:
             train = datasets[0]
             kept = window_ends(train.inter_feat[train.uid_field], stride)
             windows = train.copy(train.inter_feat[kept])
