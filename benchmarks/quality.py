@@ -132,6 +132,12 @@ RUNS["BERTRec-all-small"] = ("BERTRec", {"train_positions": "all", "train_batch_
                                          "pretrained_model_name_or_path": None, "backbone_layers": None,
                                          "item_repr": "id", "hidden_size": 64, "n_layers": 2, "n_heads": 2,
                                          "inner_size": 256, "hidden_dropout_prob": 0.5, "attn_dropout_prob": 0.5})
+# Longer histories for the small encoder too (cheap at 64 wide): 200 covers most ml-100k users whole.
+RUNS["BERTRec-all-small-L200"] = ("BERTRec", {**RUNS["BERTRec-all-small"][1], "MAX_ITEM_LIST_LENGTH": 200})
+# A recurrent bias under the encoder (GRU4Rec, the strongest converged baseline, is recurrent), and LoRA
+# (a frozen pretrained layer: fewer weights to overfit ml-100k's 100k interactions), both with dropout 0.3.
+RUNS["BERTRec-all-drop3-lstm"] = ("BERTRec", {**_DROP3, "pre_encoder": "lstm"})
+RUNS["BERTLoRA-all-drop3"] = ("BERTLoRA", {**_DROP3})
 # Text where data is sparse: ml-1m-short, to early stopping over 3 seeds; the plugin model with item IDs only,
 # text only, and both. Histories hold at most 10 items (8 before the validation and test targets).
 PROFILES["sparse"] = {
