@@ -6,6 +6,10 @@
     python benchmarks/quality.py --profile sparse --data-path ../shared/datasets   # ml-1m, 10 items per user
     python benchmarks/quality.py --profile augmentation          # BERTRec-all-drop3 with and without each
                                                                  # augmentation and FGM, converged, 3 seeds
+    python benchmarks/quality.py --profile explore               # the plugin settings tried for converged,
+                                                                 # one seed each (shares converged's runs)
+    python benchmarks/quality.py --profile ml-1m --data-path ../shared/datasets   # SASRec and the strongest
+                                                                 # plugin model, converged on CPU (a day)
 
 Every run is a fresh process doing what ``run_recbole`` does (Config, init_seed, create_dataset,
 data_preparation, get_model, get_trainer, fit, evaluate with the best checkpoint) on the same dataset,
@@ -75,8 +79,11 @@ PROFILES = {
         "plugin": {"backbone_layers": 1, "item_repr": "id+text"},
         "recbole": RECBOLE_BENCHMARK,
         "seeds": [2020, 2021, 2022],
-        # BERTAdaLoRA's rank schedule spans a number of epochs fixed up front, which early stopping does not know
-        "models": ["Pop", "GRU4Rec", "SASRec", "BERT4Rec", "BERTRec", "BERTLoRA", "BERTAdapter"],
+        # RecBole's baselines beside the plugin's strongest settings (the runs of the `explore` profile chose
+        # them; see RUNS): the causal encoder trained at every position, with and without an LSTM under it, and
+        # the LSTM under a small random encoder on item IDs (what the pretrained layer and text add).
+        "models": ["Pop", "GRU4Rec", "SASRec", "BERT4Rec", "BERTRec-all-drop3", "BERTRec-all-drop3-lstm",
+                   "BERTRec-all-small-lstm"],
     },
     "full": {
         "datasets": ["ml-100k", "ml-1m"],
@@ -138,6 +145,8 @@ RUNS["BERTRec-all-small-L200"] = ("BERTRec", {**RUNS["BERTRec-all-small"][1], "M
 # (a frozen pretrained layer: fewer weights to overfit ml-100k's 100k interactions), both with dropout 0.3.
 RUNS["BERTRec-all-drop3-lstm"] = ("BERTRec", {**_DROP3, "pre_encoder": "lstm"})
 RUNS["BERTLoRA-all-drop3"] = ("BERTLoRA", {**_DROP3})
+# The LSTM under the small random encoder (item IDs only): what the pretrained layer and text add to it.
+RUNS["BERTRec-all-small-lstm"] = ("BERTRec", {**RUNS["BERTRec-all-small"][1], "pre_encoder": "lstm"})
 # Text where data is sparse: ml-1m-short, to early stopping over 3 seeds; the plugin model with item IDs only,
 # text only, and both. Histories hold at most 10 items (8 before the validation and test targets).
 PROFILES["sparse"] = {
@@ -150,6 +159,16 @@ for _repr in ("id", "text"):
     RUNS[f"BERTRec-all-drop3-{_repr}"] = ("BERTRec", {**_DROP3, "item_repr": _repr})
 # The converged profile's settings and runs (the same scratch folder, so runs are shared), for these models.
 PROFILES["augmentation"] = {**PROFILES["converged"], "models": AUGMENTATION_RUNS, "workdir": "quality_converged"}
+# What was tried on the way to the converged profile's plugin models, one seed each beside GRU4Rec's: the
+# same settings and scratch runs as `converged`.
+PROFILES["explore"] = {**PROFILES["converged"], "seeds": [2020], "workdir": "quality_converged",
+                       "models": ["Pop", "GRU4Rec", "BERTRec-all-drop3", "BERTRec-all-drop3-s25",
+                                  "BERTRec-all-drop3-L200", "BERTLoRA-all-drop3", "BERTRec-all-small",
+                                  "BERTRec-all-small-L200", "BERTRec-all-drop3-lstm", "BERTRec-all-small-lstm"]}
+# MovieLens-1M on this CPU (issue 17): RecBole's SASRec and the strongest plugin model, history 50, to early
+# stopping, one seed (each run takes many CPU-hours and resumes across sessions).
+PROFILES["ml-1m"] = {**PROFILES["converged"], "datasets": ["ml-1m"], "seeds": [2020],
+                     "models": ["Pop", "SASRec", "BERTRec-all-drop3-lstm"]}
 PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA", *(name for name in RUNS if "-all" in name)}
 BASELINES = ("GRU4Rec", "SASRec", "BERT4Rec")
 
@@ -540,13 +559,15 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     for dataset, name, seed in tqdm(jobs, desc="quality runs", unit="run"):
         extra = ["--data-path", args.data_path] if args.data_path else []
-        stem = f"{dataset}_{name}" + (f"_seed{seed}" if len(profile["seeds"]) > 1 else "")
+        # runs without a budget are deterministic under their seed: kept by seed and reused (they resume too)
+        keyed = len(profile["seeds"]) > 1 or budget == float("inf")
+        stem = f"{dataset}_{name}" + (f"_seed{seed}" if keyed else "")
         result_file, log_file = workdir / f"{stem}.json", workdir / f"{stem}.log"
         wanted = {k: v for k, v in config_for(name, dataset, profile, args.data_path, seed)[1].items()
                   if k not in ("load_col", "show_progress")}
         cached = json.loads(result_file.read_text()) if result_file.exists() else None
         if cached is not None and cached.get("config") == json.loads(json.dumps(wanted)) and \
-                cached.get("budget") == f"{budget:g} {profile['clock']} s" and len(profile["seeds"]) > 1:
+                cached.get("budget") == f"{budget:g} {profile['clock']} s" and keyed:
             tqdm.write(f"{dataset} {name} seed {seed}: reusing {result_file.name}")
             result = cached
         else:
