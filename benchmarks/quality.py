@@ -144,6 +144,8 @@ RUNS["BERTRec-all-small-L200"] = ("BERTRec", {**RUNS["BERTRec-all-small"][1], "M
 # A recurrent bias under the encoder (GRU4Rec, the strongest converged baseline, is recurrent), and LoRA
 # (a frozen pretrained layer: fewer weights to overfit ml-100k's 100k interactions), both with dropout 0.3.
 RUNS["BERTRec-all-drop3-lstm"] = ("BERTRec", {**_DROP3, "pre_encoder": "lstm"})
+# the LSTM's states added to the item embeddings (R-Transformer's residual): the LSTM run lost on the tail
+RUNS["BERTRec-all-drop3-lstmres"] = ("BERTRec", {**_DROP3, "pre_encoder": "lstm_residual"})
 RUNS["BERTLoRA-all-drop3"] = ("BERTLoRA", {**_DROP3})
 # The LSTM under the small random encoder (item IDs only): what the pretrained layer and text add to it.
 RUNS["BERTRec-all-small-lstm"] = ("BERTRec", {**RUNS["BERTRec-all-small"][1], "pre_encoder": "lstm"})

@@ -65,8 +65,9 @@ def test_bpr_learns(tiny_bert):
     assert trained > 2 * untrained, (trained, untrained)
 
 
-def test_lstm_pre_encoder_runs_before_the_encoder(tiny_bert):
-    config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, "pre_encoder": "lstm"})
+@pytest.mark.parametrize("pre_encoder", ["lstm", "lstm_residual"])
+def test_lstm_pre_encoder_runs_before_the_encoder(tiny_bert, pre_encoder):
+    config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, "pre_encoder": pre_encoder})
     dataset = create_dataset(config)
     train_data, _, _ = data_preparation(config, dataset)
     model = get_model("BERTRec")(config, train_data._dataset)
@@ -78,6 +79,13 @@ def test_lstm_pre_encoder_runs_before_the_encoder(tiny_bert):
     model.calculate_loss(batch).backward()
     assert seen == ["lstm", "encoder"]
     assert model.pre_encoder.weight_ih_l0.grad is not None
+    # S = LSTM(X), or X + LSTM(X) with the residual
+    item_seq = batch[model.ITEM_SEQ][:4]
+    with torch.no_grad():
+        embedded = model.item_table()[item_seq]
+        states, _ = model.pre_encoder(embedded)
+        expected = embedded + states if pre_encoder == "lstm_residual" else states
+        assert torch.allclose(model.encode_items(item_seq), expected)
 
 
 def test_checkpoint_reload_gives_identical_scores_and_resumes(tiny_bert):

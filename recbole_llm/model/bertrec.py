@@ -9,11 +9,16 @@ Reference:
     Wang-Cheng Kang and Julian McAuley. "Self-Attentive Sequential Recommendation." In ICDM 2018
     (next-item prediction from the last position, scored against shared item embeddings).
 
+    Zhiwei Wang et al. "R-Transformer: Recurrent Neural Network Enhanced Transformer." arXiv:1907.05572,
+    2019 (``pre_encoder: lstm_residual``: recurrent states added to the inputs of attention).
+
 A pretrained (or randomly initialised) Hugging Face BERT-family encoder over item-ID sequences. Item
 embeddings of the encoder's width go in through ``inputs_embeds`` with a padding mask; the hidden state at
 each sequence's last real item scores every item through the same (tied) item embedding table. With
 ``pre_encoder: lstm`` an LSTM first runs over the item embeddings (S = LSTM(X), then the encoder), the
-hybrid sequence model of the design document.
+hybrid sequence model of the design document; ``lstm_residual`` adds its states to the embeddings instead
+(S = X + LSTM(X), as R-Transformer adds its RNN's states to its inputs), so each item's own embedding
+reaches the encoder.
 
 Item representations (``item_repr``): ``id`` (an embedding per item id), ``text`` (the pretrained encoder's
 mean-pooled embedding of the item's text from ``item_text_fields``, projected; items that never appear in
@@ -37,7 +42,7 @@ from recbole_llm.errors import RecboleLLMError
 from recbole_llm.model.backbone import build_encoder, load_text_encoder, most_recent, resolve_pretrained
 from recbole_llm.model.item_text import item_texts, mean_pool, tokenize_items
 
-PRE_ENCODERS = ("lstm", "none")
+PRE_ENCODERS = ("lstm", "lstm_residual", "none")
 LOSS_TYPES = ("CE", "BPR")
 ITEM_REPRS = ("id", "text", "id+text")
 TEXT_ENCODERS = ("frozen", "trained")
@@ -104,7 +109,7 @@ class BERTRec(SequentialRecommender):
         self.encoder = build_encoder(config)
         self.hidden_size = self.encoder.config.hidden_size
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
-        if self.pre_encoder_type == "lstm":
+        if self.pre_encoder_type in ("lstm", "lstm_residual"):
             self.pre_encoder = nn.LSTM(self.hidden_size, self.hidden_size, batch_first=True)
         else:
             self.pre_encoder = None
@@ -248,7 +253,8 @@ class BERTRec(SequentialRecommender):
             item_emb = nn.functional.embedding(item_seq, self.item_table() if item_table is None else item_table)
         if self.pre_encoder is not None:
             # RecBole pads at the end, so a left-to-right LSTM never sees padding before a real item.
-            item_emb, _ = self.pre_encoder(item_emb)
+            states, _ = self.pre_encoder(item_emb)
+            item_emb = item_emb + states if self.pre_encoder_type == "lstm_residual" else states
         return item_emb
 
     def run_encoder(self, **inputs):
