@@ -147,6 +147,8 @@ RUNS["BERTRec-all-drop3-lstm"] = ("BERTRec", {**_DROP3, "pre_encoder": "lstm"})
 # the LSTM's states added to the item embeddings (R-Transformer's residual): the LSTM run lost on the tail
 RUNS["BERTRec-all-drop3-lstmres"] = ("BERTRec", {**_DROP3, "pre_encoder": "lstm_residual"})
 RUNS["BERTLoRA-all-drop3"] = ("BERTLoRA", {**_DROP3})
+# the LSTM with more dropout: with 0.3 it leads on validation on every seed but its test score swings
+RUNS["BERTRec-all-drop5-lstm"] = ("BERTRec", {**RUNS["BERTRec-all-drop5"][1], "pre_encoder": "lstm"})
 # The LSTM under the small random encoder (item IDs only): what the pretrained layer and text add to it.
 RUNS["BERTRec-all-small-lstm"] = ("BERTRec", {**RUNS["BERTRec-all-small"][1], "pre_encoder": "lstm"})
 # Text where data is sparse: ml-1m-short, to early stopping over 3 seeds; the plugin model with item IDs only,
@@ -167,7 +169,7 @@ PROFILES["explore"] = {**PROFILES["converged"], "seeds": [2020], "workdir": "qua
                        "models": ["Pop", "GRU4Rec", "BERTRec-all-drop3", "BERTRec-all-drop3-s25",
                                   "BERTRec-all-drop3-L200", "BERTLoRA-all-drop3", "BERTRec-all-small",
                                   "BERTRec-all-small-L200", "BERTRec-all-drop3-lstm", "BERTRec-all-drop3-lstmres",
-                                  "BERTRec-all-small-lstm"]}
+                                  "BERTRec-all-small-lstm", "BERTRec-all-drop5-lstm"]}
 # MovieLens-1M on this CPU (issue 17): RecBole's SASRec and the strongest plugin model, history 50, to early
 # stopping, one seed (each run takes many CPU-hours and resumes across sessions).
 PROFILES["ml-1m"] = {**PROFILES["converged"], "datasets": ["ml-1m"], "seeds": [2020],
