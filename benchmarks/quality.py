@@ -443,6 +443,8 @@ def markdown(report: dict) -> list[str]:
 def verdict(runs: dict, profile: str) -> str:
     if profile == "augmentation":
         return augmentation_verdict(runs)
+    if profile == "sparse":
+        return sparse_verdict(runs)
     present = [n for n in BASELINES if n in runs]
     plugins = [n for n in PLUGIN if n in runs]
     if not present or not plugins:
@@ -461,16 +463,37 @@ def verdict(runs: dict, profile: str) -> str:
 
 
 def augmentation_verdict(runs: dict) -> str:
-    """Each regulariser against the run without one: the change in mean NDCG@10 and tail NDCG@10, and whether
-    it is larger than the two runs' standard deviations together (otherwise: within seed noise)."""
-    base_name = AUGMENTATION_RUNS[0]
+    """Each regulariser against the run without one (see `changes_against`)."""
+    return changes_against(runs, AUGMENTATION_RUNS[0], "no augmentation, no FGM",
+                           [n for n in runs if n != AUGMENTATION_RUNS[0]])
+
+
+def sparse_verdict(runs: dict) -> str:
+    """What item text adds where data is sparse: the plugin on text alone and on IDs with text against the
+    plugin on IDs alone, beside the best plugin model's ratio to the best RecBole baseline (the issue's 5%
+    target is ml-100k's; none is set here)."""
+    present = [n for n in BASELINES if n in runs]
+    plugins = [n for n in PLUGIN if n in runs]
+    lines = []
+    if present and plugins:
+        base = max(present, key=lambda n: runs[n]["test"]["ndcg@10"])
+        best = max(plugins, key=lambda n: runs[n]["test"]["ndcg@10"])
+        ratio = runs[best]["test"]["ndcg@10"] / max(runs[base]["test"]["ndcg@10"], 1e-12)
+        lines += [f"Best plugin model {best} {runs[best]['test']['ndcg@10']:.4f} vs best RecBole baseline {base} "
+                  f"{runs[base]['test']['ndcg@10']:.4f}: ratio {ratio:.3f}.", ""]
+    with_text = [n for n in ("BERTRec-all-drop3-text", "BERTRec-all-drop3") if n in runs]
+    return "\n".join([*lines, changes_against(runs, "BERTRec-all-drop3-id", "item IDs alone", with_text)])
+
+
+def changes_against(runs: dict, base_name: str, base_label: str, names: list[str]) -> str:
+    """Each of `names` against `base_name`: the change in mean NDCG@10 and tail NDCG@10, and whether it is
+    larger than the two runs' standard deviations together (otherwise: within seed noise)."""
     if base_name not in runs:
         return f"No {base_name} run to compare against."
     base = runs[base_name]
-    lines = [f"Against {base_name} (no augmentation, no FGM):", ""]
-    for name, r in runs.items():
-        if name == base_name:
-            continue
+    lines = [f"Against {base_name} ({base_label}):", ""]
+    for name in names:
+        r = runs[name]
         parts = []
         for key, label in (("ndcg@10", "NDCG@10"), ("tailndcg@10", "tail NDCG@10")):
             change = r["test"][key] / max(base["test"][key], 1e-12) - 1
