@@ -450,8 +450,7 @@ def at_pop_level(runs: dict, margin: float = 1.1) -> list[str]:
     usually the popularity plateau a model crosses before it learns (the fix: a longer `stopping_step`), under a
     budget too little training; either way their test figures are not a trained model's. Seeds without
     validation scores are skipped; empty without a Pop run that has them."""
-    pop = max((max(one["valid_ndcg@10"]) for one in runs.get("Pop", {}).get("seeds", [runs.get("Pop", {})])
-               if one.get("valid_ndcg@10")), default=None)
+    pop = max(valid_bests(runs["Pop"]), default=None) if "Pop" in runs else None
     if pop is None:
         return []
     flags = []
@@ -501,11 +500,17 @@ def best_pair(runs: dict) -> tuple[str, str, float] | None:
     return best, base, runs[best]["test"]["ndcg@10"] / max(runs[base]["test"]["ndcg@10"], 1e-12)
 
 
+def valid_bests(r: dict) -> list[float]:
+    """Each seed's validation NDCG@10 at its best epoch (a run or an `aggregate` of runs; seeds without
+    validation scores left out)."""
+    return [max(one["valid_ndcg@10"]) for one in r.get("seeds", [r]) if one.get("valid_ndcg@10")]
+
+
 def best_valid(r: dict) -> float:
     """A model's validation NDCG@10 at its best epoch, the mean over its seeds (0 without scores)."""
     import statistics
 
-    return statistics.fmean(max(one.get("valid_ndcg@10") or [0.0]) for one in r.get("seeds", [r]))
+    return statistics.fmean(valid_bests(r) or [0.0])
 
 
 def augmentation_verdict(runs: dict) -> str:
