@@ -24,8 +24,11 @@ epoch cap stop runs that converge earlier.
 (an epoch cap of 500 that no model reaches), RecBole's models with the settings of RecBole's own benchmark
 (``RECBOLE_BENCHMARK``), over 3 seeds, reported as mean ± std with the CPU seconds each run needed to
 reach 95% of its own best validation NDCG@10. Each (dataset, model, seed) run is its own process whose
-result stays in benchmarks/scratch/; a rerun reuses results of the same configuration, so the hours this
-profile takes can be spread over several sessions.
+record (its config, per-epoch validation scores and CPU seconds, test metrics) is kept in
+benchmarks/results/runs/<profile's folder>/, in git: a machine that is replaced keeps no untracked file, and
+a rerun reuses every record of the same configuration, so the hours this profile takes can be spread over
+several sessions. A run cut short resumes from its last validated epoch (benchmarks/scratch/) on the same
+machine.
 
 Writes benchmarks/results/quality_<profile>.{json,md,png}.
 """
@@ -182,6 +185,10 @@ PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA", *(name for name i
 BASELINES = ("GRU4Rec", "SASRec", "BERT4Rec")
 
 
+# Each finished unbudgeted run's record, one JSON per (dataset, model, seed), committed with the results.
+RUN_RECORDS = RESULTS / "runs"
+
+
 class BudgetSpent(Exception):
     pass
 
@@ -283,8 +290,9 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
     budgeted = BudgetedLoader(train_data, clock, budget)
     epoch_wall, epoch_cpu, valid_scores, resumed_at = [], [], [], []
     # A run that stops (a session ends) continues from its last validated epoch when started again.
-    state_dir = out.parent / f"{out.stem}.resume"
-    state_dir.mkdir(exist_ok=True)
+    # (in scratch, beside the run's log: checkpoints stay out of git, and only the finished record is kept)
+    state_dir = SCRATCH / out.parent.name / f"{out.stem}.resume"
+    state_dir.mkdir(parents=True, exist_ok=True)
     best_file, latest_file, progress_file = (state_dir / "best.pth", state_dir / "latest.pth",
                                              state_dir / "progress.json")
     if latest_file.exists() and progress_file.exists() and budget == float("inf"):
@@ -349,7 +357,8 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
     }
-    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".tmp").replace(out)  # a record is whole or absent
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
@@ -624,6 +633,9 @@ def main() -> None:
             args.data_path = str(prepare_short_histories(Path(args.data_path), name))
     workdir = SCRATCH / profile.get("workdir", f"quality_{args.profile}")
     workdir.mkdir(parents=True, exist_ok=True)
+    # runs without a budget are deterministic under their seed: their records are kept in git and reused
+    records = RUN_RECORDS / workdir.name if budget == float("inf") else workdir
+    records.mkdir(parents=True, exist_ok=True)
     report = {**provenance(), "profile": args.profile, "budget": f"{budget:g} {profile['clock']} s per run"}
     how_long = (f"trains for {budget:g} {profile['clock'].upper()} seconds (training batches only), then the "
                 "epoch ends and is validated" if budget != float("inf") else
@@ -646,7 +658,7 @@ def main() -> None:
         # runs without a budget are deterministic under their seed: kept by seed and reused (they resume too)
         keyed = len(profile["seeds"]) > 1 or budget == float("inf")
         stem = f"{dataset}_{name}" + (f"_seed{seed}" if keyed else "")
-        result_file, log_file = workdir / f"{stem}.json", workdir / f"{stem}.log"
+        result_file, log_file = records / f"{stem}.json", workdir / f"{stem}.log"
         wanted = {k: v for k, v in config_for(name, dataset, profile, args.data_path, seed)[1].items()
                   if k not in ("load_col", "show_progress")}
         cached = json.loads(result_file.read_text()) if result_file.exists() else None
