@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SCRATCH, RESULTS, peak_rss_mb, provenance, run_child, write_results  # noqa: E402
+from _common import SCRATCH, RESULTS, machine, peak_rss_mb, provenance, run_child, write_results  # noqa: E402
 
 EVAL = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}
 TEXT_FIELDS = {"ml-100k": ["movie_title", "class"], "ml-1m": ["movie_title", "genre"]}
@@ -355,6 +355,7 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
         "peak_rss_mb": peak_rss_mb(),
+        "machine": machine(),  # records made over several sessions may come from different machines
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
     }
     out.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
@@ -431,11 +432,14 @@ def markdown(report: dict) -> list[str]:
         report["profile_note"],
         "",
     ]
+    made_on = runs_by_machine(report)
+    if set(made_on) != {report["machine"]}:  # CPU seconds compare only between runs on one machine
+        lines += ["Runs made on: " + "; ".join(f"{m}: {', '.join(runs)}" for m, runs in made_on.items()) + ".", ""]
     for dataset, runs in report["results"].items():
         lines += [
             f"**{dataset}** (test, at the best validation epoch)",
             "",
-            "| model | NDCG@10 | Recall@10 | MRR@10 | tail NDCG@10 | trainable / total params | s/epoch | "
+            "| model | NDCG@10 | Recall@10 | MRR@10 | tail NDCG@10 | trainable / total params | CPU-s/epoch | "
             "epochs (to best) | peak RSS |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -445,7 +449,7 @@ def markdown(report: dict) -> list[str]:
             lines.append(
                 f"| {name} | {shown(r, 'ndcg@10')} | {shown(r, 'recall@10')} | {shown(r, 'mrr@10')} | "
                 f"{shown(r, 'tailndcg@10')} | {r['trainable_params']:,} / {r['total_params']:,} | "
-                f"{r['seconds_per_epoch']:.0f} | {r['epochs']} ({r['epochs_to_best']}{to95}) | {r['peak_rss_mb']} MB |"
+                f"{r['cpu_seconds_per_epoch']:.0f} | {r['epochs']} ({r['epochs_to_best']}{to95}) | {r['peak_rss_mb']} MB |"
             )
         lines.append("")
         flags = report["at_pop_level"][dataset]
@@ -453,6 +457,17 @@ def markdown(report: dict) -> list[str]:
         lines.append(report["verdicts"][dataset])
         lines.append("")
     return lines
+
+
+def runs_by_machine(report: dict) -> dict[str, list[str]]:
+    """Machine -> the runs ("model seed") its records say it made; records without one count as the report's."""
+    made_on: dict[str, list[str]] = {}
+    for runs in report["results"].values():
+        for name, r in runs.items():
+            for run in r.get("seeds", [r]):
+                made_on.setdefault(run.get("machine", report["machine"]), []).append(
+                    f"{name} {run['config'].get('seed', '')}".strip())
+    return made_on
 
 
 def at_pop_level(runs: dict, margin: float = 1.1) -> list[str]:
