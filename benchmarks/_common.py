@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -75,12 +76,13 @@ def peak_rss_mb() -> int:
 
 def run_child(script: Path, args: list[str], result_file: Path, log_file: Path, python: str | None = None) -> dict:
     """Run ``python script args`` in a fresh process (this interpreter, or ``python``: another environment)
-    that writes its result as JSON to ``result_file``."""
-    result_file.unlink(missing_ok=True)
+    that writes its result as JSON to ``result_file``. An older ``result_file`` stays until the new one
+    replaces it (it may be a committed record); one the child did not write counts as none."""
+    started = time.time()
     with open(log_file, "w") as log:
         code = subprocess.run([python or sys.executable, str(script), *args], stdout=log, stderr=subprocess.STDOUT,
                               cwd=log_file.parent).returncode
-    if code != 0 or not result_file.exists():
+    if code != 0 or not result_file.exists() or result_file.stat().st_mtime < started - 1:
         tail = log_file.read_text()[-3000:]
         raise SystemExit(f"{script.name} {' '.join(args)} failed (exit {code}); log {log_file}:\n{tail}")
     return json.loads(result_file.read_text())

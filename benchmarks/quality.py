@@ -187,6 +187,9 @@ BASELINES = ("GRU4Rec", "SASRec", "BERT4Rec")
 
 # Each finished unbudgeted run's record, one JSON per (dataset, model, seed), committed with the results.
 RUN_RECORDS = RESULTS / "runs"
+# config keys left out of a record and of the match that reuses it: columns read, a progress bar, and where this
+# checkout keeps the data (the dataset's name is in the record; a checkout elsewhere reuses the same record)
+NOT_RECORDED = ("load_col", "show_progress", "data_path")
 
 
 class BudgetSpent(Exception):
@@ -337,7 +340,7 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
     result = {
         "model": model_name,
         "dataset": dataset,
-        "config": {k: v for k, v in config_dict.items() if k not in ("load_col", "show_progress")},
+        "config": {k: v for k, v in config_dict.items() if k not in NOT_RECORDED},
         "test": {k: float(v) for k, v in test.items()},
         "valid_ndcg@10": [round(float(v), 4) for v in valid_scores],
         "epochs": len(epoch_wall),
@@ -407,7 +410,7 @@ def aggregate(per_seed: list[dict]) -> dict:
     sample standard deviation), epochs and times as means, and every run under ``seeds``."""
     import statistics
 
-    merged = dict(per_seed[0])
+    merged = {k: v for k, v in per_seed[0].items() if k != "machine"}  # each seed names its own, under seeds
     merged["seeds"] = per_seed
     merged["test"] = {k: statistics.fmean(r["test"][k] for r in per_seed) for k in per_seed[0]["test"]}
     merged["test_std"] = {k: (statistics.stdev(r["test"][k] for r in per_seed) if len(per_seed) > 1 else 0.0)
@@ -435,11 +438,13 @@ def markdown(report: dict) -> list[str]:
     made_on = runs_by_machine(report)
     if set(made_on) != {report["machine"]}:  # CPU seconds compare only between runs on one machine
         lines += ["Runs made on: " + "; ".join(f"{m}: {', '.join(runs)}" for m, runs in made_on.items()) + ".", ""]
+    # the clock the profile's budget counts: CPU seconds on a shared CPU, wall seconds on a GPU
+    per_epoch = ("cpu_seconds_per_epoch", "CPU-s/epoch") if report["clock"] == "cpu" else ("seconds_per_epoch", "s/epoch")
     for dataset, runs in report["results"].items():
         lines += [
             f"**{dataset}** (test, at the best validation epoch)",
             "",
-            "| model | NDCG@10 | Recall@10 | MRR@10 | tail NDCG@10 | trainable / total params | CPU-s/epoch | "
+            f"| model | NDCG@10 | Recall@10 | MRR@10 | tail NDCG@10 | trainable / total params | {per_epoch[1]} | "
             "epochs (to best) | peak RSS |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -449,7 +454,7 @@ def markdown(report: dict) -> list[str]:
             lines.append(
                 f"| {name} | {shown(r, 'ndcg@10')} | {shown(r, 'recall@10')} | {shown(r, 'mrr@10')} | "
                 f"{shown(r, 'tailndcg@10')} | {r['trainable_params']:,} / {r['total_params']:,} | "
-                f"{r['cpu_seconds_per_epoch']:.0f} | {r['epochs']} ({r['epochs_to_best']}{to95}) | {r['peak_rss_mb']} MB |"
+                f"{r[per_epoch[0]]:.0f} | {r['epochs']} ({r['epochs_to_best']}{to95}) | {r['peak_rss_mb']} MB |"
             )
         lines.append("")
         flags = report["at_pop_level"][dataset]
@@ -651,7 +656,8 @@ def main() -> None:
     # runs without a budget are deterministic under their seed: their records are kept in git and reused
     records = RUN_RECORDS / workdir.name if budget == float("inf") else workdir
     records.mkdir(parents=True, exist_ok=True)
-    report = {**provenance(), "profile": args.profile, "budget": f"{budget:g} {profile['clock']} s per run"}
+    report = {**provenance(), "profile": args.profile, "budget": f"{budget:g} {profile['clock']} s per run",
+              "clock": profile["clock"]}
     how_long = (f"trains for {budget:g} {profile['clock'].upper()} seconds (training batches only), then the "
                 "epoch ends and is validated" if budget != float("inf") else
                 f"trains until validation NDCG@10 stops improving for {profile['config']['stopping_step']} epochs "
@@ -675,7 +681,7 @@ def main() -> None:
         stem = f"{dataset}_{name}" + (f"_seed{seed}" if keyed else "")
         result_file, log_file = records / f"{stem}.json", workdir / f"{stem}.log"
         wanted = {k: v for k, v in config_for(name, dataset, profile, args.data_path, seed)[1].items()
-                  if k not in ("load_col", "show_progress")}
+                  if k not in NOT_RECORDED}
         cached = json.loads(result_file.read_text()) if result_file.exists() else None
         if cached is not None and cached.get("config") == json.loads(json.dumps(wanted)) and \
                 cached.get("budget") == f"{budget:g} {profile['clock']} s" and keyed:
