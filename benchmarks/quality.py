@@ -653,7 +653,7 @@ def main() -> None:
             args.data_path = str(prepare_short_histories(Path(args.data_path), name))
     workdir = SCRATCH / profile.get("workdir", f"quality_{args.profile}")
     workdir.mkdir(parents=True, exist_ok=True)
-    # runs without a budget are deterministic under their seed: their records are kept in git and reused
+    # runs without a budget repeat under their seed (exactly on one machine): their records are kept in git and reused
     records = RUN_RECORDS / workdir.name if budget == float("inf") else workdir
     records.mkdir(parents=True, exist_ok=True)
     report = {**provenance(), "profile": args.profile, "budget": f"{budget:g} {profile['clock']} s per run",
