@@ -439,7 +439,8 @@ def markdown(report: dict) -> list[str]:
     if set(made_on) != {report["machine"]}:  # CPU seconds compare only between runs on one machine
         lines += ["Runs made on: " + "; ".join(f"{m}: {', '.join(runs)}" for m, runs in made_on.items()) + ".", ""]
     # the clock the profile's budget counts: CPU seconds on a shared CPU, wall seconds on a GPU
-    per_epoch = ("cpu_seconds_per_epoch", "CPU-s/epoch") if report["clock"] == "cpu" else ("seconds_per_epoch", "s/epoch")
+    per_epoch = (("cpu_seconds_per_epoch", "CPU-s/epoch") if report["clock"] == "cpu" else
+                 ("seconds_per_epoch", "s/epoch"))
     for dataset, runs in report["results"].items():
         lines += [
             f"**{dataset}** (test, at the best validation epoch)",
