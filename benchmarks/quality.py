@@ -428,6 +428,16 @@ def shown(r: dict, key: str) -> str:
     return f"{r['test'][key]:.4f}" + (f" ± {std:.4f}" if std is not None and len(r.get("seeds", [])) > 1 else "")
 
 
+def valid_shown(r: dict) -> str:
+    """The validation NDCG@10 at each seed's best epoch, mean ± sample std (what picks the plugin model)."""
+    import statistics
+
+    bests = valid_bests(r)
+    if not bests:
+        return "-"
+    return f"{statistics.fmean(bests):.4f}" + (f" ± {statistics.stdev(bests):.4f}" if len(bests) > 1 else "")
+
+
 def markdown(report: dict) -> list[str]:
     lines = [
         f"Measured {report['date']} at commit {report['commit']} on {report['machine']}: `{report['command']}`.",
@@ -445,16 +455,16 @@ def markdown(report: dict) -> list[str]:
         lines += [
             f"**{dataset}** (test, at the best validation epoch)",
             "",
-            f"| model | NDCG@10 | Recall@10 | MRR@10 | tail NDCG@10 | trainable / total params | {per_epoch[1]} | "
-            "epochs (to best) | peak RSS |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| model | NDCG@10 | Recall@10 | MRR@10 | tail NDCG@10 | valid NDCG@10 (best) | trainable / total params | "
+            f"{per_epoch[1]} | epochs (to best) | peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in runs.items():
             t = r["test"]
             to95 = f", {r['cpu_seconds_to_95']:.0f} CPU-s to 95%" if r.get("cpu_seconds_to_95") is not None else ""
             lines.append(
                 f"| {name} | {shown(r, 'ndcg@10')} | {shown(r, 'recall@10')} | {shown(r, 'mrr@10')} | "
-                f"{shown(r, 'tailndcg@10')} | {r['trainable_params']:,} / {r['total_params']:,} | "
+                f"{shown(r, 'tailndcg@10')} | {valid_shown(r)} | {r['trainable_params']:,} / {r['total_params']:,} | "
                 f"{r[per_epoch[0]]:.0f} | {r['epochs']} ({r['epochs_to_best']}{to95}) | {r['peak_rss_mb']} MB |"
             )
         lines.append("")
