@@ -12,6 +12,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -22,7 +23,10 @@ PACKAGES = ("torch", "recbole", "transformers", "peft", "onnx", "onnxruntime", "
 def provenance(command: list[str] | None = None) -> dict:
     """Date, command line, commit (with a dirty flag), machine and package versions of this run."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+    # dirty: code or config differs from the commit (results/ are this script's own outputs, so a report
+    # regenerated beside another does not mark it)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":(top,exclude)benchmarks/results"],
                            capture_output=True, text=True, cwd=HERE).stdout.strip()
     versions = {"python": platform.python_version()}
     for package in PACKAGES:
@@ -88,8 +92,24 @@ def run_child(script: Path, args: list[str], result_file: Path, log_file: Path, 
     return json.loads(result_file.read_text())
 
 
-def write_results(name: str, report: dict, markdown: list[str], folder: Path = RESULTS) -> None:
+def write_results(name: str, report: dict, markdown: list[str], folder: Path = RESULTS,
+                  figure: Callable[[Path], None] | None = None) -> None:
+    """Write `folder`/`name`.json and .md (and .png, drawn by `figure(path)`) and print the markdown.
+    Every file is written beside its target first and renamed over it only once all are written, so an
+    error or an interrupt leaves the previous report whole, never a truncated or half-updated one."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / f"{name}.md").write_text("\n".join(markdown) + "\n")
+    staged = {folder / f"{name}.json": json.dumps(report, indent=2) + "\n",
+              folder / f"{name}.md": "\n".join(markdown) + "\n"}
+    temporary = {path: path.with_name(f".{path.stem}.tmp{path.suffix}") for path in  # suffix kept: savefig reads it
+                 [*staged, *([folder / f"{name}.png"] if figure else [])]}
+    try:
+        for path, text in staged.items():
+            temporary[path].write_text(text)
+        if figure:
+            figure(temporary[folder / f"{name}.png"])
+        for path, tmp in temporary.items():
+            tmp.replace(path)
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
     print("\n".join(markdown))

@@ -623,6 +623,56 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def listed(value: str | None, flag: str, default: list[str]) -> list[str]:
+    """A comma-separated command-line list (`default` when the flag is not given); an empty list or entry
+    is an error rather than a silent fall-back to the default."""
+    if value is None:
+        return list(default)
+    items = [item.strip() for item in value.split(",")]
+    if not all(items):
+        raise SystemExit(f"quality.py: error: {flag} {value!r} has an empty entry; give comma-separated values "
+                         f"with no blanks, e.g. {flag} {','.join(map(str, default[:2]))}")
+    return items
+
+
+def seed_number(text: str) -> int:
+    """One --seeds entry as RecBole's init_seed takes it: an integer in [0, 2**32)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2 ** 32:
+        raise SystemExit(f"quality.py: error: --seeds: {text!r} is not a seed; give integers from 0 to 2**32-1, "
+                         "e.g. --seeds 2020,2021")
+    return seed
+
+
+# What every run record holds; a record without one of these is damaged, not a different configuration.
+RECORD_KEYS = ("config", "budget", "test", "epochs", "epochs_to_best", "trainable_params", "total_params",
+               "cpu_seconds_per_epoch", "seconds_per_epoch", "peak_rss_mb")
+
+
+def read_record(path: Path) -> dict:
+    """A finished run's record. Raises SystemExit (one line naming the file and the fix) when it is not
+    readable JSON or lacks a field: reusing or silently retraining over a damaged record would both be wrong."""
+    problem = ""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        record, problem = None, f"unreadable ({type(error).__name__}: {error})"
+    if not problem and not isinstance(record, dict):
+        problem = "not a JSON object"
+    elif not problem:
+        missing = [k for k in RECORD_KEYS if k not in record]
+        if not missing and not (isinstance(record["test"], dict) and "ndcg@10" in record["test"]):
+            missing = ["test.ndcg@10"]
+        problem = f"incomplete (missing {', '.join(missing)})" if missing else ""
+    if problem:
+        raise SystemExit(f"quality.py: error: run record {path} is {problem}; restore it with `git checkout -- "
+                         f"{path}` or delete it to run that model again")
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -630,26 +680,35 @@ def main() -> None:
     parser.add_argument("--models", help=f"comma-separated subset of {','.join(RUNS)}")
     parser.add_argument("--datasets", help="comma-separated subset of the profile's datasets")
     parser.add_argument("--budget", type=float, help="override the profile's training budget (seconds)")
-    parser.add_argument("--seeds", help="comma-separated subset of the profile's seeds")
+    parser.add_argument("--seeds", help="comma-separated seeds, non-negative integers (default: the profile's)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "DATASET"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=2020, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     profile = PROFILES[args.profile]
-    budget = args.budget or profile["budget"]
+    budget = profile["budget"] if args.budget is None else args.budget
     if args.child:
         child(*args.child, args.profile, budget, args.data_path, args.out, args.seed)
         return
 
     from tqdm import tqdm
 
-    names = args.models.split(",") if args.models else profile.get("models", list(RUNS))
+    if not budget > 0:
+        raise SystemExit(f"quality.py: error: --budget {args.budget:g}: give a positive number of seconds")
+    names = listed(args.models, "--models", profile.get("models", list(RUNS)))
     unknown = [n for n in names if n not in RUNS]
     if unknown:
-        raise SystemExit(f"quality.py: error: unknown model(s) {unknown}; choose from {list(RUNS)}")
+        raise SystemExit(f"quality.py: error: unknown model(s) {unknown}; profile {args.profile} runs "
+                         f"{','.join(profile.get('models', RUNS))}, and any of {','.join(RUNS)} can be named")
     if args.data_path:
+        if not Path(args.data_path).is_dir():
+            raise SystemExit(f"quality.py: error: --data-path {args.data_path}: no such folder; give the folder "
+                             "that holds the dataset folders (e.g. ../shared/datasets)")
         args.data_path = str(Path(args.data_path).resolve())  # the runs start in a scratch folder
-    datasets = args.datasets.split(",") if args.datasets else profile["datasets"]
+    datasets = listed(args.datasets, "--datasets", profile["datasets"])
+    unknown = [d for d in datasets if d not in TEXT_FIELDS]
+    if unknown:
+        raise SystemExit(f"quality.py: error: unknown dataset(s) {unknown}; choose from {','.join(TEXT_FIELDS)}")
     if "ml-1m" in datasets and not args.data_path:
         raise SystemExit("quality.py: error: ml-1m needs --data-path (e.g. ../shared/datasets)")
     derived = [d for d in datasets if d in SHORT_HISTORIES]
@@ -680,7 +739,9 @@ def main() -> None:
         + (" (mean ± sample std)" if len(profile["seeds"]) > 1 else "") + ". "
         "Tail = test users whose target item had at most 20 training interactions."
     )
-    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else profile["seeds"]
+    seeds = [seed_number(x) for x in listed(args.seeds, "--seeds", [str(x) for x in profile["seeds"]])]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"quality.py: error: --seeds {args.seeds}: a seed is repeated; name each once")
     report["seeds"] = seeds
     report["results"] = {d: {} for d in datasets}
     jobs = [(d, n, seed) for d in datasets for n in names for seed in seeds]
@@ -693,7 +754,7 @@ def main() -> None:
         result_file, log_file = records / f"{stem}.json", workdir / f"{stem}.log"
         wanted = {k: v for k, v in config_for(name, dataset, profile, args.data_path, seed)[1].items()
                   if k not in NOT_RECORDED}
-        cached = json.loads(result_file.read_text()) if result_file.exists() else None
+        cached = read_record(result_file) if result_file.exists() else None
         if cached is not None and cached.get("config") == json.loads(json.dumps(wanted)) and \
                 cached.get("budget") == f"{budget:g} {profile['clock']} s" and keyed:
             tqdm.write(f"{dataset} {name} seed {seed}: reusing {result_file.name}")
@@ -715,8 +776,10 @@ def main() -> None:
     # A subset or a changed budget is not the profile: keep it out of results/.
     complete = args.models is None and args.datasets is None and args.budget is None and args.seeds is None
     folder = RESULTS if complete else workdir
-    write_results(f"quality_{args.profile}", report, markdown(report), folder)
-    plot(report, folder / f"quality_{args.profile}.png")
+    write_results(f"quality_{args.profile}", report, markdown(report), folder,
+                  figure=lambda path: plot(report, path))
+    if not complete:
+        print(f"A subset of profile {args.profile}: report written to {folder} (results/ keeps the whole profile's)")
 
 
 if __name__ == "__main__":
