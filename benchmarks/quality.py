@@ -675,7 +675,9 @@ def read_record(path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                        help="which comparison (default quick: about an hour of training); unbudgeted runs whose "
+                             "records are in benchmarks/results/runs/ are reused, every other run trains")
     parser.add_argument("--data-path", help="folder holding dataset folders (ml-1m); default: RecBole's bundled data")
     parser.add_argument("--models", help=f"comma-separated subset of {','.join(RUNS)}")
     parser.add_argument("--datasets", help="comma-separated subset of the profile's datasets")
