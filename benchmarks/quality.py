@@ -435,7 +435,7 @@ def valid_shown(r: dict) -> str:
     bests = valid_bests(r)
     if not bests:
         return "-"
-    return f"{statistics.fmean(bests):.4f}" + (f" ± {statistics.stdev(bests):.4f}" if len(bests) > 1 else "")
+    return f"{best_valid(r):.4f}" + (f" ± {statistics.stdev(bests):.4f}" if len(bests) > 1 else "")
 
 
 def markdown(report: dict) -> list[str]:
