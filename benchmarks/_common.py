@@ -78,18 +78,39 @@ def peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def run_child(script: Path, args: list[str], result_file: Path, log_file: Path, python: str | None = None) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; SystemExit (one line naming the file and the fix) when it is not a regular
+    file of UTF-8 JSON holding an object."""
+    try:
+        if not path.is_file():
+            raise OSError("not a regular file")
+        value = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(value, dict):
+            raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {path} is unreadable ({type(error).__name__}: "
+                         f"{(str(error).splitlines() or [''])[0]}); delete it and run again") from None
+    return value
+
+
+def run_child(script: Path, args: list[str], result_file: Path, log_file: Path, python: str | None = None,
+              read: Callable[[Path], dict] = read_json) -> dict:
     """Run ``python script args`` in a fresh process (this interpreter, or ``python``: another environment)
-    that writes its result as JSON to ``result_file``. An older ``result_file`` stays until the new one
-    replaces it (it may be a committed record); one the child did not write counts as none."""
+    that writes its result as JSON to ``result_file``, and return it as ``read`` reads it. An older
+    ``result_file`` stays until the new one replaces it (it may be a committed record); one the child did not
+    write counts as none. A child that stops on a one-line error (its log's last line ``<script>: error: ...``)
+    is reported by that line; any other failure by the log's tail."""
     started = time.time()
     with open(log_file, "w") as log:
         code = subprocess.run([python or sys.executable, str(script), *args], stdout=log, stderr=subprocess.STDOUT,
                               cwd=log_file.parent).returncode
     if code != 0 or not result_file.exists() or result_file.stat().st_mtime < started - 1:
-        tail = log_file.read_text()[-3000:]
-        raise SystemExit(f"{script.name} {' '.join(args)} failed (exit {code}); log {log_file}:\n{tail}")
-    return json.loads(result_file.read_text())
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+        last = (text.strip().splitlines() or [""])[-1]
+        if code != 0 and last.startswith(f"{script.name}: error: "):
+            raise SystemExit(f"{last} (log {log_file})")
+        raise SystemExit(f"{script.name} {' '.join(args)} failed (exit {code}); log {log_file}:\n{text[-3000:]}")
+    return read(result_file)
 
 
 def write_results(name: str, report: dict, markdown: list[str], folder: Path = RESULTS,

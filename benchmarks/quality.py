@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -299,11 +301,16 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
     best_file, latest_file, progress_file = (state_dir / "best.pth", state_dir / "latest.pth",
                                              state_dir / "progress.json")
     if latest_file.exists() and progress_file.exists() and budget == float("inf"):
-        trainer.resume_checkpoint(str(latest_file))
-        progress = json.loads(progress_file.read_text())
+        progress = read_progress(state_dir)
+        try:
+            trainer.resume_checkpoint(str(latest_file))
+            restore_random_state(torch.load(state_dir / "random.pth", weights_only=True), train_data)
+        except Exception as error:  # a checkpoint or random state cut short or from another run
+            raise SystemExit(f"quality.py: error: the resume state in {state_dir} does not load ("
+                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                             "delete that folder to start the run over") from None
         epoch_wall, epoch_cpu, valid_scores = progress["epoch_wall"], progress["epoch_cpu"], progress["valid_scores"]
         resumed_at = progress["resumed_at"] + [len(valid_scores)]
-        restore_random_state(torch.load(state_dir / "random.pth", weights_only=True), train_data)
     trainer.saved_model_file = str(best_file)
     if hasattr(trainer, "save_latest"):
         trainer.save_latest = False  # the plugin trainer's own -latest file: this run keeps its own, above
@@ -647,30 +654,120 @@ def seed_number(text: str) -> int:
     return seed
 
 
-# What every run record holds; a record without one of these is damaged, not a different configuration.
-RECORD_KEYS = ("config", "budget", "test", "epochs", "epochs_to_best", "trainable_params", "total_params",
-               "cpu_seconds_per_epoch", "seconds_per_epoch", "peak_rss_mb")
+# What every run record holds, and what each field must be: a record without one of these, or with one of
+# another type, is damaged, not a different configuration (the report formats them as numbers and counts).
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_record(path: Path) -> dict:
-    """A finished run's record. Raises SystemExit (one line naming the file and the fix) when it is not
-    readable JSON or lacks a field: reusing or silently retraining over a damaged record would both be wrong."""
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+RECORD_FIELDS = {
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "budget": (lambda v: isinstance(v, str), "a string"),
+    "test": (lambda v: isinstance(v, dict), "an object"),
+    "epochs": (_count, "a whole number >= 0"),
+    "epochs_to_best": (_count, "a whole number >= 0"),
+    "trainable_params": (_count, "a whole number >= 0"),
+    "total_params": (_count, "a whole number >= 0"),
+    "cpu_seconds_per_epoch": (_number, "a finite number >= 0"),
+    "seconds_per_epoch": (_number, "a finite number >= 0"),
+    "peak_rss_mb": (_number, "a finite number >= 0"),
+}
+RECORD_KEYS = tuple(RECORD_FIELDS)
+# fields a record may leave out (older records), checked when present
+OPTIONAL_FIELDS = {
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "dataset": (lambda v: isinstance(v, str), "a string"),
+    "machine": (lambda v: isinstance(v, str), "a string"),
+    "stopped_by": (lambda v: isinstance(v, str), "a string"),
+    "valid_ndcg@10": (lambda v: isinstance(v, list) and all(map(_number, v)), "a list of finite numbers"),
+    "cpu_seconds_to_95": (lambda v: v is None or _number(v), "null or a finite number >= 0"),
+}
+# the test metrics the report shows, each a score in [0, 1]
+TEST_KEYS = tuple(f"{metric.lower()}@10" for metric in METRICS)
+RECORD_MAX_BYTES = 8 * 2**20  # a record is a few KB: anything far larger is not one (and is not read whole)
+
+
+def record_problem(record) -> str:
+    """What is wrong with a parsed run record, or "" when it holds every field the report reads, typed."""
+    if not isinstance(record, dict):
+        return f"not a JSON object (a {type(record).__name__})"
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+        return f"incomplete (missing {', '.join(missing)})"
+    for fields in (RECORD_FIELDS, OPTIONAL_FIELDS):
+        for key, (valid, wanted) in fields.items():
+            if key in record and not valid(record[key]):
+                return f"damaged ({key} is {json.dumps(record[key])[:60]}, not {wanted})"
+    missing = [k for k in TEST_KEYS if k not in record["test"]]
+    if missing:
+        return f"incomplete (missing test.{', test.'.join(missing)})"
+    for key in TEST_KEYS:
+        value = record["test"][key]
+        if not (_number(value) and value <= 1):
+            return f"damaged (test.{key} is {json.dumps(value)[:60]}, not a score from 0 to 1)"
+    return ""
+
+
+def read_record(path: Path, model: str | None = None, dataset: str | None = None) -> dict:
+    """A finished run's record (of RecBole model `model` on `dataset`, when given). Raises SystemExit (one line
+    naming the file and the fix) when it is not a regular file of readable UTF-8 JSON, lacks a field, holds one
+    of the wrong type, or is another run's: reusing or silently retraining over a damaged record would both be
+    wrong."""
     problem = ""
     try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        record, problem = None, f"unreadable ({type(error).__name__}: {error})"
-    if not problem and not isinstance(record, dict):
-        problem = "not a JSON object"
-    elif not problem:
-        missing = [k for k in RECORD_KEYS if k not in record]
-        if not missing and not (isinstance(record["test"], dict) and "ndcg@10" in record["test"]):
-            missing = ["test.ndcg@10"]
-        problem = f"incomplete (missing {', '.join(missing)})" if missing else ""
+        # the type and size first: a folder, a FIFO or /dev/zero in its place would fail or hang on reading
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            problem = "a folder, not a file"
+        elif not stat.S_ISREG(info.st_mode):
+            problem = "not a regular file"
+        elif info.st_size > RECORD_MAX_BYTES:
+            problem = f"{info.st_size:,} bytes, too large for a run record (at most {RECORD_MAX_BYTES:,})"
+        else:
+            record = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        problem = f"unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    if not problem:
+        problem = record_problem(record)
+    if not problem:
+        for key, expected in (("model", model), ("dataset", dataset)):
+            if expected is not None and record.get(key, expected) != expected:
+                problem = f"another run's ({key} {record[key]!r}, its name says {expected!r})"
+                break
     if problem:
-        raise SystemExit(f"quality.py: error: run record {path} is {problem}; restore it with `git checkout -- "
-                         f"{path}` or delete it to run that model again")
+        remove = f"remove it with `rm -r {path}`" if "folder" in problem else "delete it"
+        tracked = RUN_RECORDS in path.absolute().parents  # committed: git holds the whole one
+        fix = (f"restore it with `git checkout -- {path}` or {remove} to run that model again" if tracked else
+               f"{remove} to run that model again")
+        raise SystemExit(f"quality.py: error: run record {path} is {problem}; {fix}")
     return record
+
+
+def read_progress(state_dir: Path) -> dict:
+    """A cut-short run's progress (``progress.json`` of its resume folder), checked before it is resumed;
+    SystemExit (one line: delete the folder to start that run over) when it is damaged."""
+    path = state_dir / "progress.json"
+    problem = ""
+    try:
+        progress = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else None
+        lists = ("epoch_wall", "epoch_cpu", "valid_scores", "resumed_at")
+        if not (isinstance(progress, dict) and all(isinstance(progress.get(k), list) for k in lists)):
+            problem = f"lacks {', '.join(lists)} as lists"
+        elif not all(_number(v) for k in lists[:3] for v in progress[k]) or \
+                not all(_count(v) for v in progress["resumed_at"]):
+            problem = "holds a value that is not a finite number"
+        elif not len(progress["epoch_wall"]) == len(progress["epoch_cpu"]) >= len(progress["valid_scores"]):
+            problem = "counts different numbers of epochs in its lists"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        problem = f"is unreadable ({type(error).__name__})"
+    if problem:
+        raise SystemExit(f"quality.py: error: the resume state {path} {problem}; delete {state_dir} to start that "
+                         "run over")
+    return progress
 
 
 def main() -> None:
@@ -756,7 +853,7 @@ def main() -> None:
         result_file, log_file = records / f"{stem}.json", workdir / f"{stem}.log"
         wanted = {k: v for k, v in config_for(name, dataset, profile, args.data_path, seed)[1].items()
                   if k not in NOT_RECORDED}
-        cached = read_record(result_file) if result_file.exists() else None
+        cached = read_record(result_file, RUNS[name][0], dataset) if result_file.exists() else None
         if cached is not None and cached.get("config") == json.loads(json.dumps(wanted)) and \
                 cached.get("budget") == f"{budget:g} {profile['clock']} s" and keyed:
             tqdm.write(f"{dataset} {name} seed {seed}: reusing {result_file.name}")
@@ -765,7 +862,8 @@ def main() -> None:
             tqdm.write(f"{dataset} {name} seed {seed} ...")
             result = run_child(
                 Path(__file__), ["--profile", args.profile, "--budget", str(budget), *extra, "--seed", str(seed),
-                                 "--child", name, dataset, "--out", str(result_file)], result_file, log_file)
+                                 "--child", name, dataset, "--out", str(result_file)], result_file, log_file,
+                read=lambda path: read_record(path, RUNS[name][0], dataset))
         runs.setdefault((dataset, name), []).append(result)
         tqdm.write(f"  NDCG@10 {result['test']['ndcg@10']:.4f} after {result['epochs']} epochs "
                    f"({result.get('stopped_by', '')})")
