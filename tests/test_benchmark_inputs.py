@@ -226,3 +226,226 @@ def test_run_child_reads_with_the_reader_given(common, tmp_path):
     assert common.run_child(script, [str(out)], out, tmp_path / "child.log") == {"x": 1}
     assert common.run_child(script, [str(out)], out, tmp_path / "child.log", read=lambda p: {"read": p.name}) == \
         {"read": "result.json"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the device kit: its arguments, manifests and parts, in a copy of its folder (parts of a few bytes)
+
+@pytest.fixture(scope="module")
+def kit_module():
+    return load(KIT_SCRIPT, "kit_under_test")
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A copy of the kit as the device sees it (repo/benchmarks/gpu/kit.py), MovieLens-1M beside it
+    (shared/datasets/ml-1m, a few rows) and its staging folder (kit/)."""
+    script = tmp_path / "repo" / "benchmarks" / "gpu" / "kit.py"
+    script.parent.mkdir(parents=True)
+    shutil.copy2(KIT_SCRIPT, script)
+    data = tmp_path / "shared" / "datasets" / "ml-1m"
+    data.mkdir(parents=True)
+    (data / "ml-1m.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n")
+    (data / "ml-1m.item").write_text("item_id:token\tmovie_title:token_seq\n2\tA film\n")
+    return tmp_path
+
+
+def kit(tree: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RECBOLE_LLM_KIT": str(tree / "kit")}
+    return subprocess.run([sys.executable, "benchmarks/gpu/kit.py", *args], capture_output=True, text=True,
+                          env=env, cwd=tree / "repo", timeout=timeout)
+
+
+def refused(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def fake_wheels(folder: Path, kit_module, skip: str = "", python: str = "py3", abi: str = "none") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for pin in kit_module.WHEELS:
+        name, version = pin.split("==")
+        tags = (python, abi) if name == "onnxruntime-gpu" else ("py3", "none")
+        if name != skip:
+            with zipfile.ZipFile(folder / f"{kit_module.normalized(name)}-{version}-{tags[0]}-{tags[1]}-any.whl",
+                                 "w") as wheel:
+                wheel.writestr("x.txt", name)
+    return folder
+
+
+def prepared(tree: Path, kit_module) -> Path:
+    """Prepare the kit from fake wheels; the one part's folder."""
+    fake_wheels(tree / "repo" / "my-wheels", kit_module)
+    result = kit(tree, "prepare", "--wheels", "my-wheels")
+    assert result.returncode == 0, result.stderr
+    assert "to benchmarks/gpu/payload" in result.stdout  # named as the user knows it
+    return tree / "repo" / "benchmarks" / "gpu" / "payload" / "part-01"
+
+
+def test_prepare_names_the_wheels_folder_given_never_its_staging_folder(tree, kit_module):
+    message = refused(kit(tree, "prepare", "--wheels", "my-wheels"), "--wheels my-wheels: no such folder")
+    fake_wheels(tree / "repo" / "my-wheels", kit_module, skip="recbole")
+    message += refused(kit(tree, "prepare", "--wheels", "my-wheels"), "--wheels my-wheels lacks",
+                       "1 of the 18 pins (recbole==1.2.1)")
+    shutil.rmtree(tree / "repo" / "my-wheels")
+    fake_wheels(tree / "repo" / "my-wheels", kit_module, python="cp311", abi="cp311")  # another Python's
+    message += refused(kit(tree, "prepare", "--wheels", "my-wheels"), "(onnxruntime-gpu==1.31.1)")
+    assert "/tmp" not in message and "kit-" not in message
+    gpu = tree / "repo" / "benchmarks" / "gpu"
+    assert sorted(p.name for p in gpu.iterdir()) == ["kit.py"]  # no payload, no payload.partial
+
+
+def test_prepare_without_the_dataset_names_where_it_looked(tree, kit_module):
+    shutil.rmtree(tree / "shared")
+    fake_wheels(tree / "repo" / "my-wheels", kit_module)
+    refused(kit(tree, "prepare", "--wheels", "my-wheels"), "MovieLens-1M not found at", "ml-1m.inter")
+
+
+def test_a_prepared_kit_stages_and_checks(tree, kit_module):
+    part = prepared(tree, kit_module)
+    result = kit(tree, "stage")
+    assert result.returncode == 0 and "on this machine: 1 of 1 parts" in result.stdout, result.stderr
+    assert (tree / "kit" / "part-01").read_bytes() == (part / "data").read_bytes()
+    assert sorted(p.name for p in (tree / "kit").iterdir()) == ["manifest.json", "part-01"]
+
+
+def lie(part: Path, change) -> None:
+    manifest = json.loads((part / "manifest.json").read_text())
+    change(manifest)
+    (part / "manifest.json").write_text(json.dumps(manifest))
+
+
+def shrink(manifest: dict) -> None:  # a size that lies, the total kept consistent with it
+    manifest["parts"][0]["bytes"] -= 1
+    manifest["bundle_bytes"] -= 1
+
+
+MANIFEST_DAMAGE = {  # name -> (what is done to the carried part, a fragment of the refusal)
+    "truncated": (lambda p: (p / "manifest.json").write_text((p / "manifest.json").read_text()[:50]),
+                  "manifest.json is not a kit manifest (unreadable: JSONDecodeError)"),
+    "not-utf8": (lambda p: (p / "manifest.json").write_bytes(b"\xff\xfe{}"), "unreadable: UnicodeDecodeError"),
+    "a-list": (lambda p: (p / "manifest.json").write_text("[]"), "(a JSON list, not an object)"),
+    "missing": (lambda p: (p / "manifest.json").unlink(), "manifest.json is missing or not a regular file"),
+    "a-folder": (lambda p: ((p / "manifest.json").unlink(), (p / "manifest.json").mkdir()),
+                 "manifest.json is missing or not a regular file"),
+    "no-parts": (lambda p: lie(p, lambda m: m.pop("parts")), "(missing parts)"),
+    "parts-a-string": (lambda p: lie(p, lambda m: m.update(parts="part-01")), "parts is not a list"),
+    "part-named-outside": (lambda p: lie(p, lambda m: m["parts"][0].update(name="../../escape")),
+                           "part 1 is not named part-01"),
+    "bytes-a-string": (lambda p: lie(p, lambda m: m["parts"][0].update(bytes="12")), "part-01's bytes"),
+    "bytes-too-many": (lambda p: lie(p, lambda m: m["parts"][0].update(bytes=2**40)), "part-01's bytes"),
+    "sha-not-hex": (lambda p: lie(p, lambda m: m["parts"][0].update(sha256="x" * 64)), "not a SHA-256"),
+    "total-lies": (lambda p: lie(p, lambda m: m.update(bundle_bytes=m["bundle_bytes"] + 1)), "do not add up"),
+    "python-a-number": (lambda p: lie(p, lambda m: m.update(python=3.12)), "python is not a version"),
+    "wheels-a-path": (lambda p: lie(p, lambda m: m["wheels"].append("../x.whl")), "wheels is not a list"),
+    "size-lies": (lambda p: lie(p, shrink), "part-01 arrived but is corrupt (", "its manifest says"),
+    "checksum-lies": (lambda p: lie(p, lambda m: m["parts"][0].update(sha256="0" * 64)),
+                      "part-01 arrived but is corrupt (checksum differs)"),
+    "data-truncated": (lambda p: (p / "data").write_bytes((p / "data").read_bytes()[:-10]),
+                       "part-01 arrived but is corrupt ("),
+    "data-missing": (lambda p: (p / "data").unlink(), "part-01 arrived but has no data"),
+    "data-a-folder": (lambda p: ((p / "data").unlink(), (p / "data").mkdir()), "has no data"),
+    "data-a-fifo": (lambda p: ((p / "data").unlink(), os.mkfifo(p / "data")), "has no data"),
+    "data-dev-zero": (lambda p: ((p / "data").unlink(), (p / "data").symlink_to("/dev/zero")), "has no data"),
+    "renamed": (lambda p: p.rename(p.with_name("part-02")), "part-02 is not a part of its manifest's kit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_DAMAGE))
+def test_a_damaged_carried_part_is_refused_in_one_line_and_nothing_staged(tree, kit_module, case):
+    part = prepared(tree, kit_module)
+    damage, *fragments = MANIFEST_DAMAGE[case]
+    damage(part)
+    message = refused(kit(tree, "stage", timeout=20), *fragments)
+    assert str(tree) not in message  # the carried folder as the user names it: benchmarks/gpu/payload/...
+    assert not (tree / "kit" / "part-01").exists() and not (tree / "kit" / "part-02").exists()
+    assert not list((tree / "kit").glob("*.partial")) if (tree / "kit").exists() else True
+
+
+def test_staged_parts_are_checked_again_before_a_run(tree, kit_module):
+    prepared(tree, kit_module)
+    assert kit(tree, "stage").returncode == 0
+    staged = tree / "kit" / "part-01"
+    original = staged.read_bytes()
+    staged.write_bytes(original + b"x")
+    refused(kit(tree, "run", "--minutes", "1"), "part-01 on this machine is corrupt (", "stage it again")
+    staged.write_bytes(original)
+    (tree / "kit" / "manifest.json").write_text("{")
+    refused(kit(tree, "run", "--minutes", "1"), "is not a kit manifest", "stage every part again")
+    (tree / "kit" / "manifest.json").unlink()
+    staged.unlink()
+    staged.mkdir()
+    refused(kit(tree, "run", "--minutes", "1"), "no part staged on this machine")
+
+
+def test_staging_another_kit_discards_the_old_one(tree, kit_module):
+    part = prepared(tree, kit_module)
+    assert kit(tree, "stage").returncode == 0
+    (tree / "kit" / "site").mkdir()  # an install from the old kit, which install() would otherwise reuse
+    (tree / "shared" / "datasets" / "ml-1m" / "ml-1m.item").write_text("item_id:token\n3\n")
+    prepared(tree, kit_module)  # another kit: other data, another checksum
+    result = kit(tree, "stage")
+    assert result.returncode == 0 and "discarded what was staged in" in result.stdout
+    assert not (tree / "kit" / "site").exists()
+    assert (tree / "kit" / "part-01").read_bytes() == (part / "data").read_bytes()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "abc", "1e9", ""])
+def test_run_minutes_must_be_a_sensible_budget(tree, value):
+    refused(kit(tree, "run", "--minutes", value), "--minutes", "from 1 to 60")
+
+
+def test_argument_errors_are_one_line(tree):
+    refused(kit(tree), "the following arguments are required")
+    refused(kit(tree, "stag"), "invalid choice: 'stag'")
+    refused(kit(tree, "prepare", "--wheel-dir", "x"), "unrecognized arguments")
+
+
+def test_check_refuses_a_payload_that_is_not_whole(tree, kit_module):
+    refused(kit(tree, "check"), "no kit at benchmarks/gpu/payload", "prepare")
+    part = prepared(tree, kit_module)
+    shutil.copytree(part, part.with_name("part-02"))
+    refused(kit(tree, "check"), "benchmarks/gpu/payload holds part-01, part-02, its manifest lists part-01")
+    shutil.rmtree(part.with_name("part-02"))
+    (part / "data").write_bytes(b"tampered")
+    refused(kit(tree, "check"), "benchmarks/gpu/payload/part-01 is corrupt (8 bytes")
+    shutil.rmtree(part)
+    refused(kit(tree, "check"), "no parts in benchmarks/gpu/payload")
+
+
+def test_a_staging_folder_that_cannot_be_written_is_one_line(tree, kit_module):
+    prepared(tree, kit_module)
+    (tree / "kit").write_text("a file where the kit's folder should be")
+    refused(kit(tree, "stage"), "run 'stage' again")
+
+
+def test_install_refuses_parts_that_match_their_manifest_but_not_a_kit(kit_module, tmp_path, monkeypatch):
+    """A manifest whose checksums are right for parts 'prepare' did not write: refused before pip runs."""
+    monkeypatch.setattr(kit_module, "KIT", tmp_path)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for data, fragment in [(b"not a tar at all" * 100, "do not unpack"),
+                           (empty_tar(), "do not hold the wheels and data their manifest lists")]:
+        (tmp_path / "part-01").write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        (tmp_path / "manifest.json").write_text(json.dumps({
+            "python": version, "wheels": ["recbole-1.2.1-py3-none-any.whl"], "bundle_sha256": digest,
+            "bundle_bytes": len(data), "parts": [{"name": "part-01", "bytes": len(data), "sha256": digest}]}))
+        with pytest.raises(kit_module.KitError, match=fragment):
+            kit_module.install()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "part-01"]
+
+
+def empty_tar() -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("datasets/readme.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    return buffer.getvalue()
