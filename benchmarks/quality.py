@@ -882,5 +882,17 @@ def main() -> None:
         print(f"A subset of profile {args.profile}: report written to {folder} (results/ keeps the whole profile's)")
 
 
+def entry() -> int:
+    """main(), with Ctrl-C one line: finished runs' records are whole (each is renamed into place), and an
+    unbudgeted run cut short resumes from its last validated epoch."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("quality.py: interrupted; finished runs are kept (an unbudgeted run resumes from its last validated "
+              "epoch): run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

@@ -236,18 +236,40 @@ def kit_module():
     return load(KIT_SCRIPT, "kit_under_test")
 
 
-@pytest.fixture
-def tree(tmp_path):
+def make_tree(root: Path) -> Path:
     """A copy of the kit as the device sees it (repo/benchmarks/gpu/kit.py), MovieLens-1M beside it
-    (shared/datasets/ml-1m, a few rows) and its staging folder (kit/)."""
-    script = tmp_path / "repo" / "benchmarks" / "gpu" / "kit.py"
+    (shared/datasets/ml-1m, a few rows); its staging folder will be kit/."""
+    script = root / "repo" / "benchmarks" / "gpu" / "kit.py"
     script.parent.mkdir(parents=True)
     shutil.copy2(KIT_SCRIPT, script)
-    data = tmp_path / "shared" / "datasets" / "ml-1m"
+    data = root / "shared" / "datasets" / "ml-1m"
     data.mkdir(parents=True)
     (data / "ml-1m.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n")
     (data / "ml-1m.item").write_text("item_id:token\tmovie_title:token_seq\n2\tA film\n")
-    return tmp_path
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return make_tree(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def prepared_template(tmp_path_factory, kit_module):
+    """A tree whose kit is prepared from fake wheels (one part), made once and copied by each test."""
+    root = make_tree(tmp_path_factory.mktemp("prepared"))
+    fake_wheels(root / "repo" / "my-wheels", kit_module)
+    result = kit(root, "prepare", "--wheels", "my-wheels")
+    assert result.returncode == 0, result.stderr
+    assert "to benchmarks/gpu/payload" in result.stdout  # named as the user knows it
+    return root
+
+
+@pytest.fixture
+def ready(tmp_path, prepared_template):
+    """(the tree, its part-01 folder): a prepared kit of its own."""
+    shutil.copytree(prepared_template, tmp_path / "tree", symlinks=True)
+    return tmp_path / "tree", tmp_path / "tree" / "repo" / "benchmarks" / "gpu" / "payload" / "part-01"
 
 
 def kit(tree: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -305,8 +327,8 @@ def test_prepare_without_the_dataset_names_where_it_looked(tree, kit_module):
     refused(kit(tree, "prepare", "--wheels", "my-wheels"), "MovieLens-1M not found at", "ml-1m.inter")
 
 
-def test_a_prepared_kit_stages_and_checks(tree, kit_module):
-    part = prepared(tree, kit_module)
+def test_a_prepared_kit_stages_and_checks(ready):
+    tree, part = ready
     result = kit(tree, "stage")
     assert result.returncode == 0 and "on this machine: 1 of 1 parts" in result.stdout, result.stderr
     assert (tree / "kit" / "part-01").read_bytes() == (part / "data").read_bytes()
@@ -356,8 +378,8 @@ MANIFEST_DAMAGE = {  # name -> (what is done to the carried part, a fragment of 
 
 
 @pytest.mark.parametrize("case", sorted(MANIFEST_DAMAGE))
-def test_a_damaged_carried_part_is_refused_in_one_line_and_nothing_staged(tree, kit_module, case):
-    part = prepared(tree, kit_module)
+def test_a_damaged_carried_part_is_refused_in_one_line_and_nothing_staged(ready, case):
+    tree, part = ready
     damage, *fragments = MANIFEST_DAMAGE[case]
     damage(part)
     message = refused(kit(tree, "stage", timeout=20), *fragments)
@@ -366,8 +388,8 @@ def test_a_damaged_carried_part_is_refused_in_one_line_and_nothing_staged(tree, 
     assert not list((tree / "kit").glob("*.partial")) if (tree / "kit").exists() else True
 
 
-def test_staged_parts_are_checked_again_before_a_run(tree, kit_module):
-    prepared(tree, kit_module)
+def test_staged_parts_are_checked_again_before_a_run(ready):
+    tree, _ = ready
     assert kit(tree, "stage").returncode == 0
     staged = tree / "kit" / "part-01"
     original = staged.read_bytes()
@@ -417,8 +439,8 @@ def test_check_refuses_a_payload_that_is_not_whole(tree, kit_module):
     refused(kit(tree, "check"), "no parts in benchmarks/gpu/payload")
 
 
-def test_a_staging_folder_that_cannot_be_written_is_one_line(tree, kit_module):
-    prepared(tree, kit_module)
+def test_a_staging_folder_that_cannot_be_written_is_one_line(ready):
+    tree, _ = ready
     (tree / "kit").write_text("a file where the kit's folder should be")
     refused(kit(tree, "stage"), "run 'stage' again")
 
@@ -449,3 +471,17 @@ def empty_tar() -> bytes:
         info.size = 2
         tar.addfile(info, io.BytesIO(b"hi"))
     return buffer.getvalue()
+
+
+def test_ctrl_c_is_one_line(quality, kit_module, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quality, "main", interrupted)
+    assert quality.entry() == 130
+    monkeypatch.setattr(kit_module, "check", interrupted)
+    monkeypatch.setattr(sys, "argv", ["kit.py", "check"])
+    assert kit_module.main() == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("quality.py: interrupted") and \
+        lines[1].startswith("kit: interrupted"), lines
