@@ -485,3 +485,28 @@ def test_ctrl_c_is_one_line(quality, kit_module, monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("quality.py: interrupted") and \
         lines[1].startswith("kit: interrupted"), lines
+
+
+def test_prepared_parts_stage_and_unpack_into_an_install(ready, kit_module, monkeypatch):
+    """prepare -> stage -> install end to end, pip aside (the wheels here are fakes): the bundle holds every
+    wheel its manifest lists and the dataset, and the install is renamed into place only when whole."""
+    tree, _ = ready
+    assert kit(tree, "stage").returncode == 0
+    staged = tree / "kit"
+    manifest = json.loads((staged / "manifest.json").read_text())
+    manifest["python"] = f"{sys.version_info.major}.{sys.version_info.minor}"  # not part of any checksum
+    (staged / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(kit_module, "KIT", staged)
+    installed = []
+
+    def pip(command, **kwargs):
+        target = Path(command[command.index("--target") + 1])
+        installed.extend(Path(c).name for c in command if c.endswith(".whl"))
+        target.mkdir()
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(kit_module.subprocess, "run", pip)
+    assert kit_module.install() == staged / "site"
+    assert sorted(installed) == sorted(manifest["wheels"]) and len(installed) == len(kit_module.WHEELS)
+    assert (staged / "unpacked" / "datasets" / "ml-1m" / "ml-1m.item").is_file()
+    assert not (staged / "site.partial").exists()
