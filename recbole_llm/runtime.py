@@ -51,6 +51,10 @@ ANN_LISTS_PER_SQRT, ANN_MIN_LIST, ANN_PROBED, ANN_MIN_SCANNED = 4, 39, 0.1, 4096
 MAX_ITEM_TEXT_CHARS = 10_000  # characters of one new item's text (the tower reads its first max_tokens tokens)
 MAX_TOKEN_CHARS = 1000  # characters of a new item's token
 TEXT_CHUNK = 256  # item texts per text-tower call
+# explanations are scored in chunks: histories per model call, and scores (histories x items) per call of a
+# graph that scores every item, so an explained request's memory does not grow with its size
+EXPLAIN_CHUNK_ROWS = 256
+EXPLAIN_CHUNK_SCORES = 1 << 22
 
 
 def valid_unicode(text: str) -> bool:
@@ -205,28 +209,24 @@ class Recommender:
                 or not 1 <= intra_op_threads <= most):
             raise RecboleLLMError(f"intra_op_threads={intra_op_threads!r:.30} must be a number of threads from 1 to "
                                   f"{most} (4 per core), or None: all cores")
+        if retrieval not in RETRIEVALS:
+            raise RecboleLLMError(f"retrieval {retrieval!r:.40} is not supported; use 'exact' or 'ann'")
         self.metadata = contract.read_metadata(metadata_path)
         self.unknown_tokens = unknown_tokens
         self.max_length = self.metadata["max_length"]
         self.top_k = self.metadata.get("top_k")
+        # the served default of exclude_seen, from the training data's repeat rate (export/README.md)
+        self.exclude_seen = self.metadata.get("exclude_seen", True)
+        self.repeat_rate = self.metadata.get("repeat_rate")
         self.folder = folder
-        tokens = self.metadata["item_tokens"]
         # an artifact exported with --item-index: the item table is a file, and items can be added
         self.item_index = self.metadata.get("item_index")
-        self._catalogue = Catalogue(tokens, {token: index for index, token in enumerate(tokens) if index},
-                                    contract.read_item_vectors(folder, self.metadata) if self.item_index else None)
         self.text_tower = self.metadata.get("text_tower")
-        for name in ((contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE) if self.text_tower else ()):
-            if not (folder / name).is_file():
-                raise contract.ArtifactError(f"'{folder}' has a text_tower but no {name}; {REEXPORT}")
-        self._text_session = None  # (tokenizer, ONNX Runtime session) of the text tower
-        self._adding = threading.Lock()
-        if retrieval not in RETRIEVALS:
-            raise RecboleLLMError(f"retrieval {retrieval!r:.40} is not supported; use 'exact' or 'ann'")
         if retrieval == "ann" and self.item_index is None:
             raise RecboleLLMError("retrieval='ann' searches an item index: export the model with --item-index")
+        self._text_session = None  # (tokenizer, ONNX Runtime session) of the text tower
+        self._adding = threading.Lock()
         self.retrieval = retrieval
-        self._ann = self._build_ann(self.item_vectors) if retrieval == "ann" else None
         self._ann_lock = threading.Lock()  # faiss: no search while items are added
         available = ort.get_available_providers()
         if providers is None:
@@ -240,18 +240,33 @@ class Recommender:
                                   f"{', '.join(available)}")
         options, self.session_settings = session_options(intra_op_threads)
         self._providers, self._threads = list(providers), intra_op_threads
+        # the bytes ONNX Runtime loads are the bytes hashed: save() refuses a model.onnx changed since
+        model_bytes = contract.read_regular(model_path)
+        self._model_sha256 = contract.file_record(model_bytes)["sha256"]
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
+            self.session = ort.InferenceSession(bytes(model_bytes), options, providers=list(providers))
         except Exception as error:  # noqa: BLE001 - ONNX Runtime's errors share no public base class
             raise contract.ArtifactError(
                 f"ONNX Runtime cannot load '{model_path}' ({first_line(error)}); if the file is truncated or "
                 f"corrupt, {REEXPORT}") from None
-        contract.check_graph([node.name for node in self.session.get_inputs()],
-                             {node.name: node.shape for node in self.session.get_outputs()},
-                             self.session.get_modelmeta().custom_metadata_map, self.metadata, model_path,
-                             metadata_path)
+        del model_bytes
+        # the graph vouches for metadata.json and every companion file: each is a regular file of the signed
+        # size (looked at before it is opened) whose digest is the signed one, read once, and used as read
+        self.signed_files = contract.check_graph(
+            [node.name for node in self.session.get_inputs()],
+            {node.name: node.shape for node in self.session.get_outputs()},
+            self.session.get_modelmeta().custom_metadata_map, self.metadata, model_path, metadata_path)
+        tokens = self.metadata["item_tokens"]
+        vectors = (contract.read_item_vectors(folder, self.metadata, self.signed_files[contract.ITEM_VECTORS_FILE])
+                   if self.item_index else None)
+        self._catalogue = Catalogue(tokens, {token: index for index, token in enumerate(tokens) if index}, vectors)
+        if self.text_tower:  # loaded and checked now, not at the first item added (a service would start, then fail)
+            self._text_session = self._load_text_tower(
+                contract.read_companion(folder, contract.TOKENIZER_FILE, self.signed_files[contract.TOKENIZER_FILE]),
+                contract.read_companion(folder, contract.TEXT_TOWER_FILE, self.signed_files[contract.TEXT_TOWER_FILE]))
+        self._ann = self._build_ann(self.item_vectors) if retrieval == "ann" else None
         self._probe(model_path, metadata_path)
-        if self.text_tower:  # checked now, not at the first item added (a service would start, then fail)
+        if self.text_tower:
             self.vectors_from_text(["probe " * self.text_tower["max_tokens"]])
 
     @property
@@ -345,14 +360,21 @@ class Recommender:
             raise RecboleLLMError(f"{given} is out of range; this artifact returns 1 to {self.max_k} items")
 
     def recommend(
-        self, histories: Sequence[Sequence[str]], k: int = 10, exclude_seen: bool = True, explain: bool = False
+        self, histories: Sequence[Sequence[str]], k: int = 10, exclude_seen: bool | None = None,
+        explain: bool = False
     ) -> list[Recommendation]:
-        """The top ``k`` items for each history (raw item tokens, oldest first). With ``explain``, each answer
-        also says, for each recommended item, how much each history item the model read contributed: the
-        score change when that item is left out of the history (all of them in one batched call on the
-        artifact; needs an artifact that scores every item). Raises RecboleLLMError for bad input."""
+        """The top ``k`` items for each history (raw item tokens, oldest first). ``exclude_seen`` drops the
+        history's items from the answer; None (default): the artifact's ``exclude_seen`` (true unless the
+        training data repeats items, see ``repeat_rate``). With ``explain``, each answer also says, for each
+        recommended item, how much each history item the model read contributed: the score change when that
+        item is left out of the history (scored in bounded chunks; needs an artifact that scores every item).
+        Raises RecboleLLMError for bad input."""
         self.check_k(k)
         self.check_explain(explain)
+        if exclude_seen is None:
+            exclude_seen = self.exclude_seen
+        if not isinstance(exclude_seen, (bool, np.bool_)):
+            raise RecboleLLMError(f"exclude_seen must be True, False or None, not {type(exclude_seen).__name__}")
         encoded = self.encode(histories)
         rows = len(encoded.item_seq)
         return self.rank(encoded, [k] * rows, [bool(exclude_seen)] * rows, [explain] * rows)
@@ -375,46 +397,64 @@ class Recommender:
             self._explain(encoded, answers, explain)
         return answers
 
+    @staticmethod
+    def explain_cost(encoded: Encoded, ks: Sequence[int], explain: Sequence[bool]) -> int:
+        """What explaining costs, in the unit the service limits (``--max-explained``): for each explained
+        history, (items the model reads + 1) x k. The +1 and the items are the model rows it adds (the
+        history, then the history without each of its items); x k bounds the answer's entries as well (k
+        recommended items, each with one effect per item read)."""
+        return sum((int(length) + 1) * int(k)
+                   for length, k, wanted in zip(encoded.item_length, ks, explain) if wanted)
+
     def _explain(self, encoded: Encoded, answers: list[Recommendation], explain: Sequence[bool]) -> None:
-        """Leave-one-out effects: every history with each of its window's items removed, scored in one call."""
+        """Leave-one-out effects: every history, and it with each of its window's items removed, scored in
+        chunks of at most EXPLAIN_CHUNK_ROWS histories (and EXPLAIN_CHUNK_SCORES scores); of each chunk only
+        the recommended items' scores are kept, so memory stays flat however many rows a request adds."""
+        catalogue = self._catalogue  # ids of recommended items stay valid: items are only ever appended
         rows = [row for row, wanted in enumerate(explain) if wanted]
-        variants, owners = [], []  # (row, position left out) for each variant history
+        targets = {row: np.array([catalogue.token_to_id[token] for token in answers[row].items], dtype=np.int64)
+                   for row in rows}
+        scored: list[tuple[int, int]] = []  # (row, position left out; -1: the whole history)
         for row in rows:
+            scored.append((row, -1))
             length = int(encoded.item_length[row])
-            if length < 2:
-                continue
-            window = encoded.item_seq[row, :length]
-            for position in range(length):
-                variants.append(np.delete(window, position))
-                owners.append((row, position))
-        # as wide as the longest history explained, not max_length: the graph takes any length, and the
-        # call costs rows x width
-        width = max(int(encoded.item_length[row]) for row in rows)
-        item_seq = np.zeros((len(variants) + len(rows), width), dtype=np.int64)
-        item_length = np.zeros(len(variants) + len(rows), dtype=np.int64)
-        for index, ids in enumerate(variants):
-            item_seq[index, : len(ids)] = ids
-            item_length[index] = len(ids)
-        for index, row in enumerate(rows, start=len(variants)):  # the full histories, in the same call
-            item_seq[index], item_length[index] = encoded.item_seq[row, :width], encoded.item_length[row]
-        scores = self._scores(item_seq, item_length)
-        full = dict(zip(rows, scores[len(variants):]))
-        left_out: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for (row, position), variant_scores in zip(owners, scores[: len(variants)]):
-            left_out.setdefault(row, []).append((position, variant_scores))
+            if length >= 2:
+                scored.extend((row, position) for position in range(length))
+        per_call = EXPLAIN_CHUNK_ROWS
+        if catalogue.vectors is None:  # the graph returns every item's score: rows x items floats a call
+            per_call = max(1, min(per_call, EXPLAIN_CHUNK_SCORES // len(catalogue.tokens)))
+        picked: dict[tuple[int, int], np.ndarray] = {}
+        for start in range(0, len(scored), per_call):
+            chunk = scored[start : start + per_call]
+            lengths = [int(encoded.item_length[row]) - (position >= 0) for row, position in chunk]
+            item_seq = np.zeros((len(chunk), max(lengths)), dtype=np.int64)  # as wide as this chunk needs
+            for index, (row, position) in enumerate(chunk):
+                window = encoded.item_seq[row, : int(encoded.item_length[row])]
+                item_seq[index, : lengths[index]] = window if position < 0 else np.delete(window, position)
+            item_length = np.asarray(lengths, dtype=np.int64)
+            if catalogue.vectors is None:
+                scores = self._scores(item_seq, item_length, None)
+                for index, key in enumerate(chunk):
+                    picked[key] = scores[index, targets[key[0]]]
+            else:  # only the recommended items' rows of the table: no item-count factor
+                users = self._user_vectors(item_seq, item_length, catalogue.vectors)
+                for index, key in enumerate(chunk):
+                    picked[key] = catalogue.vectors[targets[key[0]]] @ users[index]
+            del item_seq
         for row in rows:
             answer = answers[row]
-            window = encoded.item_seq[row, : int(encoded.item_length[row])]
-            ids = [self.token_to_id[token] for token in answer.items]
+            length = int(encoded.item_length[row])
+            window = encoded.item_seq[row, :length]
+            if length < 2:  # nothing is left to score without the one item
+                answer.explanations = [[Contribution(self.tokens[int(window[0])], None)] for _ in answer.items]
+                continue
+            full = picked[(row, -1)]
+            effects = full[None, :] - np.stack([picked[(row, position)] for position in range(length)])  # [L, k]
             explanations = []
-            for item in ids:
-                if row not in left_out:  # a one-item history
-                    explanations.append([Contribution(self.tokens[int(window[0])], None)])
-                    continue
-                effects = [(float(full[row][item] - variant[item]), position) for position, variant in left_out[row]]
-                effects.sort(key=lambda pair: -pair[0])
-                explanations.append([Contribution(self.tokens[int(window[position])], effect)
-                                     for effect, position in effects])
+            for column in range(len(answer.items)):
+                order = np.argsort(-effects[:, column], kind="stable")  # largest first, earlier position on ties
+                explanations.append([Contribution(self.tokens[int(window[position])], float(effects[position, column]))
+                                     for position in order])
             answer.explanations = explanations
 
     def _feeds(self, item_seq: np.ndarray, item_length: np.ndarray,
@@ -614,33 +654,35 @@ class Recommender:
         return np.concatenate(parts)
 
     def _text_tower(self):
-        if self._text_session is None:
-            import onnxruntime as ort
-
-            try:
-                from tokenizers import Tokenizer
-            except ImportError:
-                raise RecboleLLMError("adding items needs the tokenizers package: pip install tokenizers") from None
-            try:
-                tokenizer = Tokenizer.from_file(str(self.folder / contract.TOKENIZER_FILE))
-            except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
-                raise contract.ArtifactError(f"'{self.folder / contract.TOKENIZER_FILE}' is not a tokenizer "
-                                             f"({first_line(error)}); {REEXPORT}") from None
-            tokenizer.enable_truncation(self.text_tower["max_tokens"])  # as the model read item text
-            options, _ = session_options(self._threads)
-            path = self.folder / contract.TEXT_TOWER_FILE
-            try:
-                session = ort.InferenceSession(str(path), options, providers=self._providers)
-            except Exception as error:  # noqa: BLE001
-                raise contract.ArtifactError(f"ONNX Runtime cannot load '{path}' ({first_line(error)}); "
-                                             f"{REEXPORT}") from None
-            inputs, want = sorted(node.name for node in session.get_inputs()), [s.name for s in contract.text_tower_specs()[0]]
-            outputs = [node.name for node in session.get_outputs()]
-            if inputs != sorted(want) or outputs != [contract.ITEM_VECTORS]:
-                raise contract.ArtifactError(f"'{path}' takes {inputs} and returns {outputs}, not a text tower's "
-                                             f"{want} -> ['{contract.ITEM_VECTORS}']; {REEXPORT}")
-            self._text_session = (tokenizer, session)
         return self._text_session
+
+    def _load_text_tower(self, tokenizer_json: bytes, tower: bytes):
+        """(tokenizer, ONNX Runtime session) of the text tower, from its verified bytes."""
+        import onnxruntime as ort
+
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise RecboleLLMError("adding items needs the tokenizers package: pip install tokenizers") from None
+        try:
+            tokenizer = Tokenizer.from_str(bytes(tokenizer_json).decode("utf-8"))
+        except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise contract.ArtifactError(f"'{self.folder / contract.TOKENIZER_FILE}' is not a tokenizer "
+                                         f"({first_line(error)}); {REEXPORT}") from None
+        tokenizer.enable_truncation(self.text_tower["max_tokens"])  # as the model read item text
+        options, _ = session_options(self._threads)
+        path = self.folder / contract.TEXT_TOWER_FILE
+        try:
+            session = ort.InferenceSession(bytes(tower), options, providers=self._providers)
+        except Exception as error:  # noqa: BLE001
+            raise contract.ArtifactError(f"ONNX Runtime cannot load '{path}' ({first_line(error)}); "
+                                         f"{REEXPORT}") from None
+        inputs, want = sorted(node.name for node in session.get_inputs()), [s.name for s in contract.text_tower_specs()[0]]
+        outputs = [node.name for node in session.get_outputs()]
+        if inputs != sorted(want) or outputs != [contract.ITEM_VECTORS]:
+            raise contract.ArtifactError(f"'{path}' takes {inputs} and returns {outputs}, not a text tower's "
+                                         f"{want} -> ['{contract.ITEM_VECTORS}']; {REEXPORT}")
+        return tokenizer, session
 
     def save(self, output: str | Path, replace: bool = False) -> Path:
         """Write this artifact, items added included, to the folder ``output``: into a new folder beside it,
@@ -664,17 +706,30 @@ class Recommender:
                 if output == source and self._changed_on_disk():
                     raise RecboleLLMError(f"'{output}' changed since it was loaded (another update wrote it); load "
                                           "it again and add the items again")
+                # what was loaded, read again and checked against what was loaded: a file changed on disk
+                # since (another writer, a hand edit) is refused, not copied under a new signature
+                model = contract.read_regular(self.folder / contract.MODEL_FILE)
+                if contract.file_record(model)["sha256"] != self._model_sha256:
+                    raise RecboleLLMError(f"'{self.folder / contract.MODEL_FILE}' changed since it was loaded; load "
+                                          "the artifact again and add the items again")
+                kept = {name: contract.read_companion(self.folder, name, self.signed_files[name])
+                        for name in (contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE) if name in self.signed_files}
                 staging = contract.staging_folder(output)
-                for name in (contract.MODEL_FILE, contract.TEXT_TOWER_FILE, contract.TOKENIZER_FILE):
-                    if (self.folder / name).is_file():
-                        shutil.copy2(self.folder / name, staging / name)
+                for name, data in kept.items():
+                    (staging / name).write_bytes(data)
                 np.save(staging / contract.ITEM_VECTORS_FILE, vectors, allow_pickle=False)
+                table = contract.read_regular(staging / contract.ITEM_VECTORS_FILE)
+                files = {name: contract.file_record(data) for name, data in kept.items()}
+                files[contract.ITEM_VECTORS_FILE] = contract.file_record(table)
+                del table
                 metadata = dict(self.metadata, item_tokens=tokens, n_items=len(tokens))
-                metadata["item_index"] = dict(self.item_index,
-                                              sha256=contract.sha256_of(staging / contract.ITEM_VECTORS_FILE))
+                metadata["item_index"] = dict(self.item_index, sha256=files[contract.ITEM_VECTORS_FILE]["sha256"])
                 metadata["items_added"] = (self.metadata.get("items_added", 0) + len(tokens)
                                            - len(self.metadata["item_tokens"]))
                 contract.check_metadata(metadata, staging / contract.METADATA_FILE)
+                # the graph signs the grown catalogue: its metadata_props are rewritten, the graph kept as it is
+                signed = contract.signed_graph(model, metadata, files)
+                (staging / contract.MODEL_FILE).write_bytes(signed)
                 (staging / contract.METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
                 contract.replace_folder(staging, output)
         except OSError as error:
@@ -687,7 +742,8 @@ class Recommender:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         if output == source:  # what is on disk now is this artifact
-            self.metadata, self.item_index = metadata, metadata["item_index"]
+            self.metadata, self.item_index, self.signed_files = metadata, metadata["item_index"], files
+            self._model_sha256 = contract.file_record(signed)["sha256"]
         return output
 
     def _changed_on_disk(self) -> bool:

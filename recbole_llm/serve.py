@@ -1,6 +1,7 @@
 """An HTTP JSON service over an exported artifact: ``recbole-llm serve ARTIFACT``.
 
     POST /recommend   {"histories": [["242", "302"], ["51"]], "k": 10, "exclude_seen": true, "explain": false}
+                      (exclude_seen left out: the artifact's default, metadata.json's exclude_seen)
                    -> {"recommendations": [{"items": [...], "scores": [...], "unknown_tokens": 0}, ...]}
                       (with "explain": true, each answer also has "explanations": for each recommended item,
                       [{"item": history token, "effect": score change without it}, ...], largest first)
@@ -15,7 +16,8 @@ FastAPI on uvicorn (``pip install "recbole_llm[serve]"``); the model runs in ``r
 (ONNX Runtime and numpy, no torch or RecBole). Binds 127.0.0.1 unless told otherwise. Requests are read
 and checked by hand rather than by a pydantic model, so that every refusal is one line naming the problem:
 400 for a body that is not JSON (or not UTF-8, or nested deeper than any request is), 408 for a body that
-does not arrive within ``body_timeout``, 413 for a body, batch or history over the limits, 422 for
+does not arrive within ``body_timeout``, 413 for a body, batch or history over the limits or an explained
+request costing more than ``max_explained`` (for each history, (items the model reads + 1) x k), 422 for
 well-formed JSON with a wrong field, type or value (an integer of more than 20 digits, a string with a lone
 surrogate). A refused request never reaches the model.
 
@@ -59,8 +61,10 @@ class Limits:
     max_body_bytes: int = 1 << 20  # 1 MiB
     max_batch: int = 256  # histories per request, and per ONNX Runtime call
     max_history: int = 10_000  # tokens per history (only the model's max_length most recent are used)
-    # recommended items explained per request (histories x k): each costs a model row per history item read
-    # and max_length entries of the answer; unbounded, one request could hold the service for a minute
+    # what one explained request may cost: for each history, (items the model reads + 1) x k
+    # (Recommender.explain_cost): the model rows it adds (the history, then it without each item) times the k
+    # recommended items each effect is reported for. benchmarks/explain_bound.py measures the worst request
+    # within it; unbounded, one request held the service for two minutes and 15 GB
     max_explained: int = 1000
     max_new_items: int = 1000  # items one POST /items may add (each runs through the text tower)
     body_timeout: float = 10.0  # seconds for a request's head, and its body, to arrive; and to take some answer
@@ -175,7 +179,7 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
         raise RequestError(422, "missing field 'histories': a list of histories, each a list of item tokens")
     histories = payload["histories"]
     k = payload.get("k", 10)
-    exclude_seen = payload.get("exclude_seen", True)
+    exclude_seen = payload.get("exclude_seen", recommender.exclude_seen)  # the artifact's default
     explain = payload.get("explain", False)
     if not isinstance(histories, list) or not histories:
         raise RequestError(422, "'histories' must be a non-empty list of histories (lists of item tokens)")
@@ -201,10 +205,6 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
         raise RequestError(422, f"'exclude_seen' must be true or false, not {type(exclude_seen).__name__}")
     if not isinstance(explain, bool):
         raise RequestError(422, f"'explain' must be true or false, not {type(explain).__name__}")
-    if explain and len(histories) * k > limits.max_explained:
-        raise RequestError(413, f"explaining {len(histories)} histories x k={k} = {len(histories) * k} recommended "
-                                f"items in one request; the limit is {limits.max_explained}: ask for fewer "
-                                "histories or a smaller k")
     try:
         recommender.check_k(k)
         recommender.check_explain(explain)
@@ -212,7 +212,15 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
     except RecboleLLMError as error:
         raise RequestError(422, str(error)) from None
     rows = len(histories)
-    return Job(encoded, [k] * rows, [exclude_seen] * rows, [explain] * rows)
+    job = Job(encoded, [k] * rows, [exclude_seen] * rows, [explain] * rows)
+    if explain:  # what the model and the answer will really cost, counted before any of it is spent
+        cost = recommender.explain_cost(encoded, job.ks, job.explain)
+        if cost > limits.max_explained:
+            raise RequestError(413, f"explaining this request costs {cost} (for each history, (items the model reads "
+                                    f"+ 1) x k={k}: the model rows it adds times the items explained); the limit is "
+                                    f"{limits.max_explained}: send fewer or shorter histories or a smaller k, or start "
+                                    f"the service with a larger --max-explained")
+    return job
 
 
 def parse_items(body: bytes, limits: Limits) -> dict[str, Any]:
@@ -272,9 +280,10 @@ class Batcher:
             first = carried or await self.queue.get()
             carried = None
             batch, rows = [first], len(first[0].ks)
-            while self.batching and not self.queue.empty():
+            # an explained request runs alone: its cost is bounded (max_explained), so is everyone's wait
+            while self.batching and not self.queue.empty() and not any(first[0].explain):
                 waiting = self.queue.get_nowait()
-                if rows + len(waiting[0].ks) > self.max_rows:
+                if rows + len(waiting[0].ks) > self.max_rows or any(waiting[0].explain):
                     carried = waiting  # first in the next call
                     break
                 batch.append(waiting)
@@ -380,6 +389,21 @@ class _Guard:
                     pass
 
 
+def repeat_notice(recommender: Recommender) -> str | None:
+    """One line where offline and served answers treat repeated items differently: RecBole's evaluator counts
+    an item already in the history as a hit; the service drops such items when exclude_seen is true (the
+    artifact's default, from its training data's repeat_rate). None where the data has no repeats."""
+    rate = recommender.repeat_rate
+    if not rate:
+        return None
+    share = f"{100 * rate:.1f}% of next items in the training data were already in the user's history"
+    if recommender.exclude_seen:
+        return (f"{share}: exclude_seen defaults to true, so answers drop items RecBole's evaluator counted as hits; "
+                'send "exclude_seen": false to keep them')
+    return (f"{share}: exclude_seen defaults to false (users come back to items), as RecBole's evaluator scored it; "
+            'send "exclude_seen": true to drop seen items')
+
+
 def _client(scope) -> str:
     client = scope.get("client")
     return f"client {client[0]}:{client[1]}" if client else "a client"
@@ -416,6 +440,7 @@ def create_app(
     public_metadata["n_item_tokens"] = len(recommender.tokens) - 1
     public_metadata["session"] = recommender.session_settings
     public_metadata["service"] = {**asdict(limits), "unknown_tokens": unknown_tokens, "batching": batching,
+                                  "exclude_seen_default": recommender.exclude_seen,
                                   "max_k": recommender.max_k, "item_updates": allow_item_updates,
                                   "retrieval": retrieval,
                                   "providers": recommender.session.get_providers()}
@@ -662,6 +687,9 @@ def serve(
                       ", POST /items on (items added are kept in memory only)" if allow_item_updates else ""])
     print(f"recbole-llm serve: {artifact} on http://{host}:{port} ({providers}{extras}); SIGINT or SIGTERM stops it",
           file=sys.stderr, flush=True)
+    notice = repeat_notice(app.state.batcher.recommender)
+    if notice:
+        print(f"recbole-llm serve: {notice}", file=sys.stderr, flush=True)
     try:
         _server_class()(config, app.state.drain).run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained for: the drain is done

@@ -311,7 +311,7 @@ BROKEN_ARTIFACTS = [
     # (name, which artifact, change: (folder, metadata) -> None, the file named, words of the message)
     ("empty model", "full", lambda f, m: (f / "model.onnx").write_bytes(b""), "model.onnx", "truncated or corrupt"),
     ("truncated model", "full", lambda f, m: (f / "model.onnx").write_bytes((f / "model.onnx").read_bytes()[:5000]),
-     "model.onnx", "Protobuf parsing failed"),
+     "model.onnx", "INVALID_PROTOBUF"),
     ("junk model", "full", lambda f, m: (f / "model.onnx").write_bytes(b"\x08junk" * 300), "model.onnx",
      "ONNX Runtime cannot load"),
     ("metadata not JSON", "full", lambda f, m: (f / "metadata.json").write_text('{"max_length": 12,'),

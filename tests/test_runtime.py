@@ -81,11 +81,9 @@ def write_tiny_artifact(folder: Path, top_k: int | None, table: np.ndarray, **me
         "n_items": N_ITEMS, "top_k": top_k, "precision": "fp32", "inputs": artifact.input_names(top_k),
         "outputs": artifact.output_names(top_k), "item_tokens": TOKENS, **metadata_changes,
     }
-    for key in artifact.GRAPH_METADATA_KEYS:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(metadata[key])
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(folder / artifact.MODEL_FILE))
+    # signed as export signs: the graph vouches for metadata.json (no companion files here)
+    (folder / artifact.MODEL_FILE).write_bytes(artifact.signed_graph(model.SerializeToString(), metadata, {}))
     (folder / artifact.METADATA_FILE).write_text(json.dumps(metadata))
     return folder
 

@@ -134,7 +134,16 @@ BAD_REQUESTS = [
     ({"histories": [["1"]], "k": 100000}, 422, "k=100000 is out of range"),
     ({"histories": [["1"]], "exclude_seen": "yes"}, 422, "'exclude_seen' must be true or false"),
     ({"histories": [["1"]], "explain": 1}, 422, "'explain' must be true or false"),
-    ({"histories": [["1"]] * 8, "k": 200, "explain": True}, 413, "= 1600 recommended items in one request; the limit is 1000"),
+    # the explain limit counts what a request costs: (items the model reads + 1) x k per history; 8 full
+    # windows (12 items) at k=10 cost 8 x 13 x 10 = 1040, over the default 1000, though only 80 items are explained
+    ({"histories": [[str(i) for i in range(1, 13)]] * 8, "k": 10, "explain": True}, 413,
+     "explaining this request costs 1040 (for each history, (items the model reads + 1) x k=10"),
+    ({"histories": [[str(i) for i in range(1, 40)]] * 8, "k": 10, "explain": True}, 413,
+     "costs 1040 (for each history"),  # items beyond the model's window cost nothing
+    ({"histories": [["1"]] * 8, "k": 200, "explain": True}, 413,
+     "costs 3200 (for each history, (items the model reads + 1) x k=200: the model rows it adds times the items "
+     "explained); the limit is 1000: send fewer or shorter histories or a smaller k, or start the service with a "
+     "larger --max-explained"),
     ({"histories": [["1"]] * 9}, 413, "9 histories in one request; the limit is 8"),
     ({"histories": [["1"] * 101]}, 413, "history 0 has 101 items; the limit is 100"),
     (b'{"histories": [["1"]], "pad": "' + b"x" * 5000 + b'"}', 413, "the limit is 4096"),

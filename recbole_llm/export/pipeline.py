@@ -7,7 +7,8 @@
 3. Trace (:mod:`~recbole_llm.export.graph`), then validate against the unmerged PyTorch model
    (:mod:`~recbole_llm.export.validate`); optionally optimize, quantize or convert
    (:mod:`~recbole_llm.export.optimize`), validating after each.
-4. Write ``model.onnx``, ``metadata.json`` (the same keys in the graph's metadata_props) and, with
+4. Write ``model.onnx``, ``metadata.json`` (the same keys in the graph's metadata_props, with metadata.json's
+   digest and every companion file's size and digest: the artifact vouches for each of its files) and, with
    ``triton``, a Triton repository (:mod:`~recbole_llm.export.triton`) into a temporary folder renamed into
    place only when everything passed: a failed export leaves nothing behind.
 """
@@ -42,11 +43,43 @@ def load_for_export(checkpoint: str | os.PathLike, overrides: dict | None = None
     """(config, model in eval mode, dataset, test_data) from a checkpoint, read once and without running code
     from it; ``overrides`` are set on its Config first (:func:`recbole_llm.checkpoint.config_overrides`). A
     model without a history to score is refused before any data is built."""
+    config, model, dataset, _, test_data = _load(checkpoint, overrides)
+    return config, model, dataset, test_data
+
+
+def _load(checkpoint, overrides):
+    """(config, model in eval mode, dataset, train_data, test_data): load_for_export's, and the training
+    data whose repeat rate an export records."""
     from recbole_llm.checkpoint import load_for_use
 
-    config, model, dataset, _, _, test_data = load_for_use(checkpoint, overrides, check=_check_exportable)
+    config, model, dataset, train_data, _, test_data = load_for_use(checkpoint, overrides, check=_check_exportable)
     model.eval()
-    return config, model, dataset, test_data
+    return config, model, dataset, train_data, test_data
+
+
+def repeat_rate(model, train_data) -> float | None:
+    """The share of the training data's next items that are already in the history the model reads (its
+    window of MAX_ITEM_LIST_LENGTH items): what RecBole's evaluator counts as a hit and the served
+    ``exclude_seen`` drops. None when there is no training row (nothing to count)."""
+    import numpy as np
+
+    if train_data is None:
+        return None
+    interactions = train_data.dataset.inter_feat
+    fields = set(interactions.columns)
+    if not {model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.POS_ITEM_ID} <= fields:
+        return None
+    item_seq = interactions[model.ITEM_SEQ].numpy()
+    lengths = interactions[model.ITEM_SEQ_LEN].numpy()
+    targets = interactions[model.POS_ITEM_ID].numpy()
+    if not len(targets):
+        return None
+    repeats = 0
+    for start in range(0, len(targets), 65536):  # bounded memory however long the log
+        seq = item_seq[start : start + 65536]
+        inside = np.arange(seq.shape[1])[None, :] < lengths[start : start + 65536, None]
+        repeats += int(((seq == targets[start : start + 65536, None]) & inside).any(axis=1).sum())
+    return round(repeats / len(targets), 6)
 
 
 def export_model(model: nn.Module, onnx_attention: bool = True) -> tuple[nn.Module, bool]:
@@ -144,7 +177,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
 
     # RecBole logs the whole config and dataset summary when it loads a checkpoint: an export's log is its
     # validation figures (--state=info brings RecBole's back)
-    config, model, dataset, test_data = load_for_export(checkpoint, {"state": "warning", **options.config_overrides})
+    config, model, dataset, train_data, test_data = _load(checkpoint, {"state": "warning", **options.config_overrides})
+    repeats = repeat_rate(model, train_data)
+    del train_data
     n_items = int(model.n_items)
     if options.top_k is not None and options.top_k >= n_items:
         raise RecboleLLMError(f"--top-k {options.top_k} exceeds the {n_items - 1} items of the model: use at most "
@@ -209,12 +244,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
             "outputs": artifact.output_names(options.top_k, table is not None),
             "versions": _versions(options.opset),
             "validation": [asdict(r) for r in reports],
+            # offline vs served: RecBole's evaluator counts a repeated item as a hit; served answers drop the
+            # history's items unless the data says users come back to items (export/README.md)
+            "repeat_rate": repeats,
+            "exclude_seen": artifact.served_exclude_seen(repeats),
             "item_tokens": item_tokens(config, dataset),
         }
         if table is not None:
             metadata.update(write_item_index(exported, table, staging, options, reports))
         artifact.check_metadata(metadata, staging / artifact.METADATA_FILE)  # what the runtime will read
-        _write_graph_metadata(onnx_path, metadata)
+        sign_graph(onnx_path, metadata)
         (staging / artifact.METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
         if options.triton:
             triton.write_repository(staging, config["model"], options.top_k, n_items, options.triton_max_batch_size)
@@ -280,13 +319,10 @@ def _check_exportable(config) -> None:
         )
 
 
-def _write_graph_metadata(onnx_path: Path, metadata: dict) -> None:
-    import onnx
-
-    model = onnx.load(str(onnx_path))
-    del model.metadata_props[:]
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key = key
-        entry.value = value if isinstance(value, str) else json.dumps(value)
-    onnx.save(model, str(onnx_path))
+def sign_graph(onnx_path: Path, metadata: dict) -> None:
+    """Write metadata.json's keys, its digest and every companion file's size and digest into the graph's
+    metadata_props (:func:`recbole_llm.export.artifact.signed_graph`): the runtime checks all of them at load."""
+    folder = onnx_path.parent
+    files = {name: artifact.file_record(artifact.read_regular(folder / name))
+             for name in artifact.companion_files(metadata)}
+    onnx_path.write_bytes(artifact.signed_graph(artifact.read_regular(onnx_path), metadata, files))
