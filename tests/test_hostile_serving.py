@@ -482,3 +482,232 @@ def test_recommend_refuses_what_is_not_a_list_of_histories(artifact):
     for same_histories in ([("1", "2", "3")], (["1", "2", "3"],), [[1, 2, 3]], [np.array([1, 2, 3])],
                            np.array([["1", "2", "3"]]), [[np.int64(1), "2", 3]]):
         assert recommender.recommend(same_histories, k=5) == want, same_histories
+
+
+# ------------------------------------------------------------------------------------------------------
+# every file of an artifact is vouched for by its graph (issue 33)
+
+
+@pytest.fixture(scope="module")
+def catalogue_artifact(serving_artifacts) -> str:
+    """An artifact exported with --item-index from a model with item text: item_vectors.npy, text_tower.onnx
+    and tokenizer.json beside the graph."""
+    return serving_artifacts["catalogue"]
+
+
+def copied(source: str, folder: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, folder)
+    return folder
+
+
+def refused(folder: Path, *words: str) -> str:
+    """Recommender(folder) fails with one line naming the fix and holding ``words``; the message."""
+    with pytest.raises(RecboleLLMError) as raised:
+        Recommender(folder)
+    message = str(raised.value)
+    assert all(word in message for word in words) and "\n" not in message and "export" in message, message
+    return message
+
+
+def rewrite_metadata(folder: Path, change) -> None:
+    metadata = json.loads((folder / "metadata.json").read_text())
+    change(metadata)
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+
+
+def swap_two(tokens: list[str]) -> None:
+    tokens[1], tokens[2] = tokens[2], tokens[1]
+
+
+META_EDITS = [
+    # (which artifact, the edit, words of the refusal)
+    ("catalogue", lambda m: swap_two(m["item_tokens"]), "lists other item_tokens than"),
+    ("catalogue", lambda m: m["item_tokens"].__setitem__(5, "renamed"), "lists other item_tokens than"),
+    ("catalogue", lambda m: m["text_tower"].__setitem__("item_text_fields", ["class", "movie_title"]),
+     "is not the metadata"),
+    ("catalogue", lambda m: m["text_tower"].__setitem__("max_tokens", 8), "is not the metadata"),
+    ("catalogue", lambda m: m.__setitem__("exclude_seen", not m["exclude_seen"]), "is not the metadata"),
+    ("scores", lambda m: m.__setitem__("repeat_rate", 0.5), "is not the metadata"),
+    ("scores", lambda m: m.__setitem__("dataset", "ml-other"), "is not the metadata"),
+    ("scores", lambda m: m.__setitem__("extra", 1), "is not the metadata"),
+    ("scores", lambda m: m["validation"][0].__setitem__("passed", False), "is not the metadata"),
+]
+
+
+@pytest.mark.parametrize("which, change, words", META_EDITS, ids=[f"{w}-{i}" for i, (w, _, _) in enumerate(META_EDITS)])
+def test_an_edited_metadata_json_is_refused_for_every_kind_of_artifact(which, change, words, catalogue_artifact,
+                                                                      artifact, tmp_path):
+    """Swapping two item tokens of an --item-index artifact used to load and answer every use of either item
+    with the other; now any change of value in metadata.json is refused, naming it and the fix."""
+    folder = copied(catalogue_artifact if which == "catalogue" else artifact, tmp_path / "a")
+    rewrite_metadata(folder, change)
+    refused(folder, str(folder / "metadata.json"), words)
+
+
+def test_a_reformatted_metadata_json_keeps_its_meaning_and_loads(catalogue_artifact, tmp_path):
+    folder = copied(catalogue_artifact, tmp_path / "a")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    reordered = dict(reversed(list(metadata.items())))
+    (folder / "metadata.json").write_text(json.dumps(reordered, indent=7, ensure_ascii=False))
+    assert Recommender(folder).recommend([["1", "2"]], k=3) == Recommender(catalogue_artifact).recommend([["1", "2"]], k=3)
+
+
+def flip_a_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def swapped_rows(path: Path) -> None:
+    table = np.load(path)
+    table[[1, 2]] = table[[2, 1]]  # the same size, the same shape, valid values: another item order
+    np.save(path, table)
+
+
+COMPANION_EDITS = [
+    ("item_vectors.npy", swapped_rows, "SHA-256 differs"),
+    ("item_vectors.npy", lambda p: p.write_bytes(p.read_bytes()[:-4]), "bytes, not the"),
+    ("text_tower.onnx", lambda p: flip_a_byte(p, p.stat().st_size // 2), "is not the file its model.onnx was signed with"),
+    ("tokenizer.json", lambda p: p.write_text(p.read_text().replace('"[UNK]"', '"[UNQ]"', 1)),
+     "is not the file its model.onnx was signed with"),
+    ("tokenizer.json", lambda p: p.write_text(p.read_text() + " "), "bytes, not the"),
+    ("text_tower.onnx", lambda p: p.unlink(), "is missing"),
+]
+
+
+@pytest.mark.parametrize("name, change, words", COMPANION_EDITS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(COMPANION_EDITS)])
+def test_a_companion_file_changed_is_refused_naming_it(name, change, words, catalogue_artifact, tmp_path):
+    folder = copied(catalogue_artifact, tmp_path / "a")
+    change(folder / name)
+    refused(folder, str(folder / name), words)
+
+
+def special_files(folder: Path, name: str):
+    """(what, make): ways ``folder / name`` can be something other than a regular file."""
+    import os
+
+    path = folder / name
+    return [
+        ("a FIFO", lambda: (path.unlink(), os.mkfifo(path))),
+        ("a character device (through a link)", lambda: (path.unlink(), path.symlink_to("/dev/zero"))),
+        ("a directory", lambda: (path.unlink(), path.mkdir())),
+        ("is missing (a link to nothing)", lambda: (path.unlink(), path.symlink_to(folder / "nowhere"))),
+    ]
+
+
+LOAD_IN_A_SUBPROCESS = ("import sys\nfrom recbole_llm.runtime import Recommender\nfrom recbole_llm.errors import "
+                        "RecboleLLMError\ntry:\n    Recommender(sys.argv[1])\nexcept RecboleLLMError as e:\n"
+                        "    print(e)\n    sys.exit(2)\n")
+
+
+@pytest.mark.parametrize("name", ["item_vectors.npy", "text_tower.onnx", "tokenizer.json"])
+def test_a_companion_that_is_not_a_regular_file_is_refused_before_it_is_opened(name, catalogue_artifact, tmp_path):
+    """A FIFO or a link to /dev/zero hung serve and add-items (the file was hashed before its type or size was
+    looked at). Loaded in a subprocess with a deadline, so a regression fails instead of hanging the suite."""
+    for number, (what, make) in enumerate(special_files(Path("."), name)):
+        folder = copied(catalogue_artifact, tmp_path / f"a{number}")
+        dict(special_files(folder, name))[what]()
+        start = time.monotonic()
+        run = subprocess.run([sys.executable, "-c", LOAD_IN_A_SUBPROCESS, str(folder)], capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert run.returncode == 2 and run.stdout.count("\n") == 1, (what, run.stdout, run.stderr[-2000:])
+        assert str(folder / name) in run.stdout and what in run.stdout and "export" in run.stdout, run.stdout
+        assert time.monotonic() - start < 100
+
+
+def test_serve_and_add_items_exit_at_once_on_a_fifo_item_table(catalogue_artifact, tmp_path):
+    import os
+
+    folder = copied(catalogue_artifact, tmp_path / "a")
+    (folder / "item_vectors.npy").unlink()
+    os.mkfifo(folder / "item_vectors.npy")
+    items = tmp_path / "new.tsv"
+    items.write_text("item_id\tmovie_title\tclass\nnew-1\tA New Film (2031)\tDrama\n")
+    commands = [["serve", str(folder), "--port", str(free_port())],
+                ["add-items", str(folder), str(items), "--output", str(tmp_path / "grown")],
+                ["add-items", str(folder), str(items)]]
+    for command in commands:
+        run = subprocess.run([sys.executable, "-m", "recbole_llm", *command], capture_output=True, text=True,
+                             timeout=120, stdin=subprocess.DEVNULL)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, (command, run.stderr[-2000:])
+        assert run.stderr.count("\n") == 1 and "is a FIFO, not a regular file" in run.stderr, run.stderr
+    assert not (tmp_path / "grown").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "new.tsv"]
+
+
+def test_add_items_signs_the_grown_catalogue_and_its_edits_are_refused(catalogue_artifact, tmp_path):
+    """add-items rewrites the graph's signature for the catalogue it saves: the grown artifact loads (in a
+    fresh process: nothing cached), answers with the new item, and is refused once edited like any other."""
+    items = tmp_path / "new.tsv"
+    items.write_text("item_id\tmovie_title\tclass\nnew-1\tA New Film (2031)\tDrama\nnew-2\tAnother (2032)\tComedy\n")
+    grown = tmp_path / "grown"
+    run = subprocess.run([sys.executable, "-m", "recbole_llm", "add-items", catalogue_artifact, str(items),
+                          "--output", str(grown)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = Recommender(grown)
+    assert loaded.tokens[-2:] == ["new-1", "new-2"] and loaded.metadata["items_added"] == 2
+    assert loaded.signed_files["item_vectors.npy"]["sha256"] == loaded.metadata["item_index"]["sha256"]
+    original = Recommender(catalogue_artifact)
+    assert loaded.signed_files["text_tower.onnx"] == original.signed_files["text_tower.onnx"]
+    assert loaded.signed_files["item_vectors.npy"] != original.signed_files["item_vectors.npy"]
+    assert np.array_equal(loaded.item_vectors[: len(original.tokens)], original.item_vectors)
+    # the graph itself is unchanged: only its metadata_props were rewritten
+    onnx = pytest.importorskip("onnx")
+    before, after = onnx.load(str(Path(catalogue_artifact) / "model.onnx")), onnx.load(str(grown / "model.onnx"))
+    assert before.graph == after.graph and before.opset_import == after.opset_import
+    assert json.loads({p.key: p.value for p in after.metadata_props}["n_items"]) == len(original.tokens) + 2
+    # swapping the two new items, or pairing the grown metadata with the original table, is refused
+    edited = copied(str(grown), tmp_path / "edited")
+    rewrite_metadata(edited, lambda m: m["item_tokens"].__setitem__(slice(-2, None), ["new-2", "new-1"]))
+    refused(edited, "lists other item_tokens than")
+    mixed = copied(str(grown), tmp_path / "mixed")
+    (mixed / "item_vectors.npy").write_bytes((Path(catalogue_artifact) / "item_vectors.npy").read_bytes())
+    refused(mixed, str(mixed / "item_vectors.npy"))
+
+
+def test_saving_refuses_a_companion_changed_since_the_load_and_writes_nothing(catalogue_artifact, tmp_path):
+    folder = copied(catalogue_artifact, tmp_path / "a")
+    recommender = Recommender(folder)
+    recommender.add_items({"new-1": "A New Film (2031), Drama"})
+    flip_a_byte(folder / "text_tower.onnx", 1000)
+    with pytest.raises(RecboleLLMError, match="text_tower.onnx' is not the file its model.onnx was signed with"):
+        recommender.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*partial*"))
+
+
+def test_an_artifact_exported_before_signatures_is_refused_in_one_line(artifact, tmp_path):
+    """A graph carrying metadata.json's keys but no signature (what earlier releases wrote) cannot vouch for
+    its files: one line saying to export again."""
+    from recbole_llm.export import artifact as contract
+
+    folder = copied(artifact, tmp_path / "a")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    unsigned = contract.signed_graph((folder / "model.onnx").read_bytes(), metadata, {})
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load_from_string(unsigned)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in ("metadata_sha256", "files")]
+    del model.metadata_props[:]
+    for key, value in kept:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(folder / "model.onnx"))
+    refused(folder, "does not vouch for", "exported by an earlier recbole_llm")
+
+
+def test_the_signature_rewrite_keeps_every_other_field_of_the_graph(artifact):
+    """signed_graph edits the protobuf's top level by hand (serving installs have no onnx package): what
+    onnx parses back is the same model with the new metadata_props."""
+    onnx = pytest.importorskip("onnx")
+    from recbole_llm.export import artifact as contract
+
+    data = (Path(artifact) / "model.onnx").read_bytes()
+    metadata = {"format_version": 2, "note": "text with \u00e9 and \"quotes\"", "n": [1, 2]}
+    resigned = onnx.load_from_string(contract.signed_graph(data, metadata, {}))
+    original = onnx.load_from_string(data)
+    assert resigned.graph == original.graph and resigned.ir_version == original.ir_version
+    props = {p.key: p.value for p in resigned.metadata_props}
+    assert props == {"format_version": "2", "note": metadata["note"], "n": "[1, 2]", "files": "{}",
+                     "metadata_sha256": contract.metadata_digest(metadata)}
+    with pytest.raises(contract.ArtifactError, match="truncated"):
+        contract.signed_graph(data[:-3], metadata, {})
