@@ -205,8 +205,55 @@ def _check_yaml_file(path: str, loader) -> None:
         )
 
 
-_POSITIVE_INTS = ("epochs", "train_batch_size", "eval_batch_size")
+_POSITIVE_INTS = ("epochs", "train_batch_size", "eval_batch_size", "stopping_step")
 _SEQUENTIAL_LOSSES = ("CE", "BPR")
+# The longest history a randomly initialised encoder (pretrained_model_name_or_path: null) takes: BERT's
+# position table, as in every pretrained BERT the plugin loads. RecBole builds its prefix rows at
+# MAX_ITEM_LIST_LENGTH before any model exists (100,000 on ml-100k asked for 79 GB).
+RANDOM_ENCODER_POSITIONS = 512
+
+
+def _metric_names(final: dict) -> None:
+    """``metrics`` names RecBole (or the plugin) knows; ``valid_metric`` one of them, at one of ``topk``."""
+    from recbole.evaluator import metric_types
+
+    metrics = final.get("metrics")
+    names = [metrics] if isinstance(metrics, str) else metrics
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        raise RecboleLLMError(f"metrics={metrics!r} must be a list of metric names: e.g. --metrics=\"['Recall','NDCG']\"")
+    known = sorted(metric_types)
+    for name in names:
+        if name.lower() not in metric_types:
+            raise RecboleLLMError(f"metrics: unknown metric '{name}'; use names from: {', '.join(known)} "
+                                  "(any case)")
+    valid = final.get("valid_metric")
+    if valid is None:
+        return
+    name, at, k = str(valid).partition("@")
+    if name.lower() not in {n.lower() for n in names}:
+        raise RecboleLLMError(f"valid_metric={valid!r} is not among metrics {names}: add '{name}' to metrics or "
+                              "choose one of them")
+    topk = final.get("topk")
+    if at and topk is not None and k not in {str(value) for value in (topk if isinstance(topk, list) else [topk])}:
+        raise RecboleLLMError(f"valid_metric={valid!r} asks for @{k} but topk is {topk}: add {k} to topk or use "
+                              f"{name}@{(topk if isinstance(topk, list) else [topk])[0]}")
+
+
+def _sequential_order(final: dict) -> None:
+    """Sequential models read each history in time order: RecBole's ``SequentialDataset.build`` refuses any
+    ``eval_args`` order but TO, and ``Config`` fills an ``eval_args`` that leaves order out with RO (its
+    overall default), so ``eval_args: {mode: uni100}`` failed. A missing order is TO; RO is one line."""
+    eval_args = final.get("eval_args")
+    if not isinstance(eval_args, dict):
+        return  # RecBole's own check says it must be a dict
+    order = eval_args.get("order")
+    if order is None:
+        final["eval_args"] = {**eval_args, "order": "TO"}
+    elif order != "TO":
+        raise RecboleLLMError(
+            f"eval_args order {order!r} is not supported by sequential models, which read every history in time "
+            "order (RecBole's SequentialDataset): use order: TO, or leave order out"
+        )
 
 
 def check_config_values(final: dict) -> None:
@@ -229,8 +276,16 @@ def check_config_values(final: dict) -> None:
     rate = final.get("learning_rate")
     if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
         raise RecboleLLMError(f"learning_rate={rate!r} must be a number above 0: e.g. --learning_rate=0.001")
+    decay = final.get("weight_decay")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0):
+        raise RecboleLLMError(f"weight_decay={decay!r} must be a number of 0 or more: e.g. --weight_decay=0.0001")
+    seed = final.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise RecboleLLMError(f"seed={seed!r} must be an integer from 0 to 2**32 - 1: e.g. --seed=2020")
+    _metric_names(final)
     if final.get("MODEL_TYPE") == ModelType.SEQUENTIAL:
         positive_int("MAX_ITEM_LIST_LENGTH")
+        _sequential_order(final)
         loss = final.get("loss_type")
         if loss is not None and loss not in _SEQUENTIAL_LOSSES:
             raise RecboleLLMError(
@@ -255,6 +310,14 @@ def wrap_set_default_parameters(original):
         ):
             final["train_neg_sample_args"] = None
         check_config_values(final)
+        length = final.get("MAX_ITEM_LIST_LENGTH")
+        if (self.model in PLUGIN_MODELS and final.get("pretrained_model_name_or_path") is None
+                and isinstance(length, int) and length > RANDOM_ENCODER_POSITIONS):
+            raise RecboleLLMError(
+                f"MAX_ITEM_LIST_LENGTH={length} exceeds the {RANDOM_ENCODER_POSITIONS} positions of the random "
+                f"encoder (pretrained_model_name_or_path: null); set MAX_ITEM_LIST_LENGTH to at most "
+                f"{RANDOM_ENCODER_POSITIONS}"
+            )
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
             from recbole_llm.model.backbone import check_encoder_settings
 
@@ -363,15 +426,28 @@ def _atomic_header(path: str, separator: str, encoding: str) -> list[tuple[str, 
         if kind not in {t.value for t in FeatureType}:
             raise RecboleLLMError(f"{path}: header field '{field_type}' has the unknown type '{kind}': use one of "
                                   f"{_TYPES}")
+        earlier = next((number for number, (seen, _) in enumerate(fields, start=1) if seen == name), None)
+        if earlier is not None:
+            raise RecboleLLMError(f"{path}: the header names '{name}' twice (fields {earlier} and {column}): rename "
+                                  "or remove one of the columns")
         fields.append((name, kind))
     if not has_rows:
         raise RecboleLLMError(f"{path} has a header but no rows: add the data, one row per line")
     return fields
 
 
+def _field_limit() -> int:
+    import csv
+
+    return csv.field_size_limit()
+
+
 def _locate_bad_row(path: str, separator: str, encoding: str, fields: list[tuple[str, str]]) -> str:
-    """Where a file RecBole could not read goes wrong: the first undecodable line or non-number."""
+    """Where a file RecBole could not read goes wrong: the first undecodable line, field longer than the CSV
+    reader takes (RecBole reads with pandas' python engine: Python's ``csv`` module and its field limit),
+    unclosed quote or non-number."""
     encoding = encoding or "utf-8"
+    limit = _field_limit()
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
@@ -380,7 +456,15 @@ def _locate_bad_row(path: str, separator: str, encoding: str, fields: list[tuple
                 return f"line {number} is not {encoding} text (byte {error.start} of the line): save it as {encoding}"
             if number == 1:
                 continue
-            for (name, kind), value in zip(fields, line.split(separator)):
+            values = line.split(separator)
+            for (name, _), value in zip(fields, values):
+                if len(value) > limit:
+                    return (f"line {number}, field '{name}' is {len(value):,} characters long, over the {limit:,} "
+                            "the reader takes: shorten it (or leave the column out with load_col)")
+                if value.startswith('"') and (len(value) < 2 or not value.endswith('"')):  # quoted, not closed
+                    return (f"line {number}, field '{name}' has an unclosed quote (\"), which makes the reader take "
+                            "the lines after it as one field: remove the quote or double it (\"\")")
+            for (name, kind), value in zip(fields, values):
                 if kind == "float" and value.strip():
                     try:
                         float(value)
@@ -428,9 +512,14 @@ def wrap_load_feat(original):
         if _orders_by_time(self, source) and self.time_field not in names:
             raise RecboleLLMError(
                 f"{filepath} has no '{self.time_field}' field, which sequential models order each history by: "
-                f"add a '{self.time_field}:float' column (the position in the user's history will do), set "
-                "TIME_FIELD to yours, or set eval_args order: RO"
+                f"add a '{self.time_field}:float' column (the position in the user's history will do), or set "
+                "TIME_FIELD to yours"
             )
+        with open(filepath, "rb") as f:
+            bom = f.read(3) == b"\xef\xbb\xbf"
+        if bom and str(encoding or "utf-8").lower().replace("_", "-") in ("utf-8", "utf8"):
+            # a UTF-8 byte-order mark (Excel, Notepad) would become part of the first field's name
+            self.config["encoding"] = "utf-8-sig"
         try:
             return original(self, filepath, source)
         except (ValueError, UnicodeDecodeError):
@@ -438,6 +527,8 @@ def wrap_load_feat(original):
             if not where:
                 raise
             raise RecboleLLMError(f"{filepath}: {where}") from None
+        finally:
+            self.config["encoding"] = encoding
 
     return _load_feat
 

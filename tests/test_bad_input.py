@@ -3,6 +3,7 @@ training, instead of a traceback deep in RecBole (or a run that exits 0 having t
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,14 @@ TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32,
     ({"loss_type": "MSE"}, "loss_type='MSE' is not a loss of sequential models"),
     ({"topk": 0}, "topk=0 must be a positive integer"),
     ({"topk": [10, -1]}, "topk=.10, -1. must be a positive integer"),
+    ({"seed": "abc"}, "seed='abc' must be an integer from 0 to 2..32 - 1"),
+    ({"seed": -1}, "seed=-1 must be an integer"),
+    ({"weight_decay": -1}, "weight_decay=-1 must be a number of 0 or more"),
+    ({"stopping_step": -1}, "stopping_step=-1 must be a positive integer"),
+    ({"stopping_step": 0}, "stopping_step=0 must be a positive integer"),
+    ({"metrics": ["Recall", "NDGC"]}, "metrics: unknown metric 'NDGC'; use names from: .*ndcg"),
+    ({"metrics": ["Recall"], "valid_metric": "NDCG@10"}, "valid_metric='NDCG@10' is not among metrics"),
+    ({"valid_metric": "MRR@20"}, "valid_metric='MRR@20' asks for @20 but topk is .10."),
 ])
 @pytest.mark.parametrize("model", ["BERTRec", "SASRec"])
 def test_config_values_are_checked_before_any_data(model, override, fragment, data_root):
@@ -45,6 +54,34 @@ def test_encoder_limits_are_checked_before_recbole_builds_the_data(data_root):
         create_dataset(config)
     with pytest.raises(RecboleLLMError, match="backbone_layers=9 but"):
         Config(model="BERTRec", dataset="ml-tiny", config_dict={"data_path": str(data_root), "backbone_layers": 9})
+
+
+def test_the_random_encoder_bounds_the_history_length_before_any_data(data_root, tmp_path):
+    """MAX_ITEM_LIST_LENGTH=100000 on the random encoder made RecBole allocate 79 GB for its prefix rows."""
+    with pytest.raises(RecboleLLMError, match="MAX_ITEM_LIST_LENGTH=100000 exceeds the 512 positions of the "
+                                              "random encoder"):
+        Config(model="BERTRec", dataset="ml-tiny", config_dict={
+            "data_path": str(data_root), **TINY, "MAX_ITEM_LIST_LENGTH": 100000})
+    result = cli("run", "--model=BERTLoRA", "--dataset=ml-tiny", *slice_args(data_root),
+                 "--pretrained_model_name_or_path=None", "--MAX_ITEM_LIST_LENGTH=100000",
+                 f"--checkpoint_dir={tmp_path / 'saved'}")
+    assert_one_line_error(result, "MAX_ITEM_LIST_LENGTH=100000 exceeds the 512 positions", "at most 512")
+    assert not (tmp_path / "saved").exists()
+    Config(model="BERTRec", dataset="ml-tiny", config_dict={
+        "data_path": str(data_root), **TINY, "MAX_ITEM_LIST_LENGTH": 512})  # the bound itself is fine
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("--seed=abc", "seed='abc' must be an integer"),
+    ("--weight_decay=-1", "weight_decay=-1 must be a number of 0 or more"),
+    ("--stopping_step=-1", "stopping_step=-1 must be a positive integer"),
+    ("--metrics=['Recall','Precison']", "unknown metric 'Precison'"),
+])
+def test_bad_training_settings_on_the_command_line_are_one_line(arg, fragment, data_root, tmp_path):
+    result = cli("run", "--model=BERTRec", "--dataset=ml-tiny", *slice_args(data_root), arg,
+                 f"--checkpoint_dir={tmp_path / 'saved'}")
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "saved").exists()
 
 
 def test_the_command_line_refuses_bad_values_with_one_line(data_root, tmp_path):
@@ -107,6 +144,36 @@ def test_data_files_fail_with_one_line_naming_file_and_place(inter, fragment, da
     assert "ml-bad.inter" in str(caught.value) and "\n" not in str(caught.value)
 
 
+HEADER = b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+
+
+@pytest.mark.parametrize("inter, fragment", [
+    (b"user_id:token\titem_id:token\titem_id:token\ttimestamp:float\n" + GOOD_ROWS,
+     "the header names 'item_id' twice (fields 2 and 3): rename or remove one"),
+    (HEADER + GOOD_ROWS + b"3\t" + b"7" * (20 << 20) + b"\t4\t881250952\n",
+     "line 5, field 'item_id' is 20,971,520 characters long, over the 131,072 the reader takes"),
+    (HEADER + GOOD_ROWS + b'3\t"12\t4\t881250952\n4\t10\t4\t881250953\n',
+     "line 5, field 'item_id' has an unclosed quote"),
+])
+def test_header_and_field_problems_are_one_line(inter, fragment, data_root, tmp_path):
+    data_path = dataset_with(tmp_path, data_root, inter=inter)
+    with pytest.raises(RecboleLLMError, match=re.escape(fragment)) as caught:
+        load(data_path)
+    assert "ml-bad.inter" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_utf8_byte_order_mark_before_the_header_is_accepted(data_root, tmp_path):
+    """Excel and Notepad write one; RecBole made it part of the first field's name ('\ufeffuser_id')."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "marked").mkdir()
+    plain = load(dataset_with(tmp_path / "plain", data_root))
+    marked = load(dataset_with(tmp_path / "marked", data_root, inter=b"\xef\xbb\xbf" + (
+        data_root / "ml-tiny" / "ml-tiny.inter").read_bytes()))
+    assert list(marked.inter_feat.columns) == list(plain.inter_feat.columns)
+    assert marked.inter_feat.equals(plain.inter_feat)
+    assert marked.config["encoding"] == plain.config["encoding"]  # as the user set it (here: unset)
+
+
 def test_sequential_models_load_the_time_field_even_when_load_col_leaves_it_out(data_root, tmp_path):
     data_path = dataset_with(tmp_path, data_root)
     dataset = load(data_path, load_col={"inter": ["user_id", "item_id"]})
@@ -147,7 +214,9 @@ def test_an_older_checkpoint_after_the_item_count_changed_says_what_does_not_mat
     import torch
     from recbole.quick_start import load_data_and_model
 
-    checkpoint = torch.load(trained["BERTRec"], weights_only=False)  # ours, written by the fixture
+    from recbole_llm import load_checkpoint
+
+    checkpoint = load_checkpoint(trained["BERTRec"])  # ours, written by the fixture
     del checkpoint["config"].recbole_llm_world
     older = tmp_path / "older.pth"
     torch.save(checkpoint, older, pickle_protocol=4)
@@ -167,15 +236,27 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path
 
     import torch
 
-    from recbole_llm.trainer import atomic_torch_save
+    from recbole_llm.checkpoint_format import atomic_save, load
 
     path = tmp_path / "model.pth"
-    atomic_torch_save({"state_dict": {"w": torch.ones(3)}}, path)
+    atomic_save({"state_dict": {"w": torch.ones(3)}}, path)
     os.symlink("/dev/full", f"{path}.partial")  # the kernel answers every write with ENOSPC
     with pytest.raises(RecboleLLMError, match="could not write checkpoint .*no space left on the device"):
-        atomic_torch_save({"state_dict": {"w": torch.zeros(100_000)}}, path)
+        atomic_save({"state_dict": {"w": torch.zeros(100_000)}}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
-    assert torch.equal(torch.load(path, weights_only=False)["state_dict"]["w"], torch.ones(3))  # ours
+    assert torch.equal(load(path)["state_dict"]["w"], torch.ones(3))
+    # whatever else stops a save (Ctrl-C here), the temporary file goes and the previous one stays
+    real_fsync = os.fsync
+    def interrupted(fd):
+        raise KeyboardInterrupt
+    os.fsync = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_save({"state_dict": {"w": torch.zeros(3)}}, path)
+    finally:
+        os.fsync = real_fsync
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
+    assert torch.equal(load(path)["state_dict"]["w"], torch.ones(3))
 
 
 def test_export_refuses_bad_outputs_and_models_before_loading(trained, tmp_path):
