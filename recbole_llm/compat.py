@@ -533,6 +533,32 @@ def wrap_load_feat(original):
     return _load_feat
 
 
+def wrap_dataframe_to_interaction(original):
+    """``Dataset._dataframe_to_interaction`` keeps the time field at float64.
+
+    RecBole reads every ``float`` field at float64 and converts it to ``torch.FloatTensor`` (float32, 24
+    significant bits) here, before ``Dataset.build`` and ``SequentialDataset.data_augmentation`` sort each
+    history by it: Unix seconds (about 1.7e9) are then rounded to multiples of 128 s, and events closer than
+    that fall back to file-row order (RUCAIBox/RecBole#2204). The time field becomes a float64 tensor (exact
+    for integers up to 2**53: seconds, milliseconds and microseconds since 1970); the other float fields stay
+    as RecBole makes them.
+    """
+    import numpy as np
+    import torch
+    from recbole.utils import FeatureType
+
+    @functools.wraps(original)
+    def _dataframe_to_interaction(self, data):
+        interaction = original(self, data)
+        field = self.time_field
+        if field and field in data and self.field2type.get(field) == FeatureType.FLOAT and \
+                field not in (self.config["numerical_features"] or []):
+            interaction.interaction[field] = torch.from_numpy(np.asarray(data[field].values, dtype=np.float64))
+        return interaction
+
+    return _dataframe_to_interaction
+
+
 def wrap_get_load_and_unload_col(original):
     """``Dataset._get_load_and_unload_col``: a sequential model's time field is loaded even where ``load_col``
     leaves it out."""
@@ -621,6 +647,38 @@ def wrap_save_split_dataloaders(original):
                 loader.generator, loader.sampler.generator = generator, sampler_generator
 
     return save_split_dataloaders
+
+
+_PHASES = {"valid": 1, "test": 2}
+
+
+def wrap_eval_collate_fn(original):
+    """``NegSampleEvalDataLoader.collate_fn`` draws each batch's negatives from its own seeded generator.
+
+    RecBole's samplers draw from numpy's global generator, so with ``eval_args`` mode ``uniN`` / ``popN`` every
+    evaluation ranks the target against other negatives (RUCAIBox/RecBole#2077): one checkpoint scored
+    differently in the run, in ``recbole-llm evaluate`` and in each repeated evaluation. Each batch now draws
+    from ``SeedSequence([seed, phase, first row, rows])``: the same checkpoint, seed and ``eval_batch_size``
+    give the same negatives and figures wherever and however often it is evaluated (with ``worker`` > 0 too),
+    and evaluating no longer moves the global generator that training's own sampling continues from.
+    """
+    import numpy as np
+
+    @functools.wraps(original)
+    def collate_fn(self, index):
+        seed = self.config["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or len(index) == 0:
+            return original(self, index)
+        phase = getattr(self._sampler, "phase", None) or "test"
+        words = [seed % 2**32, _PHASES.get(phase, 0), int(index[0]), len(index)]
+        saved = np.random.get_state()
+        np.random.seed(np.random.SeedSequence(words).generate_state(1)[0])
+        try:
+            return original(self, index)
+        finally:
+            np.random.set_state(saved)
+
+    return collate_fn
 
 
 def wrap_evaluator_evaluate(original):

@@ -92,6 +92,7 @@ def patches() -> list[Patch]:
     """
     from recbole.config.configurator import Config
     from recbole.data import utils as data_utils
+    from recbole.data.dataloader.general_dataloader import NegSampleEvalDataLoader
     from recbole.data.dataset.dataset import Dataset
     from recbole.evaluator.collector import Collector
     from recbole.evaluator.evaluator import Evaluator
@@ -137,10 +138,18 @@ def patches() -> list[Patch]:
         Patch(Dataset, "_load_feat", compat.wrap_load_feat,
               "recbole/data/dataset/dataset.py:427 Dataset._load_feat fails deep in pandas on a bad header, id "
               "field or row: one line naming file, line and fix"),
+        Patch(Dataset, "_dataframe_to_interaction", compat.wrap_dataframe_to_interaction,
+              "recbole/data/dataset/dataset.py:2188/2207 Dataset._dataframe_to_interaction makes float fields float32 "
+              "(torch.FloatTensor) before histories are sorted by time: Unix seconds round to 128 s and close "
+              "events keep file order (RecBole#2204); the time field stays float64"),
         Patch(data_utils, "create_dataset", compat.wrap_create_dataset,
               "recbole/data/utils.py:28/61 create_dataset pickle.loads <checkpoint_dir>/<dataset>-<Class>.pth if "
               "it exists: only a named dataset_save_path; and the data's ids are recorded or checked",
               also=_modules("recbole.data", "recbole.quick_start.quick_start")),
+        Patch(NegSampleEvalDataLoader, "collate_fn", compat.wrap_eval_collate_fn,
+              "recbole/data/dataloader/general_dataloader.py:150/180 NegSampleEvalDataLoader.collate_fn samples "
+              "evaluation negatives from numpy's global generator, new ones at every evaluation (RecBole#2077): "
+              "each batch from a generator seeded by the config seed"),
         Patch(data_utils, "save_split_dataloaders", compat.wrap_save_split_dataloaders,
               "recbole/data/utils.py:78/94 save_split_dataloaders sets each loader's generator to None and never "
               "restores it: restored, so saving does not change the run"),

@@ -64,10 +64,13 @@ def trace(graph: ScoringGraph | UserVectorGraph, path: Path, max_length: int, op
     """Write ``graph`` to ``path`` with the TorchScript exporter (ONNX Runtime's transformer optimizer fuses
     its BERT graphs), every named axis of the contract dynamic; raises StaticShapeError otherwise.
     ``item_vectors`` ``[n_items, hidden]``: the example table of a :class:`UserVectorGraph`."""
-    # an example with batch and length >= 2, so the exporter keeps both axes dynamic
+    # an example with batch 2 and, where the model takes it, length >= 2, so the exporter keeps both axes
+    # dynamic; a model of MAX_ITEM_LIST_LENGTH 1 has one position (its position table has one row), so its
+    # example is one item long and the second history as long as the first
     item_seq = torch.ones((2, max_length), dtype=torch.long)
-    item_length = torch.tensor([max_length, 2], dtype=torch.long)
-    item_seq[1, 2:] = 0
+    shorter = min(2, max_length)
+    item_length = torch.tensor([max_length, shorter], dtype=torch.long)
+    item_seq[1, shorter:] = 0
     inputs: tuple = (item_seq, item_length)
     vectors = isinstance(graph, UserVectorGraph)
     top_k = None if vectors else graph.top_k
