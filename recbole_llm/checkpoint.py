@@ -18,17 +18,21 @@ the same file (``load_data_and_model``, ``resume_checkpoint``, ``evaluate``) get
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
+import enum
 import functools
 import io
 import os
 import pickle
 import re
+import stat
 import types
 import zipfile
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from recbole_llm import checkpoint_format
 from recbole_llm.errors import RecboleLLMError
 
 if TYPE_CHECKING:  # RecBole is imported when these are used, not when this module is
@@ -50,8 +54,11 @@ def _callable_globals() -> dict[str, Any]:
     """Functions and classes a checkpoint may *call*, each harmless whatever arguments a pickle chooses.
 
     torch's own weights-only allow-list (tensor and storage rebuilds, dtypes, ``torch.Size``,
-    ``OrderedDict`` ...), and numpy's array, scalar and dtype rebuilds. Nothing here evaluates strings,
-    imports modules or touches files.
+    ``OrderedDict`` ...) less the functions that call, instantiate or keep as hooks something they are
+    handed (:data:`_CALLS_ITS_ARGUMENTS`), and numpy's array, scalar and dtype rebuilds. Nothing here
+    evaluates strings, imports modules or touches files, and none of it calls an argument: every callable
+    a pickle can reach is on this list (the other lists' classes reach the stack as inert
+    :class:`_Named` stand-ins), so whatever a pickle nests, at any depth, calls only these.
     """
     import collections
 
@@ -66,10 +73,14 @@ def _callable_globals() -> dict[str, Any]:
         names = {
             "collections.OrderedDict": collections.OrderedDict,
             "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
-            "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
             "torch.device": torch.device,
             "torch.Size": torch.Size,
         }
+    for name in _CALLS_ITS_ARGUMENTS:
+        names.pop(name, None)
+    # a Parameter's backward hooks are callables torch runs later: only a Parameter without hooks
+    names["torch._utils._rebuild_parameter"] = _rebuild_parameter
+    names.pop("torch._utils._rebuild_parameter_with_state", None)
     multiarray = _numpy_multiarray()
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # saved under numpy 1 or 2
         names[f"{module}._reconstruct"] = multiarray._reconstruct
@@ -80,6 +91,25 @@ def _callable_globals() -> dict[str, Any]:
         if isinstance(candidate, type) and issubclass(candidate, np.dtype):
             names[f"numpy.dtypes.{name}"] = candidate
     return names
+
+
+# torch's weights-only globals that call or instantiate an argument (``_rebuild_from_type_v2(func, new_type,
+# args, state)`` runs ``func(*args)``; ``_rebuild_wrapper_subclass(cls, ...)`` builds ``cls``) or store
+# hooks and attributes taken from the pickle. RecBole's checkpoints hold plain tensors: none is needed.
+_CALLS_ITS_ARGUMENTS = (
+    "torch._tensor._rebuild_from_type_v2",
+    "torch._utils._rebuild_wrapper_subclass",
+    "torch._utils._rebuild_parameter_with_state",
+)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> Any:
+    """torch's ``_rebuild_parameter`` for a Parameter without backward hooks (torch runs hooks later)."""
+    import torch
+
+    if backward_hooks:
+        raise pickle.UnpicklingError("Unsupported Parameter with backward hooks")
+    return torch._utils._rebuild_parameter(data, requires_grad, collections.OrderedDict())
 
 
 def _state_classes() -> dict[str, type]:
@@ -108,11 +138,30 @@ def _value_classes() -> dict[str, type]:
     return {"yaml.loader.FullLoader": yaml.loader.FullLoader}
 
 
+class _Named:
+    """What a pickle gets for a class it may name but never call (``Config``, an enum, a model class).
+
+    Not callable and holding no callable attribute, so no admitted function can call the class through it,
+    however deep a pickle nests the call. The unpickler's own opcodes use :attr:`cls` where the class's
+    kind allows (``NEWOBJ`` for state classes, ``REDUCE`` for enum members), and :func:`_resolve` puts the
+    class back where a ``Config`` keeps one (``yaml_loader``, ``model_class``); anywhere else it is refused.
+    """
+
+    __slots__ = ("cls", "kind")
+
+    def __init__(self, cls: type, kind: str) -> None:
+        self.cls, self.kind = cls, kind
+
+    def __reduce__(self):  # never pickled again
+        raise TypeError("not picklable")
+
+
 def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """``copyreg._reconstructor`` for state classes only: ``object.__new__(cls)``, no ``__init__``."""
-    if id(cls) not in _allow_lists().state_ids or base is not object or state is not None:
-        raise pickle.UnpicklingError(f"Unsupported reconstruction of {cls!r} from {base!r}")
-    return object.__new__(cls)
+    if not (isinstance(cls, _Named) and cls.kind == "state" and isinstance(base, _Named)
+            and base.cls is object and state is None):
+        raise pickle.UnpicklingError(f"Unsupported reconstruction of {_name(cls)} from {_name(base)}")
+    return object.__new__(cls.cls)
 
 
 class _AllowLists:
@@ -126,12 +175,12 @@ class _AllowLists:
         self.enums = _enum_classes()
         self.values = _value_classes()
         self.callable_ids = {id(obj) for obj in self.callables.values()}
-        self.state_ids = {id(cls) for cls in self.state.values()}
-        self.enum_ids = {id(cls) for cls in self.enums.values()}
-        self.buildable_ids = self.state_ids | {
+        self.buildable_ids = {id(cls) for cls in self.state.values()} | {
             id(obj) for obj in self.callables.values() if isinstance(obj, type)
         } | {id(np.ndarray)}
         self.names = {**self.values, **self.enums, **self.state, **self.callables}
+        self.kinds = {**{k: "value" for k in self.values}, **{k: "enum" for k in self.enums},
+                      **{k: "state" for k in self.state}}
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,26 +217,13 @@ def _recommender_class(module: str, name: str) -> type | None:
     return None
 
 
-def _holds_foreign_callable(value: Any, depth: int = 0) -> bool:
-    """Whether a call's arguments hold a class or function the pickle may not call.
-
-    Some admitted functions call an argument (torch's ``_rebuild_from_type_v2(func, new_type, args,
-    state)`` runs ``func(*args)``): a state, enum, value or model class passed that way would be called.
-    """
-    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
-        return id(value) not in _allow_lists().callable_ids
-    if depth < 8 and isinstance(value, (tuple, list)):
-        return any(_holds_foreign_callable(item, depth + 1) for item in value)
-    if depth < 8 and isinstance(value, dict):
-        return any(_holds_foreign_callable(item, depth + 1) for pair in value.items() for item in pair)
-    return False
-
-
 def _refuse(message: str) -> None:
     raise pickle.UnpicklingError(message)
 
 
 def _name(obj: Any) -> str:
+    if isinstance(obj, _Named):
+        return obj.cls.__qualname__
     return getattr(obj, "__qualname__", type(obj).__name__)
 
 
@@ -195,35 +231,40 @@ class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that names only allow-listed globals and calls only harmless ones.
 
     Python's pure-Python unpickler with the opcodes that call or build objects checked (the C
-    unpickler's opcode table cannot be changed): ``REDUCE`` calls only :func:`_callable_globals`, never
-    with a class or function of the other lists among its arguments, and looks RecBole's enums up by
-    value; ``NEWOBJ``/``NEWOBJ_EX`` create state classes with ``object.__new__`` (no ``__init__``) and
-    torch's allowed classes with their ``__new__``; ``BUILD`` restores state only on allow-listed types;
-    the protocol-0/1 ``INST``/``OBJ`` are refused. Globals are looked up by exact ``module.name``, never
-    by attribute chains. A crafted checkpoint can at worst fail to load; it cannot run code.
+    unpickler's opcode table cannot be changed). Globals are looked up by exact ``module.name``, never by
+    attribute chains; the callables of :func:`_callable_globals` come back as themselves, every other
+    allow-listed class as an inert :class:`_Named`. So ``REDUCE`` can only call those callables (or look
+    one of RecBole's enums up by value), and whatever arguments a pickle hands them, nested to any depth,
+    hold no other callable: safety by construction, not by how far a check looks. ``NEWOBJ``/``NEWOBJ_EX``
+    create state classes with ``object.__new__`` (no ``__init__``) and the allowed classes with their
+    ``__new__``; ``BUILD`` restores state only on allow-listed types; the protocol-0/1 ``INST``/``OBJ``
+    are refused. A crafted checkpoint can at worst fail to load; it cannot run code.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
-        found = allowed_globals().get(key) or _recommender_class(module, name)
-        if found is None:
+        lists = _allow_lists()
+        found = lists.names.get(key)
+        if found is not None and key in lists.kinds:
+            return _Named(found, lists.kinds[key])
+        if found is not None:
+            return found
+        model = _recommender_class(module, name)
+        if model is None:
             _refuse(f"Unsupported global: GLOBAL {key}")
-        return found
+        return _Named(model, "model")
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
         func = self.stack[-1]
-        lists = _allow_lists()
         if not isinstance(args, tuple):
             _refuse(f"Unsupported call of {_name(func)}: arguments are not a tuple")
-        if id(func) in lists.callable_ids:
-            if _holds_foreign_callable(args):
-                _refuse(f"Unsupported call of {_name(func)} with a class or function among its arguments")
+        if not isinstance(func, _Named) and id(func) in _allow_lists().callable_ids:
             self.stack[-1] = func(*args)
-        elif id(func) in lists.enum_ids:
-            members = func._value2member_map_
+        elif isinstance(func, _Named) and func.kind == "enum":
+            members = func.cls._value2member_map_
             if len(args) != 1 or not isinstance(args[0], (int, str)) or args[0] not in members:
                 _refuse(f"Unsupported call of {_name(func)}: only a member's value is allowed")
             self.stack[-1] = members[args[0]]
@@ -231,11 +272,10 @@ class RestrictedUnpickler(pickle._Unpickler):
             _refuse(f"Unsupported call of {_name(func)}")
 
     def _new_object(self, cls: Any, args: Any, kwargs: Any) -> Any:
-        lists = _allow_lists()
-        if id(cls) in lists.state_ids and args == () and not kwargs:
-            return object.__new__(cls)
-        if isinstance(cls, type) and id(cls) in lists.callable_ids and isinstance(args, tuple) \
-                and isinstance(kwargs, dict) and not _holds_foreign_callable((args, kwargs)):
+        if isinstance(cls, _Named) and cls.kind == "state" and args == () and not kwargs:
+            return object.__new__(cls.cls)
+        if isinstance(cls, type) and id(cls) in _allow_lists().callable_ids and isinstance(args, tuple) \
+                and isinstance(kwargs, dict):
             return cls.__new__(cls, *args, **kwargs)
         _refuse(f"Unsupported object creation of {_name(cls)}")
 
@@ -270,6 +310,54 @@ class RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.OBJ[0]] = load_obj
 
 
+# Where a Config keeps a class, and which kind of class each place takes.
+_CLASS_PLACES = {"yaml_loader": "value", "model_class": "model"}
+
+
+def _resolve(loaded: Any) -> None:
+    """Put classes back where a ``Config`` keeps them, and refuse any :class:`_Named` left elsewhere, any
+    numpy object array and any callable other than the allowed ones, wherever the pickle put them.
+
+    An iterative walk over containers, ``Config`` state and object attributes (tensors' included): as
+    deep as the pickle, with no recursion limit to hit.
+    """
+    import numpy as np
+    import torch
+    from recbole.config.configurator import Config
+
+    lists = _allow_lists()
+    seen: set[int] = set()
+    pending = [loaded]
+    while pending:
+        value = pending.pop()
+        if id(value) in seen or value is None or isinstance(value, (bool, int, float, str, bytes)):
+            continue
+        seen.add(id(value))
+        if isinstance(value, _Named):
+            _refuse(f"Unsupported use of {_name(value)} as a value")
+        if isinstance(value, Config):
+            state = value.__dict__
+            for place, kind in _CLASS_PLACES.items():
+                named = state.get(place)
+                if isinstance(named, _Named) and named.kind == kind:
+                    state[place] = named.cls
+                    seen.add(id(named.cls))
+            pending.extend(state.values())
+            continue
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            pending.extend(value)
+        elif isinstance(value, np.ndarray) and value.dtype.hasobject:
+            _refuse("Unsupported numpy array of Python objects")
+        elif callable(value) and id(value) not in lists.callable_ids and not isinstance(value, torch.Tensor):
+            _refuse(f"Unsupported callable {_name(value)} as a value")
+        attributes = getattr(value, "__dict__", None)  # what BUILD may have set; enum members are RecBole's own
+        if isinstance(attributes, dict) and not isinstance(value, (type, enum.Enum)):
+            pending.extend(attributes.values())
+
+
 def _restricted_load(file, **kwargs):
     return RestrictedUnpickler(file, **kwargs).load()
 
@@ -284,10 +372,12 @@ restricted_pickle.__version__ = pickle.format_version
 
 
 def safe_torch_load(f, map_location: Any = None, **kwargs) -> Any:
-    """``torch.load`` for RecBole checkpoints: allow-listed globals only, any pickle protocol.
+    """``torch.load`` for RecBole checkpoints: the plugin's pickle-free files (:mod:`checkpoint_format`)
+    read as data, RecBole's own ``.pth`` through :class:`RestrictedUnpickler`, any pickle protocol.
 
     A checkpoint trained on a GPU loads on a machine without CUDA: with no ``map_location`` its
     storages go to the CPU, and a ``Config`` in it gets this machine's device (:func:`follow_this_machine`).
+    Its Config is then made safe to use (:func:`_distrust`) and the active overrides applied.
     """
     import torch
 
@@ -295,33 +385,63 @@ def safe_torch_load(f, map_location: Any = None, **kwargs) -> Any:
     kwargs.pop("pickle_module", None)
     if map_location is None and not torch.cuda.is_available():
         map_location = "cpu"
-    if isinstance(f, (str, os.PathLike)) and not zipfile.is_zipfile(f):
-        # torch's legacy formats (tar, raw pickle) put other pickles in the file: a tar's first member
-        # name is the file's first bytes, which plain pickle.load elsewhere would run. RecBole and torch
-        # have written zip checkpoints since torch 1.6.
-        raise ValueError("not a zip checkpoint (torch >= 1.6 format)")
+    if isinstance(f, (str, os.PathLike)):
+        if not stat.S_ISREG(os.stat(f).st_mode):  # a FIFO or a device would block or never end
+            raise ValueError("not a regular file")
+        if checkpoint_format.is_pickle_free(f):
+            loaded = checkpoint_format.load(f, map_location=map_location)
+            return _made_safe(loaded, f)
+        if not zipfile.is_zipfile(f):
+            # torch's legacy formats (tar, raw pickle) put other pickles in the file: a tar's first member
+            # name is the file's first bytes, which plain pickle.load elsewhere would run. RecBole and
+            # torch have written zip checkpoints since torch 1.6.
+            raise ValueError("not a zip checkpoint (torch >= 1.6 format)")
     # torch.serialization.load, not torch.load: the latter is swapped while RecBole loads.
     loaded = torch.serialization.load(
         f, map_location=map_location, pickle_module=restricted_pickle, weights_only=False, **kwargs
     )
+    _resolve(loaded)
+    return _made_safe(loaded, f)
+
+
+def _made_safe(loaded: Any, f: Any) -> Any:
     if isinstance(loaded, dict) and "config" in loaded:
         config = loaded["config"]
-        _distrust(config)
+        _distrust(config, os.path.dirname(os.path.abspath(os.fspath(f))) if isinstance(f, (str, os.PathLike))
+                  else None)
+        _check_other_parameter(loaded.get("other_parameter"), getattr(config, "model_class", None))
         follow_this_machine(config)
         apply_overrides(config, _OVERRIDES.get())
     return loaded
 
 
+def _check_other_parameter(value: Any, model_class: type | None) -> None:
+    """RecBole's ``load_other_parameter`` sets each entry as an attribute of the model: plain names only,
+    never one the model's class defines (a method, a property) or a private one, and no callables."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise pickle.UnpicklingError(f"Unsupported other_parameter: a {type(value).__name__}, not a mapping")
+    for key, item in value.items():
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_") or callable(item) \
+                or hasattr(model_class, key):
+            raise pickle.UnpicklingError(f"Unsupported other_parameter entry {key!r:.60}")
+
+
 # Keys of a checkpoint's Config that would make RecBole unpickle a file (its saved dataset or dataloaders):
 # a checkpoint is data, so they are cleared; a user may set them again with --key=value.
 _PICKLE_PATH_KEYS = ("dataset_save_path", "dataloaders_save_path")
+# Keys that would make RecBole write files, or send the run elsewhere, when a checkpoint is used: off.
+_WRITE_KEYS = {"save_dataset": False, "save_dataloaders": False, "log_wandb": False}
 
 
-def _distrust(config: Any) -> None:
-    """A checkpoint's Config, made safe to use: no pickle paths, and model and dataset plain names.
+def _distrust(config: Any, folder: str | None = None) -> None:
+    """A checkpoint's Config, made safe to use: no pickle paths, nothing written where the user did not name.
 
     ``model`` and ``dataset`` become file and folder names (logs, data paths): a path in them would write
-    or read elsewhere. Raises UnpicklingError (reported as a refusal) for a Config that is not one.
+    or read elsewhere. Dataset and dataloader saving and wandb are off, and ``checkpoint_dir`` (which
+    RecBole's trainer creates) is the checkpoint's own ``folder``, unless the user sets either again with
+    ``--key=value``. Raises UnpicklingError (reported as a refusal) for a Config that is not one.
     """
     from recbole.config.configurator import Config
 
@@ -333,6 +453,8 @@ def _distrust(config: Any) -> None:
     for key in _PICKLE_PATH_KEYS:
         if final.get(key):
             final[key] = None
+    final.update(_WRITE_KEYS)
+    final["checkpoint_dir"] = folder or "saved"
     model, dataset = final.get("model"), final.get("dataset")
     if not isinstance(model, str) or model not in available_models():
         raise pickle.UnpicklingError(f"Unsupported config: model {model!r:.60} is not a known model")
@@ -443,9 +565,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         ) from None
     except RecboleLLMError:
         raise
-    except Exception as error:  # torch's and pickle's many ways of failing on a file that is not one
+    except (Exception, RecursionError) as error:  # torch's, pickle's, safetensors' and json's many ways
+        detail = str(error).splitlines()[0][:160] if isinstance(error, ValueError) and str(error) else ""
         raise RecboleLLMError(
-            f"'{path}' is not a RecBole checkpoint ({type(error).__name__}); "
+            f"'{path}' is not a RecBole checkpoint ({type(error).__name__}{': ' + detail if detail else ''}); "
             "pass the .pth file that RecBole's trainer saved under saved/"
         ) from None
     missing = {"config", "state_dict"} - set(checkpoint) if isinstance(checkpoint, dict) else {"config"}

@@ -10,8 +10,9 @@ RecBole's trainer. On top of RecBole's loop it adds:
 - a per-step hook for models that need one (AdaLoRA's ``update_and_allocate``);
 - FGM adversarial training on the item embeddings (``adversarial: fgm``, ``adv_epsilon``; Miyato et al.,
   "Adversarial Training Methods for Semi-Supervised Text Classification", ICLR 2017);
-- checkpoints that hold only what trained when the model says so (``checkpoint_state_dict``), all written
-  atomically (a temporary file, then a rename: a kill during a save leaves the previous file whole);
+- checkpoints that hold only what trained when the model says so (``checkpoint_state_dict``), written
+  without pickle (:mod:`recbole_llm.checkpoint_format`: safetensors, the rest as JSON) and atomically (a
+  temporary file, then a rename: a kill during a save leaves the previous file whole);
 - resumable training: after every validated epoch a ``<saved_model_file>-latest.pth`` holds the model,
   optimizer, scheduler, scaler, early-stopping state and every random-number state (Python, numpy, torch,
   the training DataLoader's shuffle generator); ``resume_from: <that file>`` continues the run where it
@@ -20,8 +21,6 @@ RecBole's trainer. On top of RecBole's loop it adds:
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import random
 
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from recbole_llm import distributed
 from recbole_llm.augment import SequenceAugmenter
 from recbole_llm.checkpoint import read_once
+from recbole_llm.checkpoint_format import atomic_save
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.model.contract import PluginModel
 
@@ -203,7 +203,7 @@ class PluginTrainer(Trainer):
         """RecBole's checkpoint (slim when the model offers ``checkpoint_state_dict``), written atomically."""
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
         if self.config["local_rank"] == 0:  # rank 0 writes for all ranks, as in RecBole
-            atomic_torch_save(self._checkpoint_state(epoch), saved_model_file)
+            atomic_save(self._checkpoint_state(epoch), saved_model_file)
             if verbose:
                 self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
         distributed.wait_for_rank_zero(self.config)  # no rank reads the file before it is whole
@@ -222,7 +222,7 @@ class PluginTrainer(Trainer):
             "global_step": self.global_step,
             "random_state": self._random_state(),
         })
-        atomic_torch_save(state, self.latest_model_file)
+        atomic_save(state, self.latest_model_file)
         distributed.wait_for_rank_zero(self.config)
 
     def resume_checkpoint(self, resume_file):
@@ -235,7 +235,11 @@ class PluginTrainer(Trainer):
             super().resume_checkpoint(resume_file)
         self._resumed_state = state
         if "best_model_file" in state:  # a latest checkpoint: keep writing the run's two files
-            self.saved_model_file = state["best_model_file"]
+            # beside the file resumed from, by the name recorded there: a checkpoint never picks the folder
+            recorded = os.path.basename(str(state["best_model_file"]))
+            if recorded in ("", ".", "..") or recorded == os.path.basename(resume_file):
+                recorded = os.path.basename(self.saved_model_file)
+            self.saved_model_file = os.path.join(os.path.dirname(os.path.abspath(resume_file)), recorded)
             self.latest_model_file = resume_file
             self.best_valid_result = state["best_valid_result"]
             self.global_step = int(state["global_step"])
@@ -269,25 +273,3 @@ class PluginTrainer(Trainer):
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def atomic_torch_save(state: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: ``path`` is always a whole checkpoint.
-
-    Raises RecboleLLMError (one line, nothing left behind) when the file cannot be written, e.g. a full disk.
-    """
-    partial = f"{os.fspath(path)}.partial"
-    try:
-        with open(partial, "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
-            torch.save(state, f, pickle_protocol=4)  # RecBole's protocol
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
-        raise RecboleLLMError(
-            f"could not write checkpoint '{os.fspath(path)}': {reason}; free space or set checkpoint_dir to "
-            "another folder (the previous checkpoint, if any, is unchanged)"
-        ) from None

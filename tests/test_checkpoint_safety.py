@@ -1,6 +1,8 @@
 """Crafted checkpoints: no code runs from a .pth, through any admitted global or any entry point.
 
-Each payload is written into a real checkpoint (real weights beside it), the way an attacker would ship
+The plugin's own checkpoints hold no pickle (safetensors and JSON); RecBole's own ``.pth`` files, and the
+plugin's from before that, are pickles read through the allow-listed unpickler. Each payload is written
+into a real checkpoint in RecBole's pickle format (real weights beside it), the way an attacker would ship
 one. A payload that ran would create a sentinel file; every load must instead fail with a one-line
 RecboleLLMError (or load harmlessly), and the sentinel must never appear.
 """
@@ -63,9 +65,14 @@ def nested_call_ops(function: str, class_name: str, sentinel: Path) -> bytes:
             + config_args + b"}" + pickle.TUPLE + pickle.REDUCE)
 
 
+def as_recbole_pth(real: Path) -> dict:
+    """The plugin's (pickle-free) checkpoint ``real`` as the dict RecBole's trainer would torch.save."""
+    return load_checkpoint(real)
+
+
 def plant(real: Path, ops: bytes, target: Path) -> Path:
-    """``real`` with ``ops`` in place of its ``other_parameter`` value, as a torch zip checkpoint."""
-    checkpoint = torch.load(real, weights_only=False)  # our own file, written by this test's training run
+    """``real`` with ``ops`` in place of its ``other_parameter`` value, as a torch zip (pickle) checkpoint."""
+    checkpoint = as_recbole_pth(real)
     checkpoint["other_parameter"] = PLACEHOLDER
     plain = target.with_suffix(".plain")
     torch.save(checkpoint, plain, pickle_protocol=2)  # protocol 2: no frames, so bytes can be swapped
@@ -91,9 +98,9 @@ def real_checkpoint(data_root, tmp_path_factory) -> Path:
 
 def test_a_planted_harmless_value_loads(real_checkpoint, tmp_path):
     """The planting itself works: a payload that is plain data loads with the real weights."""
-    crafted = plant(real_checkpoint, pickle.dumps("just data", protocol=0)[:-1], tmp_path / "ok.pth")
+    crafted = plant(real_checkpoint, pickle.dumps({"note": "just data"}, protocol=0)[:-1], tmp_path / "ok.pth")
     loaded = load_checkpoint(crafted)
-    assert loaded["other_parameter"] == "just data" and loaded["state_dict"]
+    assert loaded["other_parameter"] == {"note": "just data"} and loaded["state_dict"]
 
 
 def assert_refused_or_harmless(path: Path, sentinel: Path) -> None:
@@ -134,8 +141,10 @@ def test_admitted_functions_cannot_be_handed_a_class_to_call(real_checkpoint, tm
     not_callable = ["recbole.config.configurator.Config", "yaml.loader.FullLoader",
                     "recbole_llm.model.bertrec.BERTRec", "recbole.utils.enum_type.ModelType"]
     functions = [name for name, obj in names.items() if callable(obj) and not isinstance(obj, type)]
-    assert "torch._tensor._rebuild_from_type_v2" in functions
-    for index, function in enumerate(sorted(functions)):
+    # the rebuild that calls its first argument is not admitted at all (nor are its kin)
+    assert "torch._tensor._rebuild_from_type_v2" not in functions
+    assert "torch._utils._rebuild_wrapper_subclass" not in functions
+    for index, function in enumerate(sorted(functions) + ["torch._tensor._rebuild_from_type_v2"]):
         for klass in not_callable:
             ops = nested_call_ops(function, klass, sentinel)
             assert_refused_or_harmless(plant(real_checkpoint, ops, tmp_path / f"n{index}.pth"), sentinel)
@@ -180,7 +189,7 @@ def test_a_checkpoint_saved_on_cuda_loads_on_this_cpu(real_checkpoint, tmp_path)
     """Storages tagged as CUDA and a Config whose device is CUDA: mapped to the CPU, the device follows."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the checkpoint would load on the GPU")
-    checkpoint = torch.load(real_checkpoint, weights_only=False)
+    checkpoint = as_recbole_pth(real_checkpoint)
     checkpoint["config"].final_config_dict["device"] = torch.device("cuda")
     checkpoint["config"].final_config_dict["use_gpu"] = True
     plain = tmp_path / "plain.pth"
@@ -200,7 +209,7 @@ def test_a_checkpoint_saved_on_cuda_loads_on_this_cpu(real_checkpoint, tmp_path)
     loaded = load_checkpoint(cuda_tagged, map_location=None)
     assert loaded["config"]["device"] == torch.device("cpu")
     assert all(t.device.type == "cpu" for t in loaded["state_dict"].values())
-    for name, tensor in torch.load(real_checkpoint, weights_only=False)["state_dict"].items():
+    for name, tensor in load_checkpoint(real_checkpoint)["state_dict"].items():
         assert torch.equal(loaded["state_dict"][name], tensor)
     evaluate = cli("evaluate", f"--checkpoint={cuda_tagged}")
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
@@ -216,7 +225,7 @@ def test_a_checkpoint_cannot_point_recbole_at_a_pickle(real_checkpoint, tmp_path
     payload = tmp_path / "payload.pkl"
     payload.write_bytes(call_ops("posix.system", (f"touch {sentinel}",)).replace(b"cposix", b"\x80\x02cposix", 1)
                         + b".")
-    checkpoint = torch.load(real_checkpoint, weights_only=False)  # ours
+    checkpoint = as_recbole_pth(real_checkpoint)
     for key in ("dataset_save_path", "dataloaders_save_path"):
         checkpoint["config"].final_config_dict[key] = str(payload)
     pointing = tmp_path / "pointing.pth"
@@ -235,9 +244,259 @@ def test_a_checkpoint_cannot_point_recbole_at_a_pickle(real_checkpoint, tmp_path
 @pytest.mark.parametrize("key, value", [("model", "/tmp/elsewhere/dir"), ("dataset", "../../etc"),
                                         ("model", "NoSuchModel")])
 def test_a_checkpoint_config_names_a_model_and_a_dataset_not_paths(real_checkpoint, tmp_path, key, value):
-    checkpoint = torch.load(real_checkpoint, weights_only=False)  # ours
+    checkpoint = as_recbole_pth(real_checkpoint)
     checkpoint["config"].final_config_dict[key] = value
     crafted = tmp_path / "crafted.pth"
     torch.save(checkpoint, crafted)
     with pytest.raises(RecboleLLMError, match=f"refusing to load .*unsupported config: {key}"):
         load_checkpoint(crafted)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gadgets, generated: every admitted global as the outer call, a class it must never call in every argument
+# position, nested to depth 64 through calls and containers
+
+
+NEVER_CALLED = ["recbole.config.configurator.Config", "recbole_llm.model.bertrec.BERTRec",
+                "yaml.loader.FullLoader", "recbole.utils.enum_type.ModelType", "builtins.object"]
+POSITIONS = 4  # arguments per call: the dangerous one in each place, payload data in the others
+DEPTH = 64
+
+
+def global_ops(name: str) -> bytes:
+    module, attr = name.rsplit(".", 1)
+    return b"c" + module.encode() + b"\n" + attr.encode() + b"\n"
+
+
+def data_ops(value) -> bytes:
+    return pickle.dumps(value, protocol=0)[:-1]  # protocol 0: no PROTO/FRAME; drop STOP
+
+
+def fillers(sentinel: Path) -> list[bytes]:
+    """Payload data for each argument position: code, Config's constructor arguments, a config dict."""
+    return [data_ops(code(sentinel)), data_ops(f"touch {sentinel}"),
+            data_ops((None, None, None, {"payload": code(sentinel)})), data_ops({"payload": code(sentinel)})]
+
+
+def call_with(function: str, inner: bytes, position: int, sentinel: Path) -> bytes:
+    """``function(a0, a1, a2, a3)`` with ``inner`` as ``a<position>`` and payload data everywhere else."""
+    arguments = [inner if i == position else filler for i, filler in enumerate(fillers(sentinel))]
+    return global_ops(function) + pickle.MARK + b"".join(arguments) + pickle.TUPLE + pickle.REDUCE
+
+
+def gadget(outer: str, never_called: str, position: int, nesting: str, sentinel: Path) -> bytes:
+    """``outer`` called with ``never_called`` ``DEPTH`` levels down in argument ``position``.
+
+    ``deferred``: the reported shape, calls the pickle never makes itself: each level is the tuple
+    ``(outer, payload, <next level>, payload)``, so that a function calling its first argument with the
+    rest (``_rebuild_from_type_v2(func, new_type, args, state)`` runs ``func(*args)``) walks down the levels
+    at run time to ``(never_called, payload, Config's arguments, payload)``. ``call``: ``outer`` called
+    by the pickle at every level. ``tuple``/``list``/``dict``: plain containers.
+    """
+    if nesting == "deferred":
+        level = pickle.MARK + global_ops(never_called) + b"".join(fillers(sentinel)[1:]) + pickle.TUPLE
+        for _ in range(DEPTH - 1):
+            items = [global_ops(outer) if i == 0 else level if i == position else filler
+                     for i, filler in enumerate(fillers(sentinel))]
+            level = pickle.MARK + b"".join(items) + pickle.TUPLE
+        return global_ops(outer) + level + pickle.REDUCE
+    ops = global_ops(never_called)
+    for _ in range(DEPTH - 1):
+        if nesting == "call":
+            ops = call_with(outer, ops, position, sentinel)
+        elif nesting == "tuple":
+            ops = pickle.MARK + ops + pickle.TUPLE
+        elif nesting == "list":
+            ops = pickle.MARK + ops + pickle.LIST
+        else:
+            ops = pickle.MARK + data_ops("key") + ops + pickle.DICT
+    return call_with(outer, ops, position, sentinel)
+
+
+def nestings(position: int) -> tuple[str, ...]:
+    if position == 0:
+        return ("call", "tuple", "list", "dict")
+    return ("call", "deferred")
+
+
+@pytest.fixture(scope="module")
+def slim_pickle(real_checkpoint) -> tuple[dict, bytes]:
+    """A small RecBole-format checkpoint (the real Config, one tensor) whose other_parameter is a marker:
+    the zip's entries, with data.pkl's bytes apart, so that thousands of gadgets load in seconds."""
+    import io
+
+    checkpoint = as_recbole_pth(real_checkpoint)
+    slim = {"config": checkpoint["config"], "state_dict": {"w": torch.ones(2)}, "other_parameter": PLACEHOLDER}
+    buffer = io.BytesIO()
+    torch.save(slim, buffer, pickle_protocol=2)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source:
+        entries = {entry.filename: source.read(entry) for entry in source.infolist()}
+    (name,) = [n for n in entries if n.endswith("/data.pkl")]
+    return entries, name
+
+
+def planted_slim(slim_pickle, ops: bytes, target: Path) -> Path:
+    entries, pickle_name = slim_pickle
+    marker = b"X" + struct.pack("<I", len(PLACEHOLDER)) + PLACEHOLDER.encode()
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
+        for name, data in entries.items():
+            out.writestr(name, data.replace(marker, ops) if name == pickle_name else data)
+    return target
+
+
+def test_generated_gadgets_never_run_code_and_fail_in_one_line(slim_pickle, tmp_path):
+    sentinel = tmp_path / "sentinel"
+    names = sorted(allowed_globals())
+    assert len(names) > 100
+    target = tmp_path / "gadget.pth"
+    loaded = 0
+    for outer in names:
+        for never_called in NEVER_CALLED:
+            for position in range(POSITIONS):
+                for nesting in nestings(position):
+                    ops = gadget(outer, never_called, position, nesting, sentinel)
+                    with pytest.raises(RecboleLLMError) as refused:
+                        load_checkpoint(planted_slim(slim_pickle, ops, target))
+                    assert "\n" not in str(refused.value), (outer, never_called, position, nesting)
+                    assert not sentinel.exists(), f"code ran: {outer} <- {never_called} at {position} ({nesting})"
+                    loaded += 1
+    assert loaded == len(names) * len(NEVER_CALLED) * sum(len(nestings(p)) for p in range(POSITIONS))
+
+
+def test_the_payload_of_the_reported_gadget_cannot_reach_config(slim_pickle, tmp_path):
+    """The reported shape: _rebuild_from_type_v2 nested 64 deep with Config at the bottom; and Config's
+    state, which the allow-list admits, cannot be called through any admitted function."""
+    sentinel = tmp_path / "sentinel"
+    for position in (1, 2, 3):
+        ops = gadget("torch._tensor._rebuild_from_type_v2", "recbole.config.configurator.Config", position,
+                     "deferred", sentinel)
+        with pytest.raises(RecboleLLMError, match="refusing to load .*_rebuild_from_type_v2"):
+            load_checkpoint(planted_slim(slim_pickle, ops, tmp_path / "reported.pth"))
+        assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (["a", "list"], "other_parameter: a list, not a mapping"),
+    ({"note": 1}, None),  # a plain name: allowed (RecBole sets it as an attribute)
+    ({"forward": 1}, "other_parameter entry 'forward'"),  # would replace the model's method
+    ({"__class__": 1}, "other_parameter entry '__class__'"),
+    ({"hook": "CALLABLE"}, "other_parameter entry 'hook'"),
+])
+def test_other_parameter_is_plain_named_data(slim_pickle, tmp_path, value, fragment):
+    ops = data_ops(value)
+    if value == {"hook": "CALLABLE"}:  # an admitted callable as a value, which RecBole would set on the model
+        ops = pickle.MARK + data_ops("hook") + global_ops("collections.OrderedDict") + pickle.DICT
+    crafted = planted_slim(slim_pickle, ops, tmp_path / "other.pth")
+    if fragment is None:
+        assert load_checkpoint(crafted)["other_parameter"] == value
+        return
+    with pytest.raises(RecboleLLMError, match=f"refusing to load .*{fragment}"):
+        load_checkpoint(crafted)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the plugin's own format: no pickle, and damaged files fail in one line
+
+
+def test_the_plugin_saves_checkpoints_without_pickle(real_checkpoint):
+    from safetensors import safe_open
+
+    from recbole_llm.checkpoint_format import FORMAT_KEY, is_pickle_free
+
+    for path in real_checkpoint.parent.glob("*.pth"):  # the best model and the -latest file
+        assert is_pickle_free(path) and not zipfile.is_zipfile(path)
+        with safe_open(str(path), framework="pt") as f:
+            assert FORMAT_KEY in f.metadata() and any(k.startswith("state_dict/") for k in f.keys())
+        assert b"recbole.config.configurator" not in path.read_bytes()
+
+
+def test_old_and_new_formats_load_to_the_same_checkpoint(real_checkpoint, tmp_path):
+    """A RecBole-format (pickle) copy and the plugin's own file: the same weights, config and state."""
+    new = load_checkpoint(real_checkpoint)
+    old_path = real_checkpoint.parent / "as-recbole.pth"
+    torch.save(new, old_path, pickle_protocol=4)  # what RecBole's trainer (and the previous release) write
+    try:
+        old = load_checkpoint(old_path)
+    finally:
+        old_path.unlink()
+    assert old.keys() == new.keys()
+    assert old["config"].__dict__.keys() == new["config"].__dict__.keys()
+    assert old["config"].final_config_dict == new["config"].final_config_dict
+    assert old["config"].model_class is new["config"].model_class
+    assert all(torch.equal(old["state_dict"][k], new["state_dict"][k]) for k in new["state_dict"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "json", "tag", "version", "tensor", "deep", "model_class"])
+def test_a_damaged_pickle_free_checkpoint_fails_in_one_line(real_checkpoint, tmp_path, damage):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from recbole_llm.checkpoint_format import FORMAT_KEY
+
+    from safetensors import safe_open
+
+    with safe_open(str(real_checkpoint), framework="pt") as f:
+        header = json.loads(f.metadata()[FORMAT_KEY])
+    tensors = load_file(str(real_checkpoint))
+    crafted = tmp_path / "damaged.pth"
+    if damage == "truncate":
+        crafted.write_bytes(real_checkpoint.read_bytes()[:5000])
+    else:
+        if damage == "json":
+            text = "{not json"
+        else:
+            if damage == "tag":
+                header["checkpoint"]["epoch"] = {"__eval__": "__import__('os')"}
+            elif damage == "version":
+                header["version"] = 99
+            elif damage == "tensor":
+                header["checkpoint"]["cur_step"] = {"__tensor__": "no/such/tensor"}
+            elif damage == "deep":
+                deep = 0
+                for _ in range(100_000):
+                    deep = [deep]
+                header["checkpoint"]["other_parameter"] = {"x": deep}
+            elif damage == "model_class":
+                header["checkpoint"]["config"]["model_class"] = "os:system"
+            text = json.dumps(header) if damage != "deep" else None
+            if text is None:  # json.dumps itself recurses: build the nesting as text
+                header["checkpoint"]["other_parameter"] = "DEEP"
+                text = json.dumps(header).replace('"DEEP"', '{"x": ' + "[" * 100_000 + "0" + "]" * 100_000 + "}")
+        save_file(tensors, str(crafted), metadata={FORMAT_KEY: text})
+    with pytest.raises(RecboleLLMError, match="is not a RecBole checkpoint|refusing to load") as refused:
+        load_checkpoint(crafted)
+    assert "\n" not in str(refused.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a checkpoint's settings decide nothing about where files are written
+
+
+def test_a_checkpoint_config_cannot_choose_where_evaluate_and_export_write(real_checkpoint, tmp_path):
+    checkpoint = as_recbole_pth(real_checkpoint)
+    elsewhere = tmp_path / "elsewhere"
+    checkpoint["config"].final_config_dict.update(
+        save_dataset=True, save_dataloaders=True, checkpoint_dir=str(elsewhere / "saved"), log_wandb=True)
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    crafted = folder / "crafted.pth"
+    torch.save(checkpoint, crafted)
+    work = tmp_path / "work"
+    work.mkdir()
+    for args in (["evaluate", f"--checkpoint={crafted}"],
+                 ["export", "--checkpoint", str(crafted), "--output", str(tmp_path / "artifact")]):
+        result = subprocess.run([sys.executable, "-m", "recbole_llm", *args], capture_output=True, text=True,
+                                timeout=300, cwd=work, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert not elsewhere.exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["crafted.pth"]  # nothing saved beside it either
+    assert not (work / "saved").exists()
+    loaded = load_checkpoint(crafted)
+    assert not loaded["config"]["save_dataset"] and not loaded["config"]["save_dataloaders"]
+    # named on the command line, the user's own folder is used
+    from recbole_llm.checkpoint import config_overrides
+
+    with config_overrides({"checkpoint_dir": str(tmp_path / "mine")}):
+        assert load_checkpoint(crafted)["config"]["checkpoint_dir"] == str(tmp_path / "mine")

@@ -71,19 +71,17 @@ def test_killed_run_resumes_to_the_same_results(data_root, tmp_path, uninterrupt
 
 
 KILL_DURING_SAVE = """
-import os, signal, sys, torch
+import os, signal, sys
 import recbole_llm
 from recbole_llm.checkpoint import load_checkpoint
-from recbole_llm.trainer import atomic_torch_save
+from recbole_llm.checkpoint_format import atomic_save
 
 state = load_checkpoint(sys.argv[1])
 state["epoch"] = 99
-real_save = torch.save
-def save_then_die(obj, f, *args, **kwargs):
-    real_save({"epoch": 99}, f, *args, **kwargs)  # some bytes are on disk ...
-    os.kill(os.getpid(), signal.SIGKILL)           # ... when the process dies
-torch.save = save_then_die
-atomic_torch_save(state, sys.argv[1])
+def die(fd):  # the bytes are written, not yet on disk for sure, when the process dies
+    os.kill(os.getpid(), signal.SIGKILL)
+os.fsync = die
+atomic_save(state, sys.argv[1])
 """
 
 

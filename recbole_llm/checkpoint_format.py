@@ -1,0 +1,243 @@
+"""The plugin's checkpoint format: one safetensors file, no pickle anywhere in it.
+
+RecBole's trainer ``torch.save``\\ s a dict holding a pickled ``Config`` (``{"config", "epoch", "cur_step",
+"best_valid_score", "state_dict", "other_parameter", "optimizer"}``); reading such a file means running a
+pickle, which only an allow-list makes safe. The plugin's trainer writes the same dict as data instead:
+
+- every tensor, wherever it sits in the dict (weights, optimizer moments, random-number states), is a
+  tensor of a `safetensors <https://huggingface.co/docs/safetensors>`_ file, named by its place
+  (``state_dict/item_embedding.weight``, ``optimizer/state/0/exp_avg``);
+- everything else, the ``Config`` included, is JSON in the file's header metadata (key
+  :data:`FORMAT_KEY`), with tagged values for what JSON lacks (tuples, devices, RecBole's enums).
+
+Reading one never unpickles: safetensors parses the header and tensors, ``json`` the rest, and the
+``Config`` is rebuilt from its state with ``object.__new__`` (its constructor, which evaluates strings, is
+never called). The file keeps RecBole's ``.pth`` name, so it goes wherever RecBole expects a checkpoint
+path: ``load_data_and_model``, ``resume_from``, ``Trainer.evaluate`` (:mod:`recbole_llm.checkpoint` routes
+RecBole's ``torch.load`` here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import struct
+from typing import Any
+
+from recbole_llm.errors import RecboleLLMError
+
+FORMAT_KEY = "recbole_llm.checkpoint"  # the safetensors metadata key holding the JSON
+FORMAT_VERSION = 1
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on a header
+
+
+def is_pickle_free(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (a regular file) starts like a safetensors file: an 8-byte length, then ``{``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 2 <= length <= _HEADER_LIMIT and head[8:9] == b"{"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# values <-> JSON
+
+
+def _enum_classes() -> dict[str, type]:
+    from recbole.utils import enum_type
+
+    return {cls.__name__: cls for cls in (enum_type.ModelType, enum_type.InputType, enum_type.EvaluatorType,
+                                          enum_type.FeatureType, enum_type.FeatureSource)}
+
+
+class _Encoder:
+    """A checkpoint dict as JSON-able data plus a flat ``{name: tensor}`` for safetensors."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.tensors: dict[str, Any] = {}
+        self.storages: set[tuple[int, int]] = set()
+        self.enums = {cls: name for name, cls in _enum_classes().items()}
+
+    def tensor(self, value: Any, place: str) -> dict:
+        name = place or "tensor"
+        while name in self.tensors:  # names come from keys, which may repeat once joined
+            name += "_"
+        tensor = value.detach().to("cpu").contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and key in self.storages:  # safetensors refuses tensors sharing memory
+            tensor = tensor.clone()
+        self.storages.add(key)
+        self.tensors[name] = tensor
+        return {"__tensor__": name}
+
+    def encode(self, value: Any, place: str = "") -> Any:
+        torch = self.torch
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value, place)
+        if isinstance(value, torch.device):
+            return {"__device__": str(value)}
+        if isinstance(value, torch.dtype):
+            return {"__dtype__": str(value).removeprefix("torch.")}
+        if type(value) in self.enums:
+            return {"__enum__": self.enums[type(value)], "value": value.value}
+        if hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+            return value.item()  # a numpy scalar
+        if isinstance(value, tuple):
+            return {"__tuple__": [self.encode(v, f"{place}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [self.encode(v, f"{place}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in value):
+                return {k: self.encode(v, f"{place}/{k}".lstrip("/")) for k, v in value.items()}
+            return {"__items__": [[self.encode(k, place), self.encode(v, f"{place}/{k}".lstrip("/"))]
+                                  for k, v in value.items()]}
+        raise RecboleLLMError(
+            f"cannot save a checkpoint holding a {type(value).__name__} at '{place or '/'}': the plugin's "
+            "checkpoints hold tensors, numbers, strings, lists and dicts; keep other values out of the config"
+        )
+
+
+def _decode(value: Any, tensors: dict[str, Any], used: set[str]) -> Any:
+    """The inverse of :meth:`_Encoder.encode`; any tag it does not know is refused."""
+    import torch
+
+    if isinstance(value, list):
+        return [_decode(v, tensors, used) for v in value]
+    if not isinstance(value, dict):
+        return value
+    tags = [key for key in value if key.startswith("__")]
+    if not tags:
+        return {k: _decode(v, tensors, used) for k, v in value.items()}
+    tag = tags[0]
+    if tag == "__tensor__" and isinstance(value[tag], str) and value[tag] in tensors:
+        used.add(value[tag])
+        return tensors[value[tag]]
+    if tag == "__tuple__" and isinstance(value[tag], list):
+        return tuple(_decode(v, tensors, used) for v in value[tag])
+    if tag == "__items__" and isinstance(value[tag], list) and all(
+            isinstance(pair, list) and len(pair) == 2 for pair in value[tag]):
+        return {_decode(k, tensors, used): _decode(v, tensors, used) for k, v in value[tag]}
+    if tag == "__device__" and isinstance(value[tag], str):
+        return torch.device(value[tag])
+    if tag == "__dtype__" and isinstance(getattr(torch, str(value[tag]), None), torch.dtype):
+        return getattr(torch, value[tag])
+    if tag == "__enum__":
+        cls = _enum_classes().get(value[tag])
+        if cls is not None and value.get("value") in cls._value2member_map_:
+            return cls._value2member_map_[value["value"]]
+    raise ValueError(f"unknown or malformed value {tag}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Config
+
+
+_NOT_STATE = ("yaml_loader", "model_class")  # classes: rebuilt, not stored
+
+
+def encode_config(config: Any, encoder: _Encoder) -> dict:
+    """A RecBole ``Config`` as data: its attributes, and its model class by module and name."""
+    model_class = config.__dict__.get("model_class")
+    state = {k: v for k, v in config.__dict__.items() if k not in _NOT_STATE}
+    return {"__config__": encoder.encode(state, "config"),
+            "model_class": f"{model_class.__module__}:{model_class.__qualname__}" if model_class else None}
+
+
+def decode_config(data: Any, tensors: dict, used: set) -> Any:
+    """A ``Config`` rebuilt from :func:`encode_config`'s data without calling its constructor."""
+    import yaml
+    from recbole.config.configurator import Config
+
+    from recbole_llm.checkpoint import _recommender_class
+
+    if not isinstance(data, dict) or not isinstance(data.get("__config__"), dict):
+        raise ValueError("config is not a Config's state")
+    state = _decode(data["__config__"], tensors, used)
+    model_class = None
+    if data.get("model_class") is not None:
+        module, _, name = str(data["model_class"]).partition(":")
+        model_class = _recommender_class(module, name)
+        if model_class is None:
+            raise ValueError(f"model class {data['model_class']!r:.80} is not a RecBole or plugin model")
+    config = object.__new__(Config)
+    config.__dict__.update(state)
+    config.__dict__.update(yaml_loader=yaml.FullLoader, model_class=model_class)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files
+
+
+def to_bytes(state: dict) -> bytes:
+    """``state`` (a trainer's checkpoint dict, ``config`` a RecBole ``Config``) as safetensors bytes."""
+    from safetensors.torch import save
+
+    encoder = _Encoder()
+    data = {key: encode_config(value, encoder) if key == "config" else encoder.encode(value, key)
+            for key, value in state.items()}
+    metadata = {FORMAT_KEY: json.dumps({"version": FORMAT_VERSION, "checkpoint": data})}
+    return save(encoder.tensors, metadata=metadata)
+
+
+def atomic_save(state: dict, path: str | os.PathLike) -> None:
+    """Write ``state`` to a temporary file beside ``path``, then rename: ``path`` is always a whole checkpoint.
+
+    Raises RecboleLLMError (one line) when the file cannot be written, e.g. a full disk; whatever fails,
+    Ctrl-C included, the temporary file is removed and the previous checkpoint, if any, is unchanged.
+    """
+    path = os.fspath(path)
+    partial = f"{path}.partial"
+    blob = to_bytes(state)
+    try:
+        with open(partial, "wb") as f:  # a full disk surfaces as OSError(ENOSPC), here or at fsync
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        if not isinstance(error, OSError):
+            raise
+        reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
+        raise RecboleLLMError(
+            f"could not write checkpoint '{path}': {reason}; free space or set checkpoint_dir to "
+            "another folder (the previous checkpoint, if any, is unchanged)"
+        ) from None
+
+
+def load(path: str | os.PathLike, map_location: Any = None) -> dict:
+    """A checkpoint written by :func:`atomic_save`, with tensors on ``map_location`` (a device or its name;
+    anything else: the CPU). Raises ValueError for a file that is not one (the caller words the error)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if FORMAT_KEY not in metadata:
+        raise ValueError("a safetensors file without a recbole_llm checkpoint header")
+    header = json.loads(metadata[FORMAT_KEY])
+    if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION \
+            or not isinstance(header.get("checkpoint"), dict):
+        raise ValueError(f"checkpoint format version {header.get('version') if isinstance(header, dict) else '?'}"
+                         f" is not {FORMAT_VERSION}")
+    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+    tensors = load_file(path, device=str(device))
+    used: set[str] = set()
+    checkpoint = {key: decode_config(value, tensors, used) if key == "config" else _decode(value, tensors, used)
+                  for key, value in header["checkpoint"].items()}
+    if set(tensors) - used:
+        raise ValueError(f"tensors no field refers to: {sorted(set(tensors) - used)[:3]}")
+    return checkpoint
