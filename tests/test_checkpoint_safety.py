@@ -500,3 +500,23 @@ def test_a_checkpoint_config_cannot_choose_where_evaluate_and_export_write(real_
 
     with config_overrides({"checkpoint_dir": str(tmp_path / "mine")}):
         assert load_checkpoint(crafted)["config"]["checkpoint_dir"] == str(tmp_path / "mine")
+
+
+def test_a_checkpoint_saved_by_the_previous_release_loads_and_exports_with_identical_scores(real_checkpoint, tmp_path):
+    """The previous release's trainer wrote ``torch.save(state, f, pickle_protocol=4)``: such a file still
+    loads (through the allow-list) and exports to an artifact that answers exactly as the new format's."""
+    import json
+
+    from recbole_llm.export import ExportOptions, export_checkpoint
+    from recbole_llm.runtime import Recommender
+
+    previous = tmp_path / "previous.pth"
+    torch.save(as_recbole_pth(real_checkpoint), previous, pickle_protocol=4)
+    assert zipfile.is_zipfile(previous)
+    answers = []
+    for name, checkpoint in (("previous", previous), ("current", real_checkpoint)):
+        artifact = export_checkpoint(str(checkpoint), tmp_path / name, ExportOptions(top_k=20)).path
+        tokens = json.loads((artifact / "metadata.json").read_text())["item_tokens"][1:]
+        histories = [tokens[i:i + 7] for i in range(0, 140, 7)]
+        answers.append([(r.items, r.scores) for r in Recommender(artifact).recommend(histories, k=20)])
+    assert answers[0] == answers[1]
