@@ -277,12 +277,27 @@ def _models() -> int:
     return 0
 
 
+# What an interrupted command leaves, for the one line Ctrl-C prints (serve handles SIGINT itself: it drains).
+INTERRUPTED = {
+    "run": "checkpoints saved before it stay in checkpoint_dir (continue with --resume_from=CHECKPOINT)",
+    "evaluate": "nothing was written",
+    "export": "no artifact was written (the output folder is as it was)",
+    "add-items": "the artifact is as it was",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
     except BrokenPipeError:  # `recbole-llm models | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever RecBole or torch was
+        command = argv[0] if argv else ""
+        left = INTERRUPTED.get(command, "nothing was written")
+        print(f"\nrecbole-llm: interrupted; {left}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

@@ -163,3 +163,64 @@ def test_help_and_argument_errors_import_nothing_heavy():
     run = subprocess.run([sys.executable, "-c", LIGHT_COMMAND_LINE.format(cases=repr(cases))],
                          capture_output=True, text=True, timeout=120)
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout[-2000:] + run.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def _interrupt(args: list[str], ready, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Start ``recbole-llm ARGS``, send SIGINT (what Ctrl-C sends) once ``ready(output so far)`` holds."""
+    import signal
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([sys.executable, "-m", "recbole_llm", *args], stdout=out, stderr=err,
+                                   stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            out.seek(0)
+            err.seek(0)
+            if ready(out.read() + err.read()):
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "finished before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(args, process.returncode, out.read(), err.read())
+
+
+def assert_interrupted(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("recbole-llm:")]
+    assert len(lines) == 1 and lines[0].startswith("recbole-llm: interrupted; ") and fragment in lines[0], lines
+
+
+def test_ctrl_c_during_run_export_and_evaluate_is_one_line(data_root, tmp_path):
+    common = ["--model=BERTRec", "--dataset=ml-tiny", *slice_args(data_root), "--pretrained_model_name_or_path=None",
+              "--n_layers=1", "--hidden_size=32", "--inner_size=64", "--MAX_ITEM_LIST_LENGTH=10",
+              f"--checkpoint_dir={tmp_path / 'saved'}"]
+    # training: interrupted after its first epoch's checkpoint is written
+    result = _interrupt(["run", *common, "--epochs=500"], lambda log: "Saving current" in log)
+    assert_interrupted(result, "checkpoints saved before it stay in checkpoint_dir")
+    checkpoint = best_checkpoint(tmp_path / "saved", "BERTRec-*.pth")
+    assert [p.name for p in (tmp_path / "saved").iterdir() if p.name.endswith(".partial")] == []
+
+    # export: interrupted while its staging folder exists; nothing is left beside the output
+    staging = lambda _: any(p.name.startswith(".art.partial-") for p in tmp_path.iterdir())  # noqa: E731
+    result = _interrupt(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "art")], staging)
+    assert_interrupted(result, "no artifact was written")
+    assert not (tmp_path / "art").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # evaluate: interrupted a second after it started, while it loads torch, RecBole and the data (a signal
+    # before Python installs its handler would kill it like any program)
+    import time
+
+    started = time.monotonic()
+    result = _interrupt(["evaluate", f"--checkpoint={checkpoint}"], lambda _: time.monotonic() - started > 1.0)
+    assert_interrupted(result, "nothing was written")
