@@ -57,3 +57,48 @@ def test_a_planted_history_item_is_named_first(planted_artifact):
         assert contributions[0].effect > 0 and len(contributions) == len(history)
         explained += 1
     assert explained == 5
+
+
+def expected_repeat_rate(folder: Path, window: int) -> float:
+    """From the atomic file: the share of training next items (RecBole's leave-one-out keeps each user's last
+    two for validation and test) already among the `window` items before them."""
+    events: dict[str, list[tuple[float, str]]] = {}
+    for line in (folder / "ml-plant" / "ml-plant.inter").read_text().splitlines()[1:]:
+        user, item, time = line.split("\t")
+        events.setdefault(user, []).append((float(time), item))
+    repeats = total = 0
+    for history in events.values():
+        items = [item for _, item in sorted(history)]
+        for t in range(1, len(items) - 2):
+            total += 1
+            repeats += items[t] in items[max(0, t - window) : t]
+    return repeats / total
+
+
+def test_export_records_the_training_datas_repeat_rate_and_serving_follows_it(planted_artifact, tmp_path):
+    """The planted data draws items from 60 with replacement, so users come back to items: export records
+    the repeat rate RecBole's evaluator sees, the served exclude_seen defaults to false, and the service says
+    so in one line at start."""
+    import json
+
+    from test_hostile_serving import LoggedService
+
+    from recbole_llm.export.artifact import REPEAT_RATE_THRESHOLD
+
+    metadata = json.loads((Path(planted_artifact) / "metadata.json").read_text())
+    write_planted(tmp_path / "data")
+    want = expected_repeat_rate(tmp_path / "data", 10)
+    assert abs(metadata["repeat_rate"] - want) < 1e-6 and want > REPEAT_RATE_THRESHOLD, (metadata["repeat_rate"], want)
+    assert metadata["exclude_seen"] is False
+    recommender = Recommender(planted_artifact)
+    history = [str(i) for i in range(1, 11)]
+    assert recommender.recommend([history], k=20) == recommender.recommend([history], k=20, exclude_seen=False)
+    service = LoggedService(planted_artifact)
+    try:
+        status, body = service.recommend({"histories": [history], "k": 20})
+        assert status == 200 and body["recommendations"][0]["items"] == recommender.recommend([history], k=20)[0].items
+        assert service.get("/metadata")[1]["service"]["exclude_seen_default"] is False
+        assert service.wait_for_log("of next items in the training data were already in the user's history: "
+                                    "exclude_seen defaults to false"), service.log
+    finally:
+        service.close()

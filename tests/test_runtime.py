@@ -250,3 +250,80 @@ def test_partial_sort_gives_the_full_sorts_answer_ties_included(n_items):
         items, top = artifact.top_k(scores, k, exclude)
         assert (items == np.argsort(-masked, axis=1, kind="stable")[:, :k]).all()
         assert np.array_equal(top, np.take_along_axis(masked, items, axis=1))
+
+
+# ------------------------------------------------------------------------------------------------------
+# explanations in bounded chunks; the served exclude_seen default (issue 33)
+
+
+class CountingSession:
+    """The real ONNX Runtime session, each call's row count noted (a spy: every call still runs)."""
+
+    def __init__(self, session):
+        self.session, self.rows = session, []
+
+    def run(self, names, feeds, *args):
+        self.rows.append(len(feeds[artifact.ITEM_SEQ]))
+        return self.session.run(names, feeds, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_explanations_run_in_bounded_chunks_and_answer_as_one_call_would(tmp_path, monkeypatch):
+    """Every history and its leave-one-out variants are scored at most EXPLAIN_CHUNK_ROWS (and
+    EXPLAIN_CHUNK_SCORES / items) rows a call; the answers are the same whatever the chunk size."""
+    import recbole_llm.runtime as runtime
+
+    table = item_table(seed=3)
+    recommender = Recommender(write_tiny_artifact(tmp_path / "a", None, table))
+    histories = [["item-1", "item-2", "item-3"], ["item-4"], ["item-5", "item-6"], ["item-7", "item-8", "item-1"]] * 5
+    whole = recommender.recommend(histories, k=4, explain=True)
+    encoded = recommender.encode(histories)
+    rows = sum(int(n) + 1 if n > 1 else 1 for n in encoded.item_length)  # each history, and it less each item
+    assert Recommender.explain_cost(encoded, [4] * len(histories), [True] * len(histories)) == \
+        sum((int(n) + 1) * 4 for n in encoded.item_length)
+    for per_call, scores in ((1, 1 << 22), (7, 1 << 22), (256, 3 * N_ITEMS)):
+        monkeypatch.setattr(runtime, "EXPLAIN_CHUNK_ROWS", per_call)
+        monkeypatch.setattr(runtime, "EXPLAIN_CHUNK_SCORES", scores)
+        spy = recommender.session = CountingSession(recommender.session.session
+                                                    if isinstance(recommender.session, CountingSession)
+                                                    else recommender.session)
+        chunked = recommender.recommend(histories, k=4, explain=True)
+        explain_calls = spy.rows[1:]  # the first call ranks
+        assert sum(explain_calls) == rows and max(explain_calls) == min(per_call, scores // N_ITEMS), spy.rows
+        for got, want in zip(chunked, whole):
+            assert got.items == want.items
+            for a, b in zip(got.explanations, want.explanations):
+                assert [c.item for c in a] == [c.item for c in b]
+                assert all(abs(x.effect - y.effect) < 1e-5 for x, y in zip(a, b) if y.effect is not None)
+
+
+def test_the_served_exclude_seen_default_follows_the_artifact(tmp_path):
+    """metadata.json's exclude_seen (export sets it from the training data's repeat_rate) is what a call
+    without exclude_seen gets; a one-line notice says where offline and served answers treat repeats apart."""
+    from recbole_llm.serve import repeat_notice
+
+    history = [["item-1", "item-2", "item-3"]]
+    table = item_table(seed=5)
+    repeats = Recommender(write_tiny_artifact(tmp_path / "r", None, table, repeat_rate=0.4, exclude_seen=False))
+    assert repeats.exclude_seen is False
+    assert repeats.recommend(history, k=8) == repeats.recommend(history, k=8, exclude_seen=False)
+    assert repeats.recommend(history, k=8) != repeats.recommend(history, k=8, exclude_seen=True)
+    assert repeat_notice(repeats).startswith("40.0% of next items in the training data were already in the user's "
+                                             "history: exclude_seen defaults to false")
+    few = Recommender(write_tiny_artifact(tmp_path / "f", None, table, repeat_rate=0.01, exclude_seen=True))
+    assert few.recommend(history, k=8) == few.recommend(history, k=8, exclude_seen=True)
+    assert "exclude_seen defaults to true, so answers drop items RecBole's evaluator counted as hits" in \
+        repeat_notice(few)
+    none = Recommender(write_tiny_artifact(tmp_path / "n", None, table, repeat_rate=0.0, exclude_seen=True))
+    unknown = Recommender(write_tiny_artifact(tmp_path / "u", None, table))  # no repeat_rate: drop seen items
+    assert repeat_notice(none) is None and repeat_notice(unknown) is None and unknown.exclude_seen is True
+    assert artifact.served_exclude_seen(0.049) and not artifact.served_exclude_seen(0.05)
+    assert artifact.served_exclude_seen(None)
+    with pytest.raises(RecboleLLMError, match="exclude_seen must be True, False or None"):
+        repeats.recommend(history, k=3, exclude_seen="no")
+    for change, words in (({"repeat_rate": 1.5}, "repeat_rate must be null or a number from 0 to 1"),
+                          ({"exclude_seen": "false"}, "exclude_seen must be true or false")):
+        with pytest.raises(artifact.ArtifactError, match=words):
+            artifact.check_metadata({**repeats.metadata, **change}, "metadata.json")

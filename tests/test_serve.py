@@ -182,6 +182,35 @@ def test_explanations_over_http_are_the_runtimes(service, artifact):
     assert status == 200 and "explanations" not in body["recommendations"][0]  # only when asked for
 
 
+def test_the_explain_limit_counts_what_a_request_costs_and_names_how_to_raise_it(artifact):
+    """--max-explained bounds (items the model reads + 1) x k per history: a request at the limit is answered
+    (as the runtime answers it), one history more is 413 before the model runs, and explained requests run
+    alone while plain ones keep being answered."""
+    recommender = Recommender(artifact)
+    window = recommender.tokens[1 : 1 + recommender.max_length]  # a full window: max_length + 1 rows
+    cost = (recommender.max_length + 1) * 10
+    limited = Service(artifact, "--max-explained", str(2 * cost))
+    try:
+        status, body = limited.recommend({"histories": [window, window[::-1]], "k": 10, "explain": True})
+        assert status == 200, body
+        for got, want in zip(body["recommendations"], recommender.recommend([window, window[::-1]], k=10, explain=True)):
+            assert got["items"] == want.items
+            assert [[c["item"] for c in e] for e in got["explanations"]] == [[c.item for c in e] for e in want.explanations]
+        calls = limited.get("/metadata")[1]["model_calls"]
+        status, body = limited.recommend({"histories": [window] * 3, "k": 10, "explain": True})
+        assert status == 413 and body["error"] == (
+            f"explaining this request costs {3 * cost} (for each history, (items the model reads + 1) x k=10: the "
+            f"model rows it adds times the items explained); the limit is {2 * cost}: send fewer or shorter histories "
+            "or a smaller k, or start the service with a larger --max-explained")
+        status, body = limited.recommend({"histories": [window[:3]] * 3, "k": 10, "explain": True})  # shorter: fits
+        assert status == 200, body
+        metadata = limited.get("/metadata")[1]
+        assert metadata["model_calls"] == calls + 1 and metadata["service"]["max_explained"] == 2 * cost
+        assert metadata["service"]["exclude_seen_default"] is True and metadata["repeat_rate"] == 0.0
+    finally:
+        limited.close()
+
+
 def test_unknown_tokens_under_the_strict_policy_are_refused(artifact):
     strict = Service(artifact, "--unknown-tokens", "error")
     try:
