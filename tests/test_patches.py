@@ -117,17 +117,23 @@ def saved_bert(data_root, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def reads(monkeypatch):
-    """Unpicklings of each checkpoint file, counted where they happen: torch's own load."""
+    """Reads of each checkpoint file, counted where they happen: torch's own load (RecBole's .pth) and the
+    pickle-free format's (the plugin trainer's files)."""
+    from recbole_llm import checkpoint_format
+
     counted: dict[str, int] = {}
-    real_load = torch.serialization.load
 
-    def load(f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)):
-            key = os.path.realpath(f)
-            counted[key] = counted.get(key, 0) + 1
-        return real_load(f, *args, **kwargs)
+    def counting(real):
+        def load(f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)):
+                key = os.path.realpath(f)
+                counted[key] = counted.get(key, 0) + 1
+            return real(f, *args, **kwargs)
 
-    monkeypatch.setattr(torch.serialization, "load", load)
+        return load
+
+    monkeypatch.setattr(torch.serialization, "load", counting(torch.serialization.load))
+    monkeypatch.setattr(checkpoint_format, "load", counting(checkpoint_format.load))
     return lambda path: counted.get(os.path.realpath(path), 0)
 
 
