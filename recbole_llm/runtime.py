@@ -398,13 +398,18 @@ class Recommender:
         return answers
 
     @staticmethod
-    def explain_cost(encoded: Encoded, ks: Sequence[int], explain: Sequence[bool]) -> int:
-        """What explaining costs, in the unit the service limits (``--max-explained``): for each explained
-        history, (items the model reads + 1) x k. The +1 and the items are the model rows it adds (the
-        history, then the history without each of its items); x k bounds the answer's entries as well (k
-        recommended items, each with one effect per item read)."""
-        return sum((int(length) + 1) * int(k)
-                   for length, k, wanted in zip(encoded.item_length, ks, explain) if wanted)
+    def explain_rows(encoded: Encoded, explain: Sequence[bool]) -> int:
+        """The model rows explaining costs: each explained history, and it once without each item the model
+        reads (items read + 1; a one-item history has nothing to leave out: 1). What the service limits
+        (``--max-explained``): the model's time and memory grow with it."""
+        return sum(int(length) + 1 if length > 1 else 1 for length, wanted in zip(encoded.item_length, explain)
+                   if wanted)
+
+    @staticmethod
+    def explain_effects(encoded: Encoded, ks: Sequence[int], explain: Sequence[bool]) -> int:
+        """The effects an explained answer reports: k recommended items x the items the model reads, per
+        history; the answer's size grows with it."""
+        return sum(int(length) * int(k) for length, k, wanted in zip(encoded.item_length, ks, explain) if wanted)
 
     def _explain(self, encoded: Encoded, answers: list[Recommendation], explain: Sequence[bool]) -> None:
         """Leave-one-out effects: every history, and it with each of its window's items removed, scored in

@@ -17,7 +17,8 @@ FastAPI on uvicorn (``pip install "recbole_llm[serve]"``); the model runs in ``r
 and checked by hand rather than by a pydantic model, so that every refusal is one line naming the problem:
 400 for a body that is not JSON (or not UTF-8, or nested deeper than any request is), 408 for a body that
 does not arrive within ``body_timeout``, 413 for a body, batch or history over the limits or an explained
-request costing more than ``max_explained`` (for each history, (items the model reads + 1) x k), 422 for
+request costing more than ``max_explained`` model rows (each history, and it without each item read) or
+``EFFECTS_PER_ROW`` times as many effects in its answer (k x items read, per history), 422 for
 well-formed JSON with a wrong field, type or value (an integer of more than 20 digits, a string with a lone
 surrogate). A refused request never reaches the model.
 
@@ -53,6 +54,8 @@ from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender, va
 FIELDS = {"histories", "k", "exclude_seen", "explain"}
 MAX_DEPTH = 8  # arrays and objects nested in a body; a request nests 3: {"histories": [["242", ...]]}
 MAX_INT_DIGITS = 20  # an integer item token or k: 64-bit ids fit, longer ones are sent as strings
+EFFECTS_PER_ROW = 100  # effects an explained answer may report per model row --max-explained allows (k <= 100
+# on average over the items read): the answer's size, bounded by the same flag
 log = logging.getLogger("uvicorn.error")  # uvicorn formats it: one line per event
 
 
@@ -61,11 +64,11 @@ class Limits:
     max_body_bytes: int = 1 << 20  # 1 MiB
     max_batch: int = 256  # histories per request, and per ONNX Runtime call
     max_history: int = 10_000  # tokens per history (only the model's max_length most recent are used)
-    # what one explained request may cost: for each history, (items the model reads + 1) x k
-    # (Recommender.explain_cost): the model rows it adds (the history, then it without each item) times the k
-    # recommended items each effect is reported for. benchmarks/explain_bound.py measures the worst request
-    # within it; unbounded, one request held the service for two minutes and 15 GB
-    max_explained: int = 1000
+    # model rows one explained request may cost (Recommender.explain_rows): each history, and it once without
+    # each item the model reads; and, per row allowed, EFFECTS_PER_ROW effects in its answer (k x items read,
+    # per history). benchmarks/explain_bound.py measures the worst request within it; unbounded, one request
+    # held the service for two minutes and 15 GB
+    max_explained: int = 256
     max_new_items: int = 1000  # items one POST /items may add (each runs through the text tower)
     body_timeout: float = 10.0  # seconds for a request's head, and its body, to arrive; and to take some answer
     keep_alive_timeout: float = 5.0  # seconds an idle connection stays open
@@ -214,12 +217,18 @@ def parse_request(body: bytes, recommender: Recommender, limits: Limits) -> Job:
     rows = len(histories)
     job = Job(encoded, [k] * rows, [exclude_seen] * rows, [explain] * rows)
     if explain:  # what the model and the answer will really cost, counted before any of it is spent
-        cost = recommender.explain_cost(encoded, job.ks, job.explain)
-        if cost > limits.max_explained:
-            raise RequestError(413, f"explaining this request costs {cost} (for each history, (items the model reads "
-                                    f"+ 1) x k={k}: the model rows it adds times the items explained); the limit is "
-                                    f"{limits.max_explained}: send fewer or shorter histories or a smaller k, or start "
-                                    f"the service with a larger --max-explained")
+        rows = recommender.explain_rows(encoded, job.explain)
+        if rows > limits.max_explained:
+            raise RequestError(413, f"explaining this request costs {rows} model rows (each history, and it once "
+                                    f"without each item the model reads); the limit is {limits.max_explained}: send "
+                                    "fewer or shorter histories, or start the service with a larger --max-explained")
+        effects = recommender.explain_effects(encoded, job.ks, job.explain)
+        if effects > EFFECTS_PER_ROW * limits.max_explained:
+            raise RequestError(413, f"explaining this request reports {effects} effects (k={k} recommended items x "
+                                    f"the items the model reads, per history); the limit is "
+                                    f"{EFFECTS_PER_ROW * limits.max_explained} ({EFFECTS_PER_ROW} x --max-explained): "
+                                    "ask for a smaller k or fewer histories, or start the service with a larger "
+                                    "--max-explained")
     return job
 
 

@@ -281,8 +281,10 @@ def test_explanations_run_in_bounded_chunks_and_answer_as_one_call_would(tmp_pat
     whole = recommender.recommend(histories, k=4, explain=True)
     encoded = recommender.encode(histories)
     rows = sum(int(n) + 1 if n > 1 else 1 for n in encoded.item_length)  # each history, and it less each item
-    assert Recommender.explain_cost(encoded, [4] * len(histories), [True] * len(histories)) == \
-        sum((int(n) + 1) * 4 for n in encoded.item_length)
+    assert Recommender.explain_rows(encoded, [True] * len(histories)) == rows
+    assert Recommender.explain_rows(encoded, [True, False] * 10) == 5 * (4 + 3)  # histories 0 and 2 of each four
+    assert Recommender.explain_effects(encoded, [4] * len(histories), [True] * len(histories)) == \
+        4 * int(encoded.item_length.sum())
     for per_call, scores in ((1, 1 << 22), (7, 1 << 22), (256, 3 * N_ITEMS)):
         monkeypatch.setattr(runtime, "EXPLAIN_CHUNK_ROWS", per_call)
         monkeypatch.setattr(runtime, "EXPLAIN_CHUNK_SCORES", scores)

@@ -20,7 +20,8 @@ import pytest
 from recbole_llm.runtime import Recommender
 
 pytest.importorskip("fastapi")  # the [serve] extra; [test] installs it
-LIMITS = ["--max-batch", "8", "--max-history", "100", "--max-body-bytes", "4096"]
+# --max-explained: the runtime's default (Limits), given explicitly while the CLI's own default is 1000
+LIMITS = ["--max-batch", "8", "--max-history", "100", "--max-body-bytes", "4096", "--max-explained", "256"]
 
 
 @pytest.fixture(scope="module")
@@ -134,16 +135,14 @@ BAD_REQUESTS = [
     ({"histories": [["1"]], "k": 100000}, 422, "k=100000 is out of range"),
     ({"histories": [["1"]], "exclude_seen": "yes"}, 422, "'exclude_seen' must be true or false"),
     ({"histories": [["1"]], "explain": 1}, 422, "'explain' must be true or false"),
-    # the explain limit counts what a request costs: (items the model reads + 1) x k per history; 8 full
-    # windows (12 items) at k=10 cost 8 x 13 x 10 = 1040, over the default 1000, though only 80 items are explained
-    ({"histories": [[str(i) for i in range(1, 13)]] * 8, "k": 10, "explain": True}, 413,
-     "explaining this request costs 1040 (for each history, (items the model reads + 1) x k=10"),
-    ({"histories": [[str(i) for i in range(1, 40)]] * 8, "k": 10, "explain": True}, 413,
-     "costs 1040 (for each history"),  # items beyond the model's window cost nothing
-    ({"histories": [["1"]] * 8, "k": 200, "explain": True}, 413,
-     "costs 3200 (for each history, (items the model reads + 1) x k=200: the model rows it adds times the items "
-     "explained); the limit is 1000: send fewer or shorter histories or a smaller k, or start the service with a "
-     "larger --max-explained"),
+    # the explain limit counts what a request costs: the effects its answer reports (k x items read, per
+    # history) at most 100 x --max-explained (256): 8 full windows (12 items) at k=300 report 28,800
+    ({"histories": [[str(i) for i in range(1, 13)]] * 8, "k": 300, "explain": True}, 413,
+     "explaining this request reports 28800 effects (k=300 recommended items x the items the model reads, per "
+     "history); the limit is 25600 (100 x --max-explained): ask for a smaller k or fewer histories, or start the "
+     "service with a larger --max-explained"),
+    ({"histories": [[str(i) for i in range(1, 40)]] * 8, "k": 300, "explain": True}, 413,
+     "reports 28800 effects"),  # items beyond the model's window cost nothing
     ({"histories": [["1"]] * 9}, 413, "9 histories in one request; the limit is 8"),
     ({"histories": [["1"] * 101]}, 413, "history 0 has 101 items; the limit is 100"),
     (b'{"histories": [["1"]], "pad": "' + b"x" * 5000 + b'"}', 413, "the limit is 4096"),
@@ -183,29 +182,29 @@ def test_explanations_over_http_are_the_runtimes(service, artifact):
 
 
 def test_the_explain_limit_counts_what_a_request_costs_and_names_how_to_raise_it(artifact):
-    """--max-explained bounds (items the model reads + 1) x k per history: a request at the limit is answered
-    (as the runtime answers it), one history more is 413 before the model runs, and explained requests run
-    alone while plain ones keep being answered."""
+    """--max-explained bounds the model rows an explained request costs (each history, and it once without
+    each item the model reads): a request at the limit is answered (as the runtime answers it), one history
+    more is 413 before the model runs; the old count (histories x k) let such requests through."""
     recommender = Recommender(artifact)
     window = recommender.tokens[1 : 1 + recommender.max_length]  # a full window: max_length + 1 rows
-    cost = (recommender.max_length + 1) * 10
-    limited = Service(artifact, "--max-explained", str(2 * cost))
+    rows = recommender.max_length + 1
+    limited = Service(artifact, "--max-explained", str(2 * rows))
     try:
-        status, body = limited.recommend({"histories": [window, window[::-1]], "k": 10, "explain": True})
+        status, body = limited.recommend({"histories": [window, window[::-1]], "k": 2, "explain": True})
         assert status == 200, body
-        for got, want in zip(body["recommendations"], recommender.recommend([window, window[::-1]], k=10, explain=True)):
+        for got, want in zip(body["recommendations"], recommender.recommend([window, window[::-1]], k=2, explain=True)):
             assert got["items"] == want.items
             assert [[c["item"] for c in e] for e in got["explanations"]] == [[c.item for c in e] for e in want.explanations]
         calls = limited.get("/metadata")[1]["model_calls"]
-        status, body = limited.recommend({"histories": [window] * 3, "k": 10, "explain": True})
+        status, body = limited.recommend({"histories": [window] * 3, "k": 1, "explain": True})
         assert status == 413 and body["error"] == (
-            f"explaining this request costs {3 * cost} (for each history, (items the model reads + 1) x k=10: the "
-            f"model rows it adds times the items explained); the limit is {2 * cost}: send fewer or shorter histories "
-            "or a smaller k, or start the service with a larger --max-explained")
-        status, body = limited.recommend({"histories": [window[:3]] * 3, "k": 10, "explain": True})  # shorter: fits
+            f"explaining this request costs {3 * rows} model rows (each history, and it once without each item the "
+            f"model reads); the limit is {2 * rows}: send fewer or shorter histories, or start the service with a "
+            "larger --max-explained")
+        status, body = limited.recommend({"histories": [window[:3]] * 3, "k": 2, "explain": True})  # shorter: fits
         assert status == 200, body
         metadata = limited.get("/metadata")[1]
-        assert metadata["model_calls"] == calls + 1 and metadata["service"]["max_explained"] == 2 * cost
+        assert metadata["model_calls"] == calls + 1 and metadata["service"]["max_explained"] == 2 * rows
         assert metadata["service"]["exclude_seen_default"] is True and metadata["repeat_rate"] == 0.0
     finally:
         limited.close()
