@@ -296,3 +296,32 @@ def test_serving_imports_neither_torch_nor_recbole(artifact):
     assert result["heavy"] == []
     recommender = Recommender(artifact)
     assert result["items"] == direct(artifact, [recommender.tokens[1:6]], k=5)[0]["items"]
+
+
+def test_an_explained_request_runs_in_a_model_call_of_its_own(artifact):
+    """Requests waiting together share a call, except an explained one: it runs alone, so the wait it causes
+    others is its own bounded cost, never several explained requests' at once."""
+    import asyncio
+
+    from recbole_llm.serve import Batcher, Job
+
+    recommender = Recommender(artifact)
+
+    def job(explain: bool) -> Job:
+        encoded = recommender.encode([["1", "2", "3"]])
+        return Job(encoded, [3], [True], [explain])
+
+    async def scenario():
+        batcher = Batcher(recommender, max_rows=8, batching=True)
+        await batcher.start()
+        try:
+            jobs = [job(False), job(False), job(True), job(True), job(False)]
+            answers = await asyncio.gather(*(batcher.submit(j) for j in jobs))
+            return batcher.calls, answers
+        finally:
+            await batcher.stop()
+
+    calls, answers = asyncio.run(scenario())
+    assert calls == 4, calls  # [plain, plain], [explained], [explained], [plain]
+    assert [a[0].explanations is not None for a in answers] == [False, False, True, True, False]
+    assert all(a[0].items == answers[0][0].items for a in answers)
