@@ -31,6 +31,10 @@ What this module fixes, each by wrapping a RecBole function rather than copying 
 - A dataset that is not on disk makes RecBole prompt for a download on standard input, which hangs
   offline and in CI. It becomes a one-line error saying where RecBole looked.
 - RecBole on this stack prints warnings that are not the user's business; they are filtered by message.
+- ``Dataset._dataframe_to_interaction`` turns the time field into float32 before histories are sorted by it:
+  Unix seconds round to 128 s, so close events kept file-row order (RUCAIBox/RecBole#2204). It stays float64.
+- Sampled evaluation (``eval_args`` mode ``uniN`` / ``popN``) drew new negatives at every evaluation
+  (RUCAIBox/RecBole#2077): each evaluation batch now draws from a generator seeded by the config's seed.
 - ``Pop.calculate_loss`` counts with ``item_cnt[item] = item_cnt[item] + 1``, which adds one per *distinct*
   item of a batch (an item's count becomes the number of batches it appears in), and counts the random
   negatives that pointwise sampling (RecBole's default for Pop) puts in the same item column: Pop ranked by
