@@ -196,11 +196,13 @@ class Recommender:
 
         folder = Path(artifact)
         model_path, metadata_path = folder / contract.MODEL_FILE, folder / contract.METADATA_FILE
-        if not model_path.is_file() or not metadata_path.is_file():
+        if not os.path.lexists(model_path) and not os.path.lexists(metadata_path):
             raise contract.ArtifactError(
                 f"'{folder}' is not an exported artifact (needs {contract.MODEL_FILE} and {contract.METADATA_FILE}); "
                 "create one with: recbole-llm export --checkpoint CHECKPOINT --output FOLDER"
             )
+        for path in (metadata_path, model_path):  # regular files, looked at before anything opens them
+            contract.check_regular(path)
         if unknown_tokens not in UNKNOWN_TOKEN_POLICIES:
             raise RecboleLLMError(f"unknown_tokens '{unknown_tokens}' is not a policy; use 'skip' or 'error'")
         most = 4 * (os.cpu_count() or 1)  # ONNX Runtime would create them all (thousands took GBs and hung)
@@ -753,9 +755,9 @@ class Recommender:
 
     def _changed_on_disk(self) -> bool:
         try:
-            on_disk = json.loads((self.folder / contract.METADATA_FILE).read_bytes())
+            on_disk = json.loads(bytes(contract.read_regular(self.folder / contract.METADATA_FILE)))
             return on_disk["item_index"]["sha256"] != self.item_index["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecboleLLMError):
             return True
 
 

@@ -617,6 +617,17 @@ def test_a_companion_that_is_not_a_regular_file_is_refused_before_it_is_opened(n
         assert time.monotonic() - start < 100
 
 
+@pytest.mark.parametrize("name", ["metadata.json", "model.onnx"])
+def test_metadata_and_graph_that_are_not_regular_files_are_named(name, artifact, tmp_path):
+    for number, (what, make) in enumerate(special_files(Path("."), name)):
+        folder = copied(artifact, tmp_path / f"a{number}")
+        dict(special_files(folder, name))[what]()
+        run = subprocess.run([sys.executable, "-c", LOAD_IN_A_SUBPROCESS, str(folder)], capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert run.returncode == 2 and run.stdout.count("\n") == 1, (what, run.stdout, run.stderr[-2000:])
+        assert str(folder / name) in run.stdout and what in run.stdout, run.stdout
+
+
 def test_serve_and_add_items_exit_at_once_on_a_fifo_item_table(catalogue_artifact, tmp_path):
     import os
 

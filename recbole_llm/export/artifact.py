@@ -649,10 +649,9 @@ def staging_folder(output: Path) -> Path:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """metadata.json, read and checked (:func:`check_metadata`)."""
     path = Path(path)
+    data = read_regular(path)  # a FIFO or a device is refused, not waited on or read without end
     try:
-        metadata = json.loads(path.read_bytes())
-    except OSError as error:
-        raise ArtifactError(f"cannot read '{path}' ({error.strerror or error}); check its permissions") from None
+        metadata = json.loads(bytes(data))
     except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, huge numbers
         raise ArtifactError(f"'{path}' is not JSON ({first_line(error)}); {REEXPORT}") from None
     return check_metadata(metadata, path)

@@ -63,9 +63,9 @@ def repeat_rate(model, train_data) -> float | None:
     ``exclude_seen`` drops. None when there is no training row (nothing to count)."""
     import numpy as np
 
-    if train_data is None:
+    interactions = getattr(getattr(train_data, "dataset", None), "inter_feat", None)
+    if interactions is None:  # not RecBole's dataloader: nothing to count
         return None
-    interactions = train_data.dataset.inter_feat
     fields = set(interactions.columns)
     if not {model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.POS_ITEM_ID} <= fields:
         return None
