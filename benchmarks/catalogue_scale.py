@@ -34,8 +34,6 @@ CALLS = {1: 50, 64: 10}  # timed calls per batch size, after warm-up
 
 def synthetic_artifact(source: Path, size: int, folder: Path, seed: int = 0) -> Path:
     """A copy of the item-index artifact ``source`` whose catalogue holds ``size`` items (its own first)."""
-    import shutil
-
     from recbole_llm.export import artifact
 
     metadata = json.loads((source / artifact.METADATA_FILE).read_text())
@@ -52,10 +50,14 @@ def synthetic_artifact(source: Path, size: int, folder: Path, seed: int = 0) -> 
         tokens += [f"synthetic-{i}" for i in range(extra)]
     vectors = vectors.astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source / artifact.MODEL_FILE, folder / artifact.MODEL_FILE)
     np.save(folder / artifact.ITEM_VECTORS_FILE, vectors, allow_pickle=False)
+    table = artifact.file_record(artifact.read_regular(folder / artifact.ITEM_VECTORS_FILE))
     metadata.update(item_tokens=tokens, n_items=len(tokens), text_tower=None)
-    metadata["item_index"] = dict(metadata["item_index"], sha256=artifact.sha256_of(folder / artifact.ITEM_VECTORS_FILE))
+    metadata["item_index"] = dict(metadata["item_index"], sha256=table["sha256"])
+    # signed as add-items signs a grown catalogue: the runtime refuses files its graph does not vouch for
+    signed = artifact.signed_graph((source / artifact.MODEL_FILE).read_bytes(), metadata,
+                                   {artifact.ITEM_VECTORS_FILE: table})
+    (folder / artifact.MODEL_FILE).write_bytes(signed)
     (folder / artifact.METADATA_FILE).write_text(json.dumps(metadata))
     return folder
 
