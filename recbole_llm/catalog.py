@@ -34,6 +34,26 @@ RECBOLE_MODEL_PACKAGES = (
 )
 
 
+def recommender_class(module: str, name: str) -> type | None:
+    """A RecBole or plugin model class named by a checkpoint (its Config's ``model_class``), else None.
+
+    Only modules inside ``recbole.model`` or :data:`PLUGIN_MODELS` are imported, and only a subclass of
+    RecBole's ``AbstractRecommender`` is returned: a value for the checkpoint loaders, never called there.
+    """
+    from recbole.model.abstract_recommender import AbstractRecommender
+
+    plugin_modules = {target.split(":")[0] for target in PLUGIN_MODELS.values()}
+    if not (module.startswith("recbole.model.") or module in plugin_modules):
+        return None
+    try:
+        candidate = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    if isinstance(candidate, type) and issubclass(candidate, AbstractRecommender):
+        return candidate
+    return None
+
+
 def get_plugin_model(model_name: str) -> type:
     """The class of a plugin model, imported on first use."""
     module_name, class_name = PLUGIN_MODELS[model_name].split(":")

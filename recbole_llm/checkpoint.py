@@ -32,7 +32,7 @@ import types
 import zipfile
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from recbole_llm import checkpoint_format
+from recbole_llm import catalog, checkpoint_format
 from recbole_llm.errors import RecboleLLMError
 
 if TYPE_CHECKING:  # RecBole is imported when these are used, not when this module is
@@ -193,30 +193,6 @@ def allowed_globals() -> dict[str, Any]:
     return _allow_lists().names
 
 
-def _recommender_class(module: str, name: str) -> type | None:
-    """A RecBole or plugin model class named by the checkpoint's Config (its ``model_class``), else None.
-
-    Only modules inside ``recbole.model`` or the plugin's model registry are imported, and only a
-    subclass of RecBole's ``AbstractRecommender`` is returned. It is a value: never called.
-    """
-    import importlib
-
-    from recbole.model.abstract_recommender import AbstractRecommender
-
-    from recbole_llm.catalog import PLUGIN_MODELS
-
-    plugin_modules = {target.split(":")[0] for target in PLUGIN_MODELS.values()}
-    if not (module.startswith("recbole.model.") or module in plugin_modules):
-        return None
-    try:
-        candidate = getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
-    if isinstance(candidate, type) and issubclass(candidate, AbstractRecommender):
-        return candidate
-    return None
-
-
 def _refuse(message: str) -> None:
     raise pickle.UnpicklingError(message)
 
@@ -251,7 +227,7 @@ class RestrictedUnpickler(pickle._Unpickler):
             return _Named(found, lists.kinds[key])
         if found is not None:
             return found
-        model = _recommender_class(module, name)
+        model = catalog.recommender_class(module, name)
         if model is None:
             _refuse(f"Unsupported global: GLOBAL {key}")
         return _Named(model, "model")
@@ -445,8 +421,6 @@ def _distrust(config: Any, folder: str | None = None) -> None:
     """
     from recbole.config.configurator import Config
 
-    from recbole_llm.catalog import available_models
-
     final = getattr(config, "final_config_dict", None) if isinstance(config, Config) else None
     if not isinstance(final, dict):
         raise pickle.UnpicklingError(f"Unsupported config: a {type(config).__name__}, not a RecBole Config")
@@ -456,7 +430,7 @@ def _distrust(config: Any, folder: str | None = None) -> None:
     final.update(_WRITE_KEYS)
     final["checkpoint_dir"] = folder or "saved"
     model, dataset = final.get("model"), final.get("dataset")
-    if not isinstance(model, str) or model not in available_models():
+    if not isinstance(model, str) or model not in catalog.available_models():
         raise pickle.UnpicklingError(f"Unsupported config: model {model!r:.60} is not a known model")
     if not isinstance(dataset, str) or not dataset or any(c in dataset for c in "/\\\0") or dataset in (".", ".."):
         raise pickle.UnpicklingError(f"Unsupported config: dataset {dataset!r:.60} is not a dataset name")

@@ -26,6 +26,7 @@ import os
 import struct
 from typing import Any
 
+from recbole_llm import catalog
 from recbole_llm.errors import RecboleLLMError
 
 FORMAT_KEY = "recbole_llm.checkpoint"  # the safetensors metadata key holding the JSON
@@ -157,15 +158,13 @@ def decode_config(data: Any, tensors: dict, used: set) -> Any:
     import yaml
     from recbole.config.configurator import Config
 
-    from recbole_llm.checkpoint import _recommender_class
-
     if not isinstance(data, dict) or not isinstance(data.get("__config__"), dict):
         raise ValueError("config is not a Config's state")
     state = _decode(data["__config__"], tensors, used)
     model_class = None
     if data.get("model_class") is not None:
         module, _, name = str(data["model_class"]).partition(":")
-        model_class = _recommender_class(module, name)
+        model_class = catalog.recommender_class(module, name)
         if model_class is None:
             raise ValueError(f"model class {data['model_class']!r:.80} is not a RecBole or plugin model")
     config = object.__new__(Config)
