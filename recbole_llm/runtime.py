@@ -19,7 +19,13 @@ atomically (``recbole-llm add-items``). Adding items needs the ``tokenizers`` pa
 The artifact is checked when it is loaded, so that a bad one fails at start rather than at the first
 request: ``metadata.json`` must be a JSON object with well-typed keys, ``model.onnx`` must load in ONNX
 Runtime, and the two must agree (inputs and outputs, item count, ``top_k``, ``max_length``, and the keys
-export also wrote into the graph's metadata_props); then one history of ``max_length`` items is run.
+export also wrote into the graph's metadata_props); the graph's signature must vouch for metadata.json and
+every companion file (each a regular file of the signed size, looked at before it is opened, and of the
+signed SHA-256); then one history of ``max_length`` items is run.
+
+``exclude_seen`` left out (None) follows the artifact: metadata.json's ``exclude_seen``, which export sets
+from the training data's ``repeat_rate`` (false where users come back to items, as RecBole's evaluator
+counts repeats as hits). Explanations are scored in bounded chunks.
 """
 
 from __future__ import annotations

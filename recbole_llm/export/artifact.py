@@ -456,7 +456,7 @@ def companion_files(metadata: dict[str, Any]) -> list[str]:
 def metadata_digest(metadata: dict[str, Any]) -> str:
     """SHA-256 of metadata.json's meaning: every key and value as canonical JSON (keys sorted, no spaces,
     ASCII), so a reformatted file keeps its digest and any changed value does not."""
-    canonical = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    canonical = json.dumps(metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
@@ -540,7 +540,11 @@ def check_signature(graph_metadata: dict[str, str], metadata: dict[str, Any], mo
         raise ArtifactError(f"'{model_path}' does not vouch for '{metadata_path}' and its companion files (no "
                             f"'{METADATA_DIGEST}' in its metadata_props: exported by an earlier recbole_llm, or "
                             f"re-saved by another tool); {REEXPORT}")
-    if graph_metadata[METADATA_DIGEST] != metadata_digest(metadata):
+    try:
+        digest = metadata_digest(metadata)
+    except (ValueError, RecursionError, TypeError):  # nested past what can be written back
+        digest = None
+    if graph_metadata[METADATA_DIGEST] != digest:
         raise ArtifactError(f"'{metadata_path}' is not the metadata '{model_path}' was signed with (a value differs: "
                             f"edited by hand, or from another export or update); {REEXPORT}")
     try:
