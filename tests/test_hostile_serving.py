@@ -533,6 +533,7 @@ META_EDITS = [
     ("scores", lambda m: m.__setitem__("dataset", "ml-other"), "is not the metadata"),
     ("scores", lambda m: m.__setitem__("extra", 1), "is not the metadata"),
     ("scores", lambda m: m["validation"][0].__setitem__("passed", False), "is not the metadata"),
+    ("scores", lambda m: m["validation"][0].__setitem__("max_abs_diff", float("nan")), "is not the metadata"),
 ]
 
 
