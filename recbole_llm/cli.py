@@ -36,7 +36,7 @@ commands:
   serve    an HTTP JSON service over an exported artifact (needs: pip install "recbole_llm[serve]")
            recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error]
                [--max-batch 256] [--max-history 10000] [--max-body-bytes 1048576] [--no-batching]
-               [--max-explained 1000] [--threads N] [--body-timeout 10] [--keep-alive-timeout 5]
+               [--max-explained 256] [--threads N] [--body-timeout 10] [--keep-alive-timeout 5]
                [--shutdown-timeout 10] [--allow-item-updates] [--max-new-items 1000] [--retrieval exact|ann]
   models   list the models 'run' accepts (the plugin's, then RecBole's)
 
@@ -187,35 +187,44 @@ def _export(args: Sequence[str]) -> int:
 
 
 def _serve(args: Sequence[str]) -> int:
+    from recbole_llm.serve import Limits  # the defaults live there, once (numpy and onnxruntime, no fastapi)
+
+    default = Limits()
     parser = argparse.ArgumentParser(prog="recbole-llm serve", allow_abbrev=False)
     parser.add_argument("artifact", help="a folder written by recbole-llm export")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port, 1 to 65535 (default 8000)")
     parser.add_argument("--unknown-tokens", default="skip", help="skip (default) or error: unknown item tokens")
-    parser.add_argument("--max-batch", type=int, default=256, help="histories per request and per model call")
-    parser.add_argument("--max-history", type=int, default=10_000, help="item tokens per history")
-    parser.add_argument("--max-explained", type=int, default=1000,
-                        help="recommended items explained per request (histories x k, with explain; default 1000)")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
-    parser.add_argument("--body-timeout", type=float, default=10.0,
+    parser.add_argument("--max-batch", type=int, default=default.max_batch,
+                        help=f"histories per request and per model call (default {default.max_batch})")
+    parser.add_argument("--max-history", type=int, default=default.max_history,
+                        help=f"item tokens per history (default {default.max_history})")
+    parser.add_argument("--max-explained", type=int, default=default.max_explained,
+                        help="model rows per explained request: each history, and it once without each item the "
+                             f"model reads; the answer may hold 100x as many effects (default {default.max_explained})")
+    parser.add_argument("--max-body-bytes", type=int, default=default.max_body_bytes,
+                        help=f"request body size in bytes (default {default.max_body_bytes})")
+    parser.add_argument("--body-timeout", type=float, default=default.body_timeout,
                         help="seconds for a request's head, and its body, to arrive (else 408), and for a client "
-                             "to take some of its answer (default 10)")
-    parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
-                        help="seconds an idle connection stays open (default 5)")
-    parser.add_argument("--shutdown-timeout", type=float, default=10.0,
-                        help="seconds requests in flight may take to finish after SIGTERM or SIGINT (default 10)")
+                             f"to take some of its answer (default {default.body_timeout:g})")
+    parser.add_argument("--keep-alive-timeout", type=float, default=default.keep_alive_timeout,
+                        help=f"seconds an idle connection stays open (default {default.keep_alive_timeout:g})")
+    parser.add_argument("--shutdown-timeout", type=float, default=default.shutdown_timeout,
+                        help="seconds requests in flight may take to finish after SIGTERM or SIGINT "
+                             f"(default {default.shutdown_timeout:g})")
     parser.add_argument("--no-batching", action="store_true", help="one model call per request")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     parser.add_argument("--allow-item-updates", action="store_true",
                         help="turn POST /items on: new items from their text (an artifact exported with --item-index)")
-    parser.add_argument("--max-new-items", type=int, default=1000, help="items one POST /items may add (default 1000)")
+    parser.add_argument("--max-new-items", type=int, default=default.max_new_items,
+                        help=f"items one POST /items may add (default {default.max_new_items})")
     parser.add_argument("--retrieval", default="exact", choices=("exact", "ann"),
                         help="exact (default: every item scored) or ann (faiss IVF over an --item-index artifact)")
     parser.error = lambda message: sys.exit(_fail(f"{message} (see: recbole-llm serve --help)"))  # one line
     known = parser.parse_args(args)
 
     from recbole_llm.errors import RecboleLLMError
-    from recbole_llm.serve import Limits, serve
+    from recbole_llm.serve import serve
 
     if not 1 <= known.port <= 65535:
         return _fail(f"--port {known.port} is not a TCP port; use 1 to 65535")
