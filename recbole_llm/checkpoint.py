@@ -76,14 +76,15 @@ def _callable_globals() -> dict[str, Any]:
             "torch.device": torch.device,
             "torch.Size": torch.Size,
         }
-    for name in _CALLS_ITS_ARGUMENTS:
+    for name in _NOT_ADMITTED:
         names.pop(name, None)
-    # a Parameter's backward hooks are callables torch runs later: only a Parameter without hooks
-    names["torch._utils._rebuild_parameter"] = _rebuild_parameter
-    names.pop("torch._utils._rebuild_parameter_with_state", None)
+    # tensors and Parameters carry backward hooks, callables torch runs later: only ones without hooks
+    for name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter"):
+        if hasattr(torch._utils, name):
+            names[f"torch._utils.{name}"] = _without_hooks(getattr(torch._utils, name))
     multiarray = _numpy_multiarray()
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # saved under numpy 1 or 2
-        names[f"{module}._reconstruct"] = multiarray._reconstruct
+        names[f"{module}._reconstruct"] = _empty_array
         names[f"{module}.scalar"] = multiarray.scalar
     names["numpy.dtype"] = np.dtype
     for name in dir(np.dtypes):  # numpy 2 pickles dtypes through their DType classes
@@ -93,23 +94,42 @@ def _callable_globals() -> dict[str, Any]:
     return names
 
 
-# torch's weights-only globals that call or instantiate an argument (``_rebuild_from_type_v2(func, new_type,
-# args, state)`` runs ``func(*args)``; ``_rebuild_wrapper_subclass(cls, ...)`` builds ``cls``) or store
-# hooks and attributes taken from the pickle. RecBole's checkpoints hold plain tensors: none is needed.
-_CALLS_ITS_ARGUMENTS = (
+# torch's weights-only globals a RecBole checkpoint never needs and a crafted one could use: the rebuilds that
+# call or instantiate an argument (``_rebuild_from_type_v2(func, new_type, args, state)`` runs
+# ``func(*args)``; ``_rebuild_wrapper_subclass(cls, ...)`` builds ``cls``) or set attributes taken from the
+# pickle; sparse and nested tensors (torch does not check a sparse tensor's indices: ``to_dense`` on a
+# crafted one crashes the process); and ``bytearray(n)``, which fills n bytes before any check.
+_NOT_ADMITTED = (
     "torch._tensor._rebuild_from_type_v2",
     "torch._utils._rebuild_wrapper_subclass",
     "torch._utils._rebuild_parameter_with_state",
+    "torch._utils._rebuild_sparse_tensor",
+    "torch._utils._rebuild_nested_tensor",
+    "builtins.bytearray",
 )
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> Any:
-    """torch's ``_rebuild_parameter`` for a Parameter without backward hooks (torch runs hooks later)."""
-    import torch
+def _without_hooks(rebuild: Callable) -> Callable:
+    """torch's tensor or Parameter rebuild, refusing backward hooks (its sixth or third argument)."""
+    hooks_at = 2 if rebuild.__name__ == "_rebuild_parameter" else 5
 
-    if backward_hooks:
-        raise pickle.UnpicklingError("Unsupported Parameter with backward hooks")
-    return torch._utils._rebuild_parameter(data, requires_grad, collections.OrderedDict())
+    @functools.wraps(rebuild)
+    def rebuild_without_hooks(*args: Any) -> Any:
+        if len(args) > hooks_at and args[hooks_at]:
+            raise pickle.UnpicklingError(f"Unsupported tensor with backward hooks ({rebuild.__name__})")
+        return rebuild(*args)
+
+    return rebuild_without_hooks
+
+
+def _empty_array(subtype: Any, shape: Any, dtype: Any) -> Any:
+    """numpy's ``_reconstruct`` as numpy's own pickles call it: an empty ndarray that ``BUILD`` then fills
+    from the file's bytes (any other shape would allocate what the pickle asks, before any check)."""
+    import numpy as np
+
+    if subtype is not np.ndarray or shape != (0,):
+        raise pickle.UnpicklingError("Unsupported numpy array reconstruction")
+    return _numpy_multiarray()._reconstruct(np.ndarray, (0,), dtype)
 
 
 def _state_classes() -> dict[str, type]:
@@ -381,14 +401,55 @@ def safe_torch_load(f, map_location: Any = None, **kwargs) -> Any:
 
 
 def _made_safe(loaded: Any, f: Any) -> Any:
+    """A loaded checkpoint's Config distrusted, the user's overrides applied, and every value checked as a
+    run's own would be (a checkpoint's values reach RecBole as they are); the trainer's counters checked."""
     if isinstance(loaded, dict) and "config" in loaded:
         config = loaded["config"]
         _distrust(config, os.path.dirname(os.path.abspath(os.fspath(f))) if isinstance(f, (str, os.PathLike))
                   else None)
         _check_other_parameter(loaded.get("other_parameter"), getattr(config, "model_class", None))
+        _check_counters(loaded)
         follow_this_machine(config)
-        apply_overrides(config, _OVERRIDES.get())
+        overrides = _OVERRIDES.get() or {}
+        apply_overrides(config, overrides)
+        _check_values(config.final_config_dict, overrides)
     return loaded
+
+
+def _check_values(final: dict, overrides: dict) -> None:
+    """The checks a run's Config gets, on a checkpoint's; and no encoder fetched because a checkpoint names it."""
+    import torch
+    from recbole.utils import ModelType
+
+    from recbole_llm.compat import check_config_values
+    from recbole_llm.model.backbone import resolve_pretrained
+
+    if not isinstance(final.get("MODEL_TYPE"), ModelType) or not isinstance(final.get("device"), torch.device) \
+            or final["device"].type not in ("cpu", "cuda") or not isinstance(final.get("state"), str):
+        raise RecboleLLMError("refusing a checkpoint whose config's MODEL_TYPE, device or state is not one RecBole "
+                              "writes; load only checkpoints saved by RecBole or recbole_llm")
+    check_config_values(final)
+    name = final.get("pretrained_model_name_or_path")
+    if final["model"] in catalog.PLUGIN_MODELS and isinstance(name, str) \
+            and "pretrained_model_name_or_path" not in overrides and not os.path.isdir(resolve_pretrained(name)):
+        raise RecboleLLMError(
+            f"the checkpoint's encoder {name!r:.80} is neither a folder here nor bundled with an installed package, "
+            "and a checkpoint never makes recbole_llm download one: pass --pretrained_model_name_or_path=DIR "
+            "(a local copy of it)")
+
+
+# The trainer's counters in a checkpoint (RecBole's resume reads them): type and range.
+_COUNTERS = {"epoch": (0, 10**7), "cur_step": (0, 10**7), "global_step": (0, 10**12)}
+
+
+def _check_counters(loaded: dict) -> None:
+    for key, (low, high) in _COUNTERS.items():
+        value = loaded.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+            raise pickle.UnpicklingError(f"Unsupported {key} {value!r:.40}: an integer from {low} below {high}")
+    score = loaded.get("best_valid_score", 0.0)
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise pickle.UnpicklingError(f"Unsupported best_valid_score {score!r:.40}: not a number")
 
 
 def _check_other_parameter(value: Any, model_class: type | None) -> None:
@@ -408,7 +469,7 @@ def _check_other_parameter(value: Any, model_class: type | None) -> None:
 # a checkpoint is data, so they are cleared; a user may set them again with --key=value.
 _PICKLE_PATH_KEYS = ("dataset_save_path", "dataloaders_save_path")
 # Keys that would make RecBole write files, or send the run elsewhere, when a checkpoint is used: off.
-_WRITE_KEYS = {"save_dataset": False, "save_dataloaders": False, "log_wandb": False}
+_WRITE_KEYS = {"save_dataset": False, "save_dataloaders": False, "log_wandb": False, "allow_download": False}
 
 
 def _distrust(config: Any, folder: str | None = None) -> None:
@@ -424,6 +485,7 @@ def _distrust(config: Any, folder: str | None = None) -> None:
     final = getattr(config, "final_config_dict", None) if isinstance(config, Config) else None
     if not isinstance(final, dict):
         raise pickle.UnpicklingError(f"Unsupported config: a {type(config).__name__}, not a RecBole Config")
+    _check_shape(config)
     for key in _PICKLE_PATH_KEYS:
         if final.get(key):
             final[key] = None
@@ -434,6 +496,41 @@ def _distrust(config: Any, folder: str | None = None) -> None:
         raise pickle.UnpicklingError(f"Unsupported config: model {model!r:.60} is not a known model")
     if not isinstance(dataset, str) or not dataset or any(c in dataset for c in "/\\\0") or dataset in (".", ".."):
         raise pickle.UnpicklingError(f"Unsupported config: dataset {dataset!r:.60} is not a dataset name")
+
+
+# A Config's size: RecBole prints every value (init_logger, Config.__str__ loops over parameters x keys), so a
+# pickle's shared references (a list of itself, twice, 60 deep) or a JSON of many keys would never print.
+_MAX_KEYS = 10_000
+_EXPANSION = 16  # a Config's values, printed out, may repeat shared objects this many times over
+
+
+def _check_shape(config: Any) -> None:
+    state = config.__dict__
+    final, parameters = state.get("final_config_dict"), state.get("parameters")
+    if not isinstance(parameters, dict) or not all(isinstance(names, list) for names in parameters.values()):
+        raise pickle.UnpicklingError("Unsupported config: its parameters are not lists of names")
+    if len(final) > _MAX_KEYS or sum(len(names) for names in parameters.values()) > _MAX_KEYS:
+        raise pickle.UnpicklingError(f"Unsupported config: more than {_MAX_KEYS} keys")
+    sizes: dict[int, int] = {}  # id -> the object's size written out, shared references repeated
+    entered: set[int] = set()
+    edges = 0  # references between distinct objects: a value's size written out stays near this when shared
+    pending: list[tuple[Any, bool]] = [(value, False) for value in state.values()]
+    while pending:
+        value, children_done = pending.pop()
+        if id(value) in sizes or not isinstance(value, (dict, list, tuple, set)):
+            continue
+        children = list(value.keys()) + list(value.values()) if isinstance(value, dict) else list(value)
+        if not children_done:
+            if id(value) in entered:
+                raise pickle.UnpicklingError("Unsupported config: a value that contains itself")
+            entered.add(id(value))
+            pending.append((value, True))
+            pending.extend((child, False) for child in children)
+            continue
+        edges += len(children)
+        sizes[id(value)] = 1 + sum(sizes.get(id(child), 1) for child in children)
+        if sizes[id(value)] > _EXPANSION * edges + 1000:
+            raise pickle.UnpicklingError("Unsupported config: shared references that would print without end")
 
 
 _OVERRIDES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("recbole_llm_overrides", default=None)
@@ -711,6 +808,26 @@ def wrap_resume_checkpoint(original: Callable) -> Callable:
                 raise explained from None
 
     return resume_checkpoint
+
+
+def wrap_load_other_parameter(original: Callable) -> Callable:
+    """``load_other_parameter`` setting only the attributes the model itself declares (``other_parameter_name``,
+    what its ``other_parameter`` saves): a checkpoint naming any other would overwrite a setting or a method."""
+
+    @functools.wraps(original)
+    def load_other_parameter(self, para):
+        if para is None:
+            return original(self, para)
+        declared = set(getattr(self, "other_parameter_name", ()) or ())
+        if not isinstance(para, dict) or set(para) - declared:
+            names = sorted(map(str, set(para) - declared)) if isinstance(para, dict) else [type(para).__name__]
+            raise RecboleLLMError(
+                f"refusing the checkpoint's other_parameter {names[:3]}: {type(self).__name__} keeps "
+                f"{sorted(declared) or 'none'}; load only checkpoints saved by RecBole or recbole_llm for this model"
+            )
+        return original(self, para)
+
+    return load_other_parameter
 
 
 def wrap_evaluate(original: Callable) -> Callable:

@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import struct
+import tempfile
 from typing import Any
 
 from recbole_llm import catalog
@@ -32,6 +33,11 @@ from recbole_llm.errors import RecboleLLMError
 FORMAT_KEY = "recbole_llm.checkpoint"  # the safetensors metadata key holding the JSON
 FORMAT_VERSION = 1
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on a header
+# The JSON beside the tensors: a Config with the id maps of a few million users and items fits.
+_JSON_LIMIT = 64 * 1024 * 1024
+# What a trainer's checkpoint holds: RecBole's keys, and the plugin trainer's -latest.pth additions.
+_FIELDS = {"config", "epoch", "cur_step", "best_valid_score", "state_dict", "other_parameter", "optimizer",
+           "best_model_file", "best_valid_result", "scheduler", "scaler", "global_step", "random_state"}
 
 
 def is_pickle_free(path: str | os.PathLike) -> bool:
@@ -119,6 +125,8 @@ def _decode(value: Any, tensors: dict[str, Any], used: set[str]) -> Any:
     if not tags:
         return {k: _decode(v, tensors, used) for k, v in value.items()}
     tag = tags[0]
+    if set(value) - {tag, "value"}:  # a tagged value is the tag (and an enum's value), nothing beside it
+        raise ValueError(f"malformed value {tag} with other keys")
     if tag == "__tensor__" and isinstance(value[tag], str) and value[tag] in tensors:
         used.add(value[tag])
         return tensors[value[tag]]
@@ -195,17 +203,24 @@ def atomic_save(state: dict, path: str | os.PathLike) -> None:
     Ctrl-C included, the temporary file is removed and the previous checkpoint, if any, is unchanged.
     """
     path = os.fspath(path)
-    partial = f"{path}.partial"
     blob = to_bytes(state)
+    partial = None
     try:
-        with open(partial, "wb") as f:  # a full disk surfaces as OSError(ENOSPC), here or at fsync
+        # a new file of its own (O_EXCL: never an existing name or a link someone left there)
+        descriptor, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial",
+                                               dir=os.path.dirname(os.path.abspath(path)))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(descriptor, 0o666 & ~umask)  # what open() would give, not mkstemp's owner-only mode
+        with os.fdopen(descriptor, "wb") as f:  # a full disk surfaces as OSError(ENOSPC), here or at fsync
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
     except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
         if not isinstance(error, OSError):
             raise
         reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
@@ -227,11 +242,16 @@ def load(path: str | os.PathLike, map_location: Any = None) -> dict:
         metadata = f.metadata() or {}
     if FORMAT_KEY not in metadata:
         raise ValueError("a safetensors file without a recbole_llm checkpoint header")
+    if len(metadata[FORMAT_KEY]) > _JSON_LIMIT:
+        raise ValueError(f"a header over {_JSON_LIMIT >> 20} MiB")
     header = json.loads(metadata[FORMAT_KEY])
     if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION \
             or not isinstance(header.get("checkpoint"), dict):
         raise ValueError(f"checkpoint format version {header.get('version') if isinstance(header, dict) else '?'}"
                          f" is not {FORMAT_VERSION}")
+    unknown = set(header["checkpoint"]) - _FIELDS
+    if unknown:
+        raise ValueError(f"fields a trainer never writes: {sorted(unknown)[:3]}")
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
     tensors = load_file(path, device=str(device))
     used: set[str] = set()

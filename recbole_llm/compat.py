@@ -268,6 +268,16 @@ def check_config_values(final: dict) -> None:
 
     for key in _POSITIVE_INTS:
         positive_int(key)
+    length = final.get("MAX_ITEM_LIST_LENGTH")
+    from recbole_llm.catalog import PLUGIN_MODELS
+
+    if (final.get("model") in PLUGIN_MODELS and final.get("pretrained_model_name_or_path") is None
+            and isinstance(length, int) and length > RANDOM_ENCODER_POSITIONS):
+        raise RecboleLLMError(
+            f"MAX_ITEM_LIST_LENGTH={length} exceeds the {RANDOM_ENCODER_POSITIONS} positions of the random "
+            f"encoder (pretrained_model_name_or_path: null); set MAX_ITEM_LIST_LENGTH to at most "
+            f"{RANDOM_ENCODER_POSITIONS}"
+        )
     topk = final.get("topk")
     for k in topk if isinstance(topk, list) else [topk]:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -309,14 +319,6 @@ def wrap_set_default_parameters(original):
         ):
             final["train_neg_sample_args"] = None
         check_config_values(final)
-        length = final.get("MAX_ITEM_LIST_LENGTH")
-        if (self.model in PLUGIN_MODELS and final.get("pretrained_model_name_or_path") is None
-                and isinstance(length, int) and length > RANDOM_ENCODER_POSITIONS):
-            raise RecboleLLMError(
-                f"MAX_ITEM_LIST_LENGTH={length} exceeds the {RANDOM_ENCODER_POSITIONS} positions of the random "
-                f"encoder (pretrained_model_name_or_path: null); set MAX_ITEM_LIST_LENGTH to at most "
-                f"{RANDOM_ENCODER_POSITIONS}"
-            )
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
             from recbole_llm.model.backbone import check_encoder_settings
 

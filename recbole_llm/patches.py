@@ -96,7 +96,7 @@ def patches() -> list[Patch]:
     from recbole.data.dataset.dataset import Dataset
     from recbole.evaluator.collector import Collector
     from recbole.evaluator.evaluator import Evaluator
-    from recbole.model.abstract_recommender import SequentialRecommender
+    from recbole.model.abstract_recommender import AbstractRecommender, SequentialRecommender
     from recbole.model.general_recommender.pop import Pop
     from recbole.model.sequential_recommender.bert4rec import BERT4Rec
     from recbole.quick_start import quick_start
@@ -198,6 +198,9 @@ def patches() -> list[Patch]:
         Patch(trainer.Trainer, "resume_checkpoint", checkpoint.wrap_resume_checkpoint,
               "recbole/trainer/trainer.py:314/323 Trainer.resume_checkpoint torch.loads with weights_only: read "
               "once through the allow-list; other data's ids and unfitting weights refused in one line"),
+        Patch(AbstractRecommender, "load_other_parameter", checkpoint.wrap_load_other_parameter,
+              "recbole/model/abstract_recommender.py:72/76 load_other_parameter sets every key of a checkpoint's "
+              "other_parameter as a model attribute: only the names the model declares (other_parameter_name)"),
         Patch(quick_start, "load_data_and_model", checkpoint.wrap_load_data_and_model,
               "recbole/quick_start/quick_start.py:233/250 load_data_and_model torch.loads with weights_only: "
               "checkpoint.load_for_use, which reads once through the allow-list",

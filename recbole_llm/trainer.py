@@ -235,11 +235,10 @@ class PluginTrainer(Trainer):
             super().resume_checkpoint(resume_file)
         self._resumed_state = state
         if "best_model_file" in state:  # a latest checkpoint: keep writing the run's two files
-            # beside the file resumed from, by the name recorded there: a checkpoint never picks the folder
-            recorded = os.path.basename(str(state["best_model_file"]))
-            if recorded in ("", ".", "..") or recorded == os.path.basename(resume_file):
-                recorded = os.path.basename(self.saved_model_file)
-            self.saved_model_file = os.path.join(os.path.dirname(os.path.abspath(resume_file)), recorded)
+            # named after the file resumed from (<stem>-latest.pth -> <stem>.pth), never by the checkpoint
+            stem, extension = os.path.splitext(os.path.abspath(resume_file))
+            if stem.endswith("-latest"):
+                self.saved_model_file = stem[: -len("-latest")] + extension
             self.latest_model_file = resume_file
             self.best_valid_result = state["best_valid_result"]
             self.global_step = int(state["global_step"])
@@ -258,6 +257,15 @@ class PluginTrainer(Trainer):
         }
 
     def _restore_random_state(self, state: dict | None) -> None:
+        try:
+            self._set_random_state(state)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError):
+            raise RecboleLLMError(
+                "resume_from holds a damaged random state: resume from a -latest.pth this trainer wrote, or start "
+                "the run again"
+            ) from None
+
+    def _set_random_state(self, state: dict | None) -> None:
         if not state:
             return
         random.setstate(state["python"])

@@ -230,8 +230,19 @@ def test_an_older_checkpoint_after_the_item_count_changed_says_what_does_not_mat
         inter.write_text(original)
 
 
+FULL_DISK_SAVE = """
+import resource, signal, sys, torch
+from recbole_llm.checkpoint_format import atomic_save
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+atomic_save({"state_dict": {"w": torch.zeros(100_000)}}, sys.argv[1])
+"""
+
+
 def test_a_full_disk_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path):
     import os
+    import subprocess
+    import sys
 
     import torch
 
@@ -239,9 +250,11 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path
 
     path = tmp_path / "model.pth"
     atomic_save({"state_dict": {"w": torch.ones(3)}}, path)
-    os.symlink("/dev/full", f"{path}.partial")  # the kernel answers every write with ENOSPC
-    with pytest.raises(RecboleLLMError, match="could not write checkpoint .*no space left on the device"):
-        atomic_save({"state_dict": {"w": torch.zeros(100_000)}}, path)
+    # the kernel refuses the write part-way: one line, no .partial left, the previous checkpoint whole
+    full = subprocess.run([sys.executable, "-c", FULL_DISK_SAVE, str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 1 and full.stderr.strip().splitlines()[-1].startswith(
+        "recbole_llm.errors.RecboleLLMError: could not write checkpoint"), full.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
     assert torch.equal(load(path)["state_dict"]["w"], torch.ones(3))
     # whatever else stops a save (Ctrl-C here), the temporary file goes and the previous one stays
@@ -255,7 +268,22 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path
     finally:
         os.fsync = real_fsync
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
-    assert torch.equal(load(path)["state_dict"]["w"], torch.ones(3))
+    # a link left where the old code put its temporary file is neither followed nor touched
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("the user's file")
+    os.symlink(outside, f"{path}.partial")
+    atomic_save({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert outside.read_text() == "the user's file" and not path.is_symlink()
+    assert torch.equal(load(path)["state_dict"]["w"], torch.zeros(3))
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # as open() would have made it
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_export_refuses_bad_outputs_and_models_before_loading(trained, tmp_path):

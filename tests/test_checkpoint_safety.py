@@ -477,7 +477,8 @@ def test_a_checkpoint_config_cannot_choose_where_evaluate_and_export_write(real_
     checkpoint = as_recbole_pth(real_checkpoint)
     elsewhere = tmp_path / "elsewhere"
     checkpoint["config"].final_config_dict.update(
-        save_dataset=True, save_dataloaders=True, checkpoint_dir=str(elsewhere / "saved"), log_wandb=True)
+        save_dataset=True, save_dataloaders=True, checkpoint_dir=str(elsewhere / "saved"), log_wandb=True,
+        allow_download=True)
     folder = tmp_path / "downloaded"
     folder.mkdir()
     crafted = folder / "crafted.pth"
@@ -495,6 +496,7 @@ def test_a_checkpoint_config_cannot_choose_where_evaluate_and_export_write(real_
     assert not (work / "saved").exists()
     loaded = load_checkpoint(crafted)
     assert not loaded["config"]["save_dataset"] and not loaded["config"]["save_dataloaders"]
+    assert not loaded["config"]["allow_download"] and not loaded["config"]["log_wandb"]
     # named on the command line, the user's own folder is used
     from recbole_llm.checkpoint import config_overrides
 
@@ -520,3 +522,101 @@ def test_a_checkpoint_saved_by_the_previous_release_loads_and_exports_with_ident
         histories = [tokens[i:i + 7] for i in range(0, 140, 7)]
         answers.append([(r.items, r.scores) for r in Recommender(artifact).recommend(histories, k=20)])
     assert answers[0] == answers[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# found by a hostile review: values that would hang, fetch, overwrite or silently change what is loaded
+
+
+def _doubling(depth: int) -> list:
+    value = [1]
+    for _ in range(depth):
+        value = [value, value]  # pickled once per level (memo): printed, 2**depth
+    return value
+
+
+CRAFTED_CONFIG = {
+    "shared references": ({"junk": _doubling(60)}, "shared references that would print without end"),
+    "many keys": ({f"k{i}": 0 for i in range(10_001)}, "more than 10000 keys"),
+    "a hub encoder": ({"pretrained_model_name_or_path": "attacker-org/evil-model"},
+                      "never makes recbole_llm download"),
+    "a seed that is not a number": ({"seed": "abc"}, "seed"),
+    "a string device": ({"device": "cuda:7"}, "MODEL_TYPE, device or state"),
+    "a history of 10**9": ({"MAX_ITEM_LIST_LENGTH": 10**9}, "MAX_ITEM_LIST_LENGTH"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_CONFIG))
+def test_a_crafted_config_value_is_refused_in_one_line(real_checkpoint, tmp_path, case):
+    values, fragment = CRAFTED_CONFIG[case]
+    checkpoint = as_recbole_pth(real_checkpoint)
+    checkpoint["config"].final_config_dict.update(values)
+    crafted = tmp_path / "crafted.pth"
+    torch.save(checkpoint, crafted, pickle_protocol=4)
+    with pytest.raises(RecboleLLMError, match=fragment) as refused:
+        load_checkpoint(crafted)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("field, value", [("epoch", -10**9), ("cur_step", "x"), ("global_step", 10**15),
+                                          ("best_valid_score", "high")])
+def test_a_checkpoint_with_counters_no_trainer_writes_is_refused(real_checkpoint, tmp_path, field, value):
+    checkpoint = as_recbole_pth(real_checkpoint)
+    checkpoint[field] = value
+    crafted = tmp_path / "counters.pth"
+    torch.save(checkpoint, crafted)
+    with pytest.raises(RecboleLLMError, match=f"refusing to load .*unsupported {field}"):
+        load_checkpoint(crafted)
+
+
+@pytest.mark.parametrize("payload", ["bytearray", "hooks", "sparse", "numpy shape"])
+def test_rebuilds_that_allocate_or_keep_hooks_are_refused(slim_pickle, tmp_path, payload):
+    if payload == "bytearray":  # bytearray(2**36) would fill 64 GB before any check
+        ops = global_ops("builtins.bytearray") + data_ops((2**36,)) + pickle.REDUCE
+    elif payload == "hooks":  # a tensor whose backward hooks a backward pass would call
+        ops = (global_ops("torch._utils._rebuild_tensor_v2") + pickle.MARK + data_ops(None) + data_ops(0)
+               + data_ops((0,)) + data_ops((1,)) + data_ops(False)
+               + pickle.MARK + data_ops(0) + global_ops("collections.Counter") + pickle.DICT
+               + pickle.TUPLE + pickle.REDUCE)
+    elif payload == "sparse":
+        ops = (global_ops("torch._utils._rebuild_sparse_tensor") + data_ops((None, None)) + pickle.REDUCE)
+    else:  # numpy's _reconstruct asked for 2**36 bytes up front
+        ops = (global_ops("numpy.core.multiarray._reconstruct") + pickle.MARK + global_ops("numpy.ndarray")
+               + data_ops((2**36,)) + data_ops(b"b") + pickle.TUPLE + pickle.REDUCE)
+    with pytest.raises(RecboleLLMError, match="refusing to load") as refused:
+        load_checkpoint(planted_slim(slim_pickle, ops, tmp_path / "alloc.pth"))
+    assert "\n" not in str(refused.value)
+
+
+def test_other_parameter_cannot_set_what_the_model_does_not_keep(real_checkpoint, tmp_path):
+    """max_seq_length is an instance attribute: set from a checkpoint it would silently score 5-item windows."""
+    from recbole.quick_start import load_data_and_model
+
+    checkpoint = as_recbole_pth(real_checkpoint)
+    checkpoint["other_parameter"] = {"max_seq_length": 5}
+    crafted = tmp_path / "other.pth"
+    torch.save(checkpoint, crafted)
+    with pytest.raises(RecboleLLMError, match=r"other_parameter \['max_seq_length'\]: BERTRec keeps none"):
+        load_data_and_model(str(crafted))
+
+
+def test_a_resumed_latest_file_writes_its_best_model_by_its_own_name(real_checkpoint, data_root, tmp_path):
+    """best_model_file inside a -latest.pth named a file beside it: the resumed run would overwrite it."""
+    (latest,) = real_checkpoint.parent.glob("*-latest.pth")
+    state = load_checkpoint(latest)
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    victim = folder / "VICTIM.txt"
+    victim.write_text("the user's file")
+    state["best_model_file"] = str(victim)
+    from recbole_llm.checkpoint_format import atomic_save
+
+    atomic_save(state, folder / "run-latest.pth")
+    resumed = cli("run", "--model=BERTRec", "--dataset=ml-tiny", f"--data_path={data_root}",
+                  "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--pretrained_model_name_or_path=None",
+                  "--n_layers=1", "--n_heads=2", "--hidden_size=32", "--inner_size=64", "--MAX_ITEM_LIST_LENGTH=10",
+                  "--epochs=2", "--show_progress=False", f"--checkpoint_dir={tmp_path / 'saved'}",
+                  f"--resume_from={folder / 'run-latest.pth'}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert victim.read_text() == "the user's file"
+    assert (folder / "run.pth").is_file()
