@@ -255,8 +255,9 @@ def _sequential_order(final: dict) -> None:
         )
 
 
-def check_config_values(final: dict) -> None:
-    """Values every run depends on, checked before RecBole reads any data: one line naming key and fix."""
+def check_config_values(final: dict, model: str | None = None) -> None:
+    """Values every run depends on, checked before RecBole reads any data: one line naming key and fix.
+    ``model``: the model's name where ``final`` does not hold it yet (Config fills it in later)."""
     from recbole.utils import ModelType
 
     def positive_int(key: str) -> None:
@@ -271,7 +272,7 @@ def check_config_values(final: dict) -> None:
     length = final.get("MAX_ITEM_LIST_LENGTH")
     from recbole_llm.catalog import PLUGIN_MODELS
 
-    if (final.get("model") in PLUGIN_MODELS and final.get("pretrained_model_name_or_path") is None
+    if ((model or final.get("model")) in PLUGIN_MODELS and final.get("pretrained_model_name_or_path") is None
             and isinstance(length, int) and length > RANDOM_ENCODER_POSITIONS):
         raise RecboleLLMError(
             f"MAX_ITEM_LIST_LENGTH={length} exceeds the {RANDOM_ENCODER_POSITIONS} positions of the random "
@@ -318,7 +319,7 @@ def wrap_set_default_parameters(original):
             and not user_set_sampling
         ):
             final["train_neg_sample_args"] = None
-        check_config_values(final)
+        check_config_values(final, self.model)
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
             from recbole_llm.model.backbone import check_encoder_settings
 
