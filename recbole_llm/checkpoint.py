@@ -391,7 +391,7 @@ def safe_torch_load(f, map_location: Any = None, **kwargs) -> Any:
             # torch's legacy formats (tar, raw pickle) put other pickles in the file: a tar's first member
             # name is the file's first bytes, which plain pickle.load elsewhere would run. RecBole and
             # torch have written zip checkpoints since torch 1.6.
-            raise ValueError("not a zip checkpoint (torch >= 1.6 format)")
+            raise ValueError("neither a recbole_llm checkpoint (safetensors) nor a RecBole one (torch zip)")
     # torch.serialization.load, not torch.load: the latter is swapped while RecBole loads.
     loaded = torch.serialization.load(
         f, map_location=map_location, pickle_module=restricted_pickle, weights_only=False, **kwargs

@@ -62,7 +62,8 @@ PADDING_TOKEN = "[PAD]"  # item_tokens[0]: internal id 0 is padding, never an it
 MAX_LENGTH_LIMIT = 1 << 16  # items per history a graph may take (metadata.json's max_length)
 PRECISIONS = ("fp32", "int8", "fp16")
 MAX_TEXT_TOKENS = 4096  # tokens per item text a text tower may take (metadata.json's text_tower.max_tokens)
-REEXPORT = "export the artifact again: recbole-llm export --checkpoint CHECKPOINT --output FOLDER --force"
+REEXPORT = ("export the artifact again: recbole-llm export --checkpoint CHECKPOINT --output FOLDER --force "
+            "(then recbole-llm add-items again for items added since)")
 
 # model.onnx's metadata_props that vouch for the other files (see the module docstring)
 METADATA_DIGEST, FILES_DIGEST = "metadata_sha256", "files"
