@@ -161,6 +161,14 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def resume_run(data_root: Path, saved: Path, resume_file: Path) -> subprocess.CompletedProcess:
+    """``recbole-llm run --resume_from=resume_file`` with the settings real_checkpoint was trained with, 2 epochs."""
+    return cli("run", "--model=BERTRec", "--dataset=ml-tiny", f"--data_path={data_root}",
+               "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--pretrained_model_name_or_path=None",
+               "--n_layers=1", "--n_heads=2", "--hidden_size=32", "--inner_size=64", "--MAX_ITEM_LIST_LENGTH=10",
+               "--epochs=2", "--show_progress=False", f"--checkpoint_dir={saved}", f"--resume_from={resume_file}")
+
+
 def test_every_entry_point_refuses_the_config_payload(real_checkpoint, data_root, tmp_path):
     """evaluate, export, resume_from, load_checkpoint and RecBole's load_data_and_model."""
     from recbole.quick_start import load_data_and_model
@@ -175,11 +183,7 @@ def test_every_entry_point_refuses_the_config_payload(real_checkpoint, data_root
         assert not (tmp_path / "artifact").exists()
     with pytest.raises(RecboleLLMError, match="refusing to load"):
         load_data_and_model(str(crafted))
-    resume = cli("run", "--model=BERTRec", "--dataset=ml-tiny", f"--data_path={data_root}",
-                 "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--pretrained_model_name_or_path=None",
-                 "--n_layers=1", "--n_heads=2", "--hidden_size=32", "--inner_size=64", "--MAX_ITEM_LIST_LENGTH=10",
-                 "--epochs=2", "--show_progress=False", f"--checkpoint_dir={tmp_path / 'saved'}",
-                 f"--resume_from={crafted}")
+    resume = resume_run(data_root, tmp_path / "saved", crafted)
     assert resume.returncode == 2, resume.stderr[-2000:]
     assert "refusing to load" in resume.stderr and "Traceback" not in resume.stderr
     assert not sentinel.exists()
@@ -613,11 +617,7 @@ def test_a_resumed_latest_file_writes_its_best_model_by_its_own_name(real_checkp
     from recbole_llm.checkpoint_format import atomic_save
 
     atomic_save(state, folder / "run-latest.pth")
-    resumed = cli("run", "--model=BERTRec", "--dataset=ml-tiny", f"--data_path={data_root}",
-                  "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--pretrained_model_name_or_path=None",
-                  "--n_layers=1", "--n_heads=2", "--hidden_size=32", "--inner_size=64", "--MAX_ITEM_LIST_LENGTH=10",
-                  "--epochs=2", "--show_progress=False", f"--checkpoint_dir={tmp_path / 'saved'}",
-                  f"--resume_from={folder / 'run-latest.pth'}")
+    resumed = resume_run(data_root, tmp_path / "saved", folder / "run-latest.pth")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert victim.read_text() == "the user's file"
     assert (folder / "run.pth").is_file()
