@@ -18,7 +18,6 @@ the same file (``load_data_and_model``, ``resume_checkpoint``, ``evaluate``) get
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import contextvars
 import enum
