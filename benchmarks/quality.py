@@ -183,7 +183,22 @@ PROFILES["explore"] = {**PROFILES["converged"], "seeds": [2020], "workdir": "qua
 # many CPU-hours and resumes across sessions).
 PROFILES["ml-1m"] = {**PROFILES["converged"], "datasets": ["ml-1m"], "seeds": [2020],
                      "models": ["Pop", "SASRec", "BERTRec-all-drop5-lstm"]}
+# Text-anchored items (issue 34; Let It Go, RecSys 2025): the ID part of id+text capped at half the text
+# vector's norm, and the same with DropoutNet's ID dropout, on the strongest converged setting; on the sparse
+# profile beside that setting on IDs alone and on text alone, so that what text adds is measured on it.
+_DROP5_LSTM = RUNS["BERTRec-all-drop5-lstm"][1]
+RUNS["BERTRec-all-drop5-lstm-anchor"] = ("BERTRec", {**_DROP5_LSTM, "id_max_norm": 0.5})
+RUNS["BERTRec-all-drop5-lstm-anchor-iddrop"] = ("BERTRec", {**_DROP5_LSTM, "id_max_norm": 0.5,
+                                                            "id_dropout_prob": 0.3})
+for _repr in ("id", "text"):
+    RUNS[f"BERTRec-all-drop5-lstm-{_repr}"] = ("BERTRec", {**_DROP5_LSTM, "item_repr": _repr})
+ANCHOR_RUNS = ["BERTRec-all-drop5-lstm-anchor", "BERTRec-all-drop5-lstm-anchor-iddrop"]
+PROFILES["converged"]["models"] += ANCHOR_RUNS
+PROFILES["sparse"]["models"] += ["BERTRec-all-drop5-lstm-id", "BERTRec-all-drop5-lstm-anchor"]
 PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA", *(name for name in RUNS if "-all" in name)}
+# Plugin keys added after runs were recorded, with the value those runs had: a run names them unless it sets
+# its own, and a record without them ran with these (so that records stay reusable and mean what they ran).
+LATER_KEYS = {"id_max_norm": None, "id_dropout_prob": 0.0}
 BASELINES = ("GRU4Rec", "SASRec", "BERT4Rec")
 
 
@@ -235,6 +250,7 @@ def config_for(name: str, dataset: str, profile: dict, data_path: str | None, se
     if data_path:
         config["data_path"] = data_path
     if name in PLUGIN:
+        config.update(LATER_KEYS)
         config.update(profile["plugin"])
         config["item_text_fields"] = TEXT_FIELDS[dataset]
     config.update(profile.get("recbole", {}).get(name, {}))
@@ -581,6 +597,13 @@ def sparse_verdict(runs: dict) -> str:
     return "\n".join([*lines, changes_against(runs, "BERTRec-all-drop3-id", "item IDs alone", with_text)])
 
 
+def as_recorded(config, wanted: dict):
+    """A record's config with the LATER_KEYS it predates filled in with the values it ran with."""
+    if not isinstance(config, dict):
+        return config
+    return {**{k: LATER_KEYS[k] for k in wanted if k in LATER_KEYS}, **config}
+
+
 def changes_against(runs: dict, base_name: str, base_label: str, names: list[str]) -> str:
     """Each of `names` against `base_name`: the change in mean NDCG@10 and tail NDCG@10, and whether it is
     larger than the two runs' standard deviations together (otherwise: within seed noise)."""
@@ -854,7 +877,7 @@ def main() -> None:
         wanted = {k: v for k, v in config_for(name, dataset, profile, args.data_path, seed)[1].items()
                   if k not in NOT_RECORDED}
         cached = read_record(result_file, RUNS[name][0], dataset) if result_file.exists() else None
-        if cached is not None and cached.get("config") == json.loads(json.dumps(wanted)) and \
+        if cached is not None and as_recorded(cached.get("config"), wanted) == json.loads(json.dumps(wanted)) and \
                 cached.get("budget") == f"{budget:g} {profile['clock']} s" and keyed:
             tqdm.write(f"{dataset} {name} seed {seed}: reusing {result_file.name}")
             result = cached

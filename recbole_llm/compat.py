@@ -322,10 +322,12 @@ def wrap_set_default_parameters(original):
         check_config_values(final, self.model)
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
             from recbole_llm.model.backbone import check_encoder_settings
+            from recbole_llm.model.item_text import anchor_settings
 
             from recbole_llm.data import training_rows
 
             check_encoder_settings(final)
+            anchor_settings(final)
             training_rows(final)  # the dataset cuts its training rows by these once the data is loaded
         original(self)
 

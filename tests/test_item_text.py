@@ -110,6 +110,55 @@ def test_items_without_text_fall_back_to_their_id(text_root, tmp_path, caplog):
         assert torch.equal(model.item_table()[empty_id], model.item_embedding.weight[empty_id])
 
 
+def test_text_anchored_items_stay_near_their_text_and_untrained_items_are_their_text(text_root, tmp_path):
+    """id+text with id_max_norm: after training hard enough that raw ID rows outgrow the cap, every trained
+    item's ID part is within id_max_norm of its text vector's norm (some at the bound); an item with text and no
+    interaction is exactly its text vector, which is what the text tower (add-items' path) gives its text;
+    id_dropout_prob drops corrections in training only."""
+    config, dataset, model, train_data, _, _ = build(text_config(
+        text_root, tmp_path, item_repr="id+text", id_max_norm=0.5, id_dropout_prob=0.3, train_batch_size=256))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    for _, batch in zip(range(4), train_data):
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+        with torch.no_grad():
+            assert not torch.equal(model.item_table(), model.item_table())  # a fresh dropout draw per call
+    model.eval()
+    with torch.no_grad():
+        table = model.item_table()
+        text = model.text_projection(model.text_embeddings)
+        assert torch.equal(table, model.item_table())  # no dropout at inference
+        correction = (table - text).norm(dim=-1)
+        limit = 0.5 * text.norm(dim=-1)
+        raw = model.item_embedding.weight.norm(dim=-1)
+        trained = model.item_trained & model.item_has_text
+        assert (correction[trained] <= limit[trained] * (1 + 1e-5)).all()
+        assert (raw[trained] > limit[trained]).sum() > 10  # the cap was needed, and held
+        new_id = dataset.field2token_id[dataset.iid_field][NEW_ITEM]
+        assert not model.item_trained[new_id] and raw[new_id] > 0
+        assert torch.equal(table[new_id], text[new_id])  # its untrained ID row plays no part
+        tower = model.text_tower()(model.text_input_ids[[new_id]], model.text_attention_mask[[new_id]])
+        assert torch.allclose(tower[0], table[new_id], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"item_repr": "id+text", "id_max_norm": 0}, "id_max_norm=0 must be a number above 0"),
+        ({"item_repr": "id+text", "id_max_norm": -1.0}, "id_max_norm=-1.0 must be a number above 0"),
+        ({"item_repr": "id+text", "id_max_norm": "big"}, "id_max_norm='big' must be a number above 0"),
+        ({"item_repr": "id+text", "id_dropout_prob": 1.0}, r"id_dropout_prob=1.0 must be a probability in \[0, 1\)"),
+        ({"item_repr": "id+text", "id_dropout_prob": -0.1}, r"id_dropout_prob=-0.1 must be a probability"),
+        ({"item_repr": "id+text", "item_text_fields": None}, "anchors items at their text, but item_text_fields"),
+    ],
+)
+def test_bad_anchor_settings_are_refused_when_the_config_is_built(text_root, tmp_path, overrides, fragment):
+    with pytest.raises(RecboleLLMError, match=fragment):
+        Config(model="BERTRec", dataset="ml-text", config_dict=text_config(text_root, tmp_path, **overrides))
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [

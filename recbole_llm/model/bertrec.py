@@ -26,6 +26,15 @@ the interactions get real scores, zero-shot) or ``id+text`` (their sum). ``text_
 the texts once with the pretrained encoder and caches them (fast); ``trained`` runs them through the same
 encoder, adapters included, at every step (slower, adapts to the catalogue). Items without text fall back
 to their ID embedding.
+
+Text-anchored items (``id+text`` with ``id_max_norm``), after Fedorov et al., "Let It Go? Not Quite:
+Addressing Item Cold Start in Sequential Recommendations with Content-Based Initialization", RecSys 2025:
+an item is its projected text vector plus an ID correction whose norm is capped at ``id_max_norm`` times
+that vector's norm, so trained items stay near their text and an item never trained (no interactions in
+the training split, or added to an artifact later) is its text vector alone, in the same space.
+``id_dropout_prob`` drops the correction of that share of items at each training step (Volkovs et al.,
+"DropoutNet: Addressing Cold Start in Recommender Systems", NeurIPS 2017), so the model learns to score
+from text alone too.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from torch import nn
 from recbole_llm.data import TRAIN_POSITIONS, window_stride
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.model.backbone import build_encoder, load_text_encoder, most_recent, resolve_pretrained
-from recbole_llm.model.item_text import item_texts, mean_pool, tokenize_items
+from recbole_llm.model.item_text import anchor_settings, bounded, item_texts, mean_pool, tokenize_items
 
 PRE_ENCODERS = ("lstm", "lstm_residual", "none")
 LOSS_TYPES = ("CE", "BPR")
@@ -178,6 +187,10 @@ class BERTRec(SequentialRecommender):
                     f"pretrained_model_name_or_path=None but item_repr={self.item_repr!r} needs a pretrained "
                     "encoder and its tokenizer; set pretrained_model_name_or_path"
                 )
+        # the ID part of id+text: capped relative to the text vector, dropped in training (text-anchored items)
+        self.id_max_norm, self.id_dropout_prob = anchor_settings(config)
+        if self.item_repr != "id+text":
+            self.id_max_norm, self.id_dropout_prob = None, 0.0
 
     def _build_item_text(self, dataset) -> None:
         """Tokenize every item's text once; with a frozen text encoder, encode it once too."""
@@ -189,10 +202,17 @@ class BERTRec(SequentialRecommender):
             texts, tokenizer, self.item_text_max_tokens
         )
         has_text = torch.tensor([bool(text.strip()) for text in texts])
+        # items with interactions in the training split: only they have a trained ID correction
+        trained = torch.zeros(len(texts), dtype=torch.bool)
+        for field in (dataset.iid_field, self.ITEM_SEQ):
+            if field in dataset.inter_feat:
+                trained[dataset.inter_feat[field].flatten()] = True
+        trained[0] = False
         # derived from the dataset and the backbone at construction: not part of checkpoints
         self.register_buffer("text_input_ids", input_ids, persistent=False)
         self.register_buffer("text_attention_mask", attention_mask, persistent=False)
         self.register_buffer("item_has_text", has_text, persistent=False)
+        self.register_buffer("item_trained", trained, persistent=False)
         self.text_projection = nn.Linear(self.hidden_size, self.hidden_size)
         with torch.no_grad():
             # starts as the (normalised) text embedding at the norm ID embeddings start with
@@ -236,9 +256,29 @@ class BERTRec(SequentialRecommender):
         text = self.text_embeddings if self.text_encoder_mode == "frozen" else self._encode_texts()
         text = self.text_projection(text)
         ids = self.item_embedding.weight
-        table = text if self.item_repr == "text" else ids + text
+        if self.item_repr == "text":
+            table = text
+        else:
+            table = text + self.id_correction(text)
         table = torch.where(self.item_has_text.unsqueeze(-1), table, ids)  # items without text: their ID
         return table
+
+    def id_correction(self, text: torch.Tensor) -> torch.Tensor:
+        """The ID part of ``id+text`` items, ``[n_items, hidden]``, given their projected text vectors ``text``.
+
+        Uncapped (``id_max_norm`` null): the ID embeddings as they are. Capped: each row's norm clipped to
+        ``id_max_norm`` times its text vector's norm, and zero for items without interactions in the training
+        split (their ID never trained: they are their text, as items added to an artifact later are). In
+        training, ``id_dropout_prob`` of the items lose it for the step.
+        """
+        correction = self.item_embedding.weight
+        if self.id_max_norm is not None:
+            limit = self.id_max_norm * text.norm(dim=-1, keepdim=True)
+            correction = bounded(correction, limit) * self.item_trained.unsqueeze(-1)
+        if self.training and self.id_dropout_prob > 0:
+            kept = torch.rand(correction.size(0), 1, device=correction.device) >= self.id_dropout_prob
+            correction = correction * kept
+        return correction
 
     def bake_item_table(self) -> None:
         """Fix the item representations for inference and export (text encoded once, not per call)."""

@@ -18,6 +18,47 @@ from recbole_llm.errors import RecboleLLMError
 TEXT_TYPES = (FeatureType.TOKEN, FeatureType.TOKEN_SEQ)
 
 
+def anchor_settings(config) -> tuple[float | None, float]:
+    """``(id_max_norm, id_dropout_prob)`` of a config, checked: one-line RecboleLLMError naming key and fix.
+
+    The text-anchored item representation ("Let It Go? Not Quite", Fedorov et al., RecSys 2025: a frozen
+    content embedding plus a trainable correction of capped norm; DropoutNet, Volkovs et al., NeurIPS 2017:
+    IDs dropped in training so that content alone learns to score). ``id_max_norm`` (None: uncapped) bounds
+    ``item_repr: id+text``'s ID part by that multiple of the item's text vector norm; ``id_dropout_prob`` in
+    [0, 1) drops it for that share of items at each training step. Called when the Config is built (before
+    any data is read) and by the model.
+    """
+    read = config.get if isinstance(config, dict) else config.__getitem__  # RecBole's Config: None when unset
+    cap, dropout = read("id_max_norm"), read("id_dropout_prob")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")):
+        raise RecboleLLMError(
+            f"id_max_norm={cap!r} must be a number above 0 (the ID correction's largest norm, in units of the "
+            "item's text vector norm) or null for uncapped IDs: e.g. --id_max_norm=0.5"
+        )
+    if dropout is None:
+        dropout = 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise RecboleLLMError(f"id_dropout_prob={dropout!r} must be a probability in [0, 1): e.g. --id_dropout_prob=0.3")
+    anchored = cap is not None or dropout > 0
+    item_repr = read("item_repr")
+    if anchored and isinstance(item_repr, str) and item_repr.lower() == "id+text" and not read("item_text_fields"):
+        raise RecboleLLMError(
+            f"item_repr=id+text with id_max_norm={cap!r} anchors items at their text, but item_text_fields is "
+            "not set: set item_text_fields (e.g. [movie_title, class] on ml-100k), or item_repr: id"
+        )
+    return (None if cap is None else float(cap)), float(dropout)
+
+
+def bounded(vectors: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """``vectors`` ``[n, d]`` with each row's norm clipped to ``limit`` ``[n, 1]`` (rows within it unchanged).
+
+    A projection onto the ball, differentiable almost everywhere, applied in the forward pass so that the
+    weights stay free and the used correction never leaves its bound (Let It Go's capped delta).
+    """
+    norms = vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return vectors * (limit / norms).clamp(max=1.0)
+
+
 def item_texts(dataset, fields: list[str]) -> list[str]:
     """One string per internal item id (index 0, padding, is empty)."""
     if dataset.item_feat is None:
