@@ -159,6 +159,7 @@ SERVING_TOP_K = 5
 # text tower adds items
 CATALOGUE_MODEL = {
     "backbone_layers": 1, "item_repr": "id+text", "item_text_fields": ["movie_title", "class"],
+    "text_projection": "frozen", "id_max_norm": 0.5,  # text-anchored items (Let It Go), new items in their space
     "item_text_max_tokens": 16, "MAX_ITEM_LIST_LENGTH": 12, "epochs": 1, "train_batch_size": 512,
     "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "class"]},
 }

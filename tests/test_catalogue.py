@@ -66,6 +66,33 @@ def test_new_items_score_as_the_pytorch_model_scores_them(serving_artifacts, pyt
     assert np.allclose(recommender.item_vectors[ids[1]], recommender.vectors_from_text([texts[1]])[0], atol=1e-6)
 
 
+def test_text_anchored_checkpoint_and_one_from_before_the_cap_each_score_as_trained(
+        serving_artifacts, pytorch_model, tmp_path):
+    """The catalogue model trains text-anchored (frozen text projection, id_max_norm 0.5): its trained items' rows
+    stay within the cap of their text vectors. A checkpoint written before the keys existed (its config without
+    them) loads as it trained, uncapped: its table is the plain sum of ID and text."""
+    from recbole_llm.checkpoint_format import atomic_save, load
+    from recbole_llm.export.pipeline import load_for_export
+
+    model = pytorch_model
+    assert model.id_max_norm == 0.5 and not model.text_projection.weight.requires_grad
+    with torch.no_grad():
+        text = model.text_projection(model.text_embeddings)
+        correction = (model.item_table() - text).norm(dim=-1)[model.item_trained & model.item_has_text]
+        assert (correction <= 0.5 * text.norm(dim=-1)[model.item_trained & model.item_has_text] * (1 + 1e-5)).all()
+    state = load(serving_artifacts["catalogue_checkpoint"])
+    for key in ("id_max_norm", "id_dropout_prob", "text_projection"):
+        del state["config"].final_config_dict[key]
+    old = tmp_path / "before-the-cap.pth"
+    atomic_save(state, old)
+    _, uncapped, _, _ = load_for_export(old)
+    assert uncapped.id_max_norm is None and uncapped.id_dropout_prob == 0.0
+    with torch.no_grad():
+        expected = uncapped.item_embedding.weight + uncapped.text_projection(uncapped.text_embeddings)
+        has_text = uncapped.item_has_text
+        assert torch.equal(uncapped.item_table()[has_text], expected[has_text])
+
+
 def test_add_items_command_writes_the_update_atomically(serving_artifacts, tmp_path):
     """recbole-llm add-items: a new folder with --output, else the artifact replaced whole; a refused file
     leaves the artifact as it was."""

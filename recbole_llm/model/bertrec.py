@@ -55,6 +55,7 @@ PRE_ENCODERS = ("lstm", "lstm_residual", "none")
 LOSS_TYPES = ("CE", "BPR")
 ITEM_REPRS = ("id", "text", "id+text")
 TEXT_ENCODERS = ("frozen", "trained")
+TEXT_PROJECTIONS = ("trained", "frozen")
 
 
 def _listed(choices: tuple[str, ...]) -> str:
@@ -157,6 +158,10 @@ class BERTRec(SequentialRecommender):
         self.pre_encoder_type = "none" if pre_encoder is None else one_of("pre_encoder", pre_encoder, PRE_ENCODERS)
         self.item_repr = one_of("item_repr", config["item_repr"], ITEM_REPRS)
         self.text_encoder_mode = one_of("text_encoder", config["text_encoder"], TEXT_ENCODERS)
+        # null (checkpoints from before the key) is the projection that trained
+        projection = config["text_projection"]
+        self.text_projection_mode = "trained" if projection is None else one_of(
+            "text_projection", projection, TEXT_PROJECTIONS)
         self.train_positions = one_of("train_positions", config["train_positions"], TRAIN_POSITIONS)
         if self.train_positions == "all" and loss_type == "BPR":
             raise RecboleLLMError(
@@ -219,6 +224,10 @@ class BERTRec(SequentialRecommender):
             scale = self.initializer_range * self.hidden_size**0.5
             self.text_projection.weight.copy_(scale * torch.eye(self.hidden_size))
             self.text_projection.bias.zero_()
+        if self.text_projection_mode == "frozen":
+            # Let It Go's frozen content embedding: a trained projection over ~10^3 items' 384-wide text vectors
+            # can fit each training item apart (an ID table in disguise) and then maps new texts poorly
+            self.text_projection.requires_grad_(False)
         if self.text_encoder_mode == "frozen":
             # The whole pretrained sentence encoder, every layer, whatever backbone_layers cut from the
             # sequence encoder: item text is embedded once, so its depth costs nothing per step.

@@ -39,6 +39,9 @@ def anchor_settings(config) -> tuple[float | None, float]:
         dropout = 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise RecboleLLMError(f"id_dropout_prob={dropout!r} must be a probability in [0, 1): e.g. --id_dropout_prob=0.3")
+    projection = read("text_projection")
+    if projection is not None and not (isinstance(projection, str) and projection.lower() in ("trained", "frozen")):
+        raise RecboleLLMError(f"text_projection={projection!r} is not supported; use trained or frozen")
     anchored = cap is not None or dropout > 0
     item_repr = read("item_repr")
     if anchored and isinstance(item_repr, str) and item_repr.lower() == "id+text" and not read("item_text_fields"):
