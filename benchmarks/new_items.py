@@ -70,11 +70,10 @@ NAME = Path(__file__).name
 # The model settings compared, each one config (quality.py's run of that name, with the plugin keys of its
 # converged profile, and the keys added later at the values older runs had unless the run sets its own).
 _PLUGIN = {**LATER_KEYS, **PROFILES["converged"]["plugin"]}  # id+text, one pretrained layer
-SETTINGS = {
-    "anchor": {**_PLUGIN, **RUNS["BERTRec-all-drop5-lstm-anchor"][1]},  # id_max_norm 0.5
-    "anchor-iddrop": {**_PLUGIN, **RUNS["BERTRec-all-drop5-lstm-anchor-iddrop"][1]},  # and id_dropout_prob 0.3
-    "uncapped": {**_PLUGIN, **RUNS["BERTRec-all-drop5-lstm"][1]},  # id_max_norm null
-}
+QUALITY_RUNS = {"anchor": "BERTRec-all-drop5-lstm-anchor",  # id_max_norm 0.5
+                "anchor-iddrop": "BERTRec-all-drop5-lstm-anchor-iddrop",  # and id_dropout_prob 0.3
+                "uncapped": "BERTRec-all-drop5-lstm"}  # id_max_norm null
+SETTINGS = {setting: {**_PLUGIN, **RUNS[run][1]} for setting, run in QUALITY_RUNS.items()}
 DEFAULT_SETTINGS = ["anchor"]
 _SHORT, _KEEP = "ml-1m-short", SHORT_HISTORIES["ml-1m-short"][1]
 # name on the command line -> RecBole dataset, quality.py profile whose history and patience it trains with,
@@ -204,13 +203,35 @@ def train(dataset: str, config_dict: dict) -> dict:
             "machine": machine()}
 
 
-def trained_model(workdir: Path, dataset: str, config: dict, seed: int, data_path: Path, label: str) -> dict:
+def quality_model(dataset: str, setting: str) -> dict | None:
+    """The model quality.py trained for this setting on the whole dataset with the saw-them seed, when its record
+    and its kept best checkpoint are both here: the same data, setting and seed, so the same training, and
+    hours of CPU not spent twice. ``{"checkpoint", "test", "best_valid", "epochs", "best_epoch", "source"}``."""
+    spec = DATASETS[dataset]
+    folder = PROFILES[spec["profile"]].get("workdir", f"quality_{spec['profile']}")
+    stem = f"{spec['recbole']}_{QUALITY_RUNS[setting]}_seed{SAW_THEM_SEED}"
+    record_file, checkpoint = RESULTS / "runs" / folder / f"{stem}.json", SCRATCH / folder / f"{stem}.best.pth"
+    if not (record_file.is_file() and checkpoint.is_file()):
+        return None
+    record = json.loads(record_file.read_text())
+    scores = record["valid_ndcg@10"]
+    return {"checkpoint": str(checkpoint.resolve()), "test": record["test"], "best_valid": max(scores),
+            "epochs": record["epochs"], "best_epoch": record["epochs_to_best"],
+            "train_seconds": round(record["seconds_per_epoch"] * record["epochs"], 1),
+            "seconds_per_epoch": record["seconds_per_epoch"], "machine": record["machine"],
+            "source": f"quality.py's {spec['profile']} run {stem} (its best checkpoint)"}
+
+
+def trained_model(workdir: Path, dataset: str, config: dict, seed: int, data_path: Path, label: str,
+                  trained: dict | None = None) -> dict:
     """BERTRec with ``config`` trained with ``seed`` on ``dataset`` of ``data_path`` and exported, in ``workdir``
-    (its own process; reused when trained so before)."""
+    (its own process; reused when trained so before, or ``trained`` elsewhere: see :func:`quality_model`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     run = {**config, "seed": seed, "data_path": str(data_path), "show_progress": False,
            "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", *config["item_text_fields"]]},
            "checkpoint_dir": str(workdir / "saved"), "save_latest": False}  # a training cut short starts over
+    if trained is not None and not (workdir / "trained.json").exists():
+        (workdir / "trained.json").write_text(json.dumps({"config": run, **trained}, indent=2) + "\n")
     (workdir / "wanted.json").write_text(json.dumps({"dataset": dataset, "config": run}, indent=2) + "\n")
     print(f"  {label}: training (or reusing) and exporting in {workdir} ...", flush=True)
     done = workdir / "result.json"
@@ -521,7 +542,8 @@ def main() -> None:
                           flush=True)
                 print(f"{dataset} {setting} draw {seed} ...", flush=True)
                 if saw is None:
-                    saw = trained_model(workdir / "saw_them", name, config, SAW_THEM_SEED, source, "saw them")
+                    saw = trained_model(workdir / "saw_them", name, config, SAW_THEM_SEED, source, "saw them",
+                                        None if args.smoke else quality_model(dataset, setting))
                 held_out = draw_items(candidates, args.holdout, seed)
                 data = root / "datasets" / dataset / f"draw{seed}-holdout{args.holdout:g}"
                 write_holdout(data, name, source, held_out)

@@ -192,13 +192,15 @@ RUNS["BERTRec-all-drop5-lstm-anchor-iddrop"] = ("BERTRec", {**_DROP5_LSTM, "id_m
                                                             "id_dropout_prob": 0.3})
 for _repr in ("id", "text"):
     RUNS[f"BERTRec-all-drop5-lstm-{_repr}"] = ("BERTRec", {**_DROP5_LSTM, "item_repr": _repr})
-ANCHOR_RUNS = ["BERTRec-all-drop5-lstm-anchor", "BERTRec-all-drop5-lstm-anchor-iddrop"]
+# the text vectors frozen as Let It Go keeps them (no trained projection), with the capped ID part
+RUNS["BERTRec-all-drop5-lstm-frozen"] = ("BERTRec", {**_DROP5_LSTM, "text_projection": "frozen", "id_max_norm": 0.5})
+ANCHOR_RUNS = ["BERTRec-all-drop5-lstm-anchor", "BERTRec-all-drop5-lstm-anchor-iddrop", "BERTRec-all-drop5-lstm-frozen"]
 PROFILES["converged"]["models"] += ANCHOR_RUNS
-PROFILES["sparse"]["models"] += ["BERTRec-all-drop5-lstm-id", "BERTRec-all-drop5-lstm-anchor"]
+PROFILES["sparse"]["models"] += ["BERTRec-all-drop5-lstm-id", "BERTRec-all-drop5-lstm-frozen"]
 PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA", *(name for name in RUNS if "-all" in name)}
 # Plugin keys added after runs were recorded, with the value those runs had: a run names them unless it sets
 # its own, and a record without them ran with these (so that records stay reusable and mean what they ran).
-LATER_KEYS = {"id_max_norm": None, "id_dropout_prob": 0.0}
+LATER_KEYS = {"id_max_norm": None, "id_dropout_prob": 0.0, "text_projection": "trained"}
 BASELINES = ("GRU4Rec", "SASRec", "BERT4Rec")
 
 
@@ -386,6 +388,8 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
     }
     out.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".tmp").replace(out)  # a record is whole or absent
+    if best_file.exists():  # kept beside the log: new_items.py uses a converged model trained on all the data
+        best_file.replace(state_dir.parent / f"{out.stem}.best.pth")
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
