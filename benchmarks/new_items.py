@@ -1,9 +1,9 @@
 """New items from their text (cold start): how well items a deployed model never saw are recommended once
 added by their text, over several held-out draws, per model setting.
 
-    python benchmarks/new_items.py --data-path ../shared/datasets      # ml-100k and ml-1m (cut), anchor, 3 draws
+    python benchmarks/new_items.py --data-path ../shared/datasets      # ml-100k and ml-1m (cut), frozen, 3 draws
     python benchmarks/new_items.py --datasets ml-100k --settings anchor,anchor-iddrop,uncapped
-    python benchmarks/new_items.py [--datasets ml-100k,ml-1m] [--seeds 2020,2021,2022] [--settings anchor]
+    python benchmarks/new_items.py [--datasets ml-100k,ml-1m] [--seeds 2020,2021,2022] [--settings frozen]
                                    [--data-path ../shared/datasets] [--holdout 0.1]
 
 Datasets: ``ml-100k``, RecBole's bundled copy, whole (text: movie_title, class; history 50, early stopping
@@ -31,11 +31,12 @@ Figures per draw: Recall@10, NDCG@10, Recall@100 and the median rank of the targ
 cold / trained NDCG@10 ("added by text" over "saw them in training"), and the two models' own test NDCG@10
 on their leave-one-out test sets (RecBole's evaluator); reported as mean ± sample std over the draws.
 
-Settings (``SETTINGS``; quality.py's runs of the same keys): ``anchor`` (default, the recommended one:
-quality.py's BERTRec-all-drop5-lstm-anchor, the converged profile's strongest setting with the ID part of
-id+text capped at 0.5 times the item's text vector norm, so an item never trained is its text vector, in the
-same space), ``anchor-iddrop`` (the same with DropoutNet's ID dropout 0.3) and ``uncapped`` (id_max_norm
-null: what the project did before).
+Settings (``SETTINGS``; quality.py's runs of the same keys, on the converged profile's strongest setting,
+drop5-lstm): ``frozen`` (default, the recommended one: quality.py's BERTRec-all-drop5-lstm-frozen, the text
+vectors frozen as Let It Go keeps content embeddings and the ID part of id+text capped at 0.5 times their
+norm, so an item never trained is its text vector, in the same space), ``anchor`` (the cap with a trained
+text projection), ``anchor-iddrop`` (that with DropoutNet's ID dropout 0.3) and ``uncapped`` (id_max_norm
+null: what the project did before). benchmarks/cold_explore.py compares more variants on one draw.
 
 Each training runs in its own process. Trained checkpoints and artifacts stay in benchmarks/scratch/new_items
 (git-ignored) and are reused while their config is the same (delete that folder to train and export afresh).
@@ -72,9 +73,10 @@ NAME = Path(__file__).name
 _PLUGIN = {**LATER_KEYS, **PROFILES["converged"]["plugin"]}  # id+text, one pretrained layer
 QUALITY_RUNS = {"anchor": "BERTRec-all-drop5-lstm-anchor",  # id_max_norm 0.5
                 "anchor-iddrop": "BERTRec-all-drop5-lstm-anchor-iddrop",  # and id_dropout_prob 0.3
-                "uncapped": "BERTRec-all-drop5-lstm"}  # id_max_norm null
+                "uncapped": "BERTRec-all-drop5-lstm",  # id_max_norm null
+                "frozen": "BERTRec-all-drop5-lstm-frozen"}  # text_projection frozen, id_max_norm 0.5
 SETTINGS = {setting: {**_PLUGIN, **RUNS[run][1]} for setting, run in QUALITY_RUNS.items()}
-DEFAULT_SETTINGS = ["anchor"]
+DEFAULT_SETTINGS = ["frozen"]
 _SHORT, _KEEP = "ml-1m-short", SHORT_HISTORIES["ml-1m-short"][1]
 # name on the command line -> RecBole dataset, quality.py profile whose history and patience it trains with,
 # and what of the source it is

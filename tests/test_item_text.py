@@ -151,7 +151,8 @@ def test_text_anchored_items_stay_near_their_text_and_untrained_items_are_their_
         ({"item_repr": "id+text", "id_max_norm": "big"}, "id_max_norm='big' must be a number above 0"),
         ({"item_repr": "id+text", "id_dropout_prob": 1.0}, r"id_dropout_prob=1.0 must be a probability in \[0, 1\)"),
         ({"item_repr": "id+text", "id_dropout_prob": -0.1}, r"id_dropout_prob=-0.1 must be a probability"),
-        ({"item_repr": "id+text", "item_text_fields": None}, "anchors items at their text, but item_text_fields"),
+        ({"item_repr": "id+text", "id_max_norm": 0.5, "item_text_fields": None},
+         "anchors items at their text, but item_text_fields"),
         ({"text_projection": "learned"}, "text_projection='learned' is not supported; use trained or frozen"),
     ],
 )
