@@ -81,6 +81,8 @@ def test_text_anchored_checkpoint_and_one_from_before_the_cap_each_score_as_trai
         correction = (model.item_table() - text).norm(dim=-1)[model.item_trained & model.item_has_text]
         assert (correction <= 0.5 * text.norm(dim=-1)[model.item_trained & model.item_has_text] * (1 + 1e-5)).all()
     state = load(serving_artifacts["catalogue_checkpoint"])
+    # which items trained an ID is saved with a capped model, as trained (not re-read from later data)
+    assert torch.equal(state["state_dict"].pop("item_trained"), model.item_trained)
     for key in ("id_max_norm", "id_dropout_prob", "text_projection"):
         del state["config"].final_config_dict[key]
     old = tmp_path / "before-the-cap.pth"

@@ -194,8 +194,6 @@ class BERTRec(SequentialRecommender):
                 )
         # the ID part of id+text: capped relative to the text vector, dropped in training (text-anchored items)
         self.id_max_norm, self.id_dropout_prob = anchor_settings(config)
-        if self.item_repr != "id+text":
-            self.id_max_norm, self.id_dropout_prob = None, 0.0
 
     def _build_item_text(self, dataset) -> None:
         """Tokenize every item's text once; with a frozen text encoder, encode it once too."""
@@ -217,7 +215,9 @@ class BERTRec(SequentialRecommender):
         self.register_buffer("text_input_ids", input_ids, persistent=False)
         self.register_buffer("text_attention_mask", attention_mask, persistent=False)
         self.register_buffer("item_has_text", has_text, persistent=False)
-        self.register_buffer("item_trained", trained, persistent=False)
+        # Capped: which items had a trained ID is part of the model (saved with it), not re-read from whatever
+        # data a later evaluate or export finds: an item that gained interactions since keeps being its text.
+        self.register_buffer("item_trained", trained, persistent=self.id_max_norm is not None)
         self.text_projection = nn.Linear(self.hidden_size, self.hidden_size)
         with torch.no_grad():
             # starts as the (normalised) text embedding at the norm ID embeddings start with
@@ -238,6 +238,14 @@ class BERTRec(SequentialRecommender):
             centre = pooled[1:].mean(dim=0)
             self.register_buffer("text_centre", centre, persistent=False)
             self.register_buffer("text_embeddings", text_vectors(pooled, centre), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a capped model's checkpoint written before its item_trained mask was saved: the mask its data gives
+        key = prefix + "item_trained"
+        if "item_trained" in self._buffers and "item_trained" not in self._non_persistent_buffers_set \
+                and key not in state_dict:
+            state_dict[key] = self.item_trained
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _pool_texts(self, encoder: nn.Module, batch_size: int | None = None) -> torch.Tensor:
         """Mean-pooled states of every item's text through ``encoder``, ``[n_items, hidden]``."""
@@ -291,8 +299,12 @@ class BERTRec(SequentialRecommender):
 
     def bake_item_table(self) -> None:
         """Fix the item representations for inference and export (text encoded once, not per call)."""
-        with torch.no_grad():
-            self._baked_item_table = self.item_table().detach().clone()
+        training, self.training = self.training, False  # no ID dropout frozen into the table
+        try:
+            with torch.no_grad():
+                self._baked_item_table = self.item_table().detach().clone()
+        finally:
+            self.training = training
 
     def encode_items(self, item_seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
         """The vectors fed to the encoder for a batch of item-id sequences, ``[batch, length, hidden]``."""

@@ -32,7 +32,7 @@ def anchor_settings(config) -> tuple[float | None, float]:
     cap, dropout = read("id_max_norm"), read("id_dropout_prob")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")):
         raise RecboleLLMError(
-            f"id_max_norm={cap!r} must be a number above 0 (the ID correction's largest norm, in units of the "
+            f"id_max_norm={cap!r} must be a finite number above 0 (the ID correction's largest norm, in units of the "
             "item's text vector norm) or null for uncapped IDs: e.g. --id_max_norm=0.5"
         )
     if dropout is None:
@@ -42,12 +42,17 @@ def anchor_settings(config) -> tuple[float | None, float]:
     projection = read("text_projection")
     if projection is not None and not (isinstance(projection, str) and projection.lower() in ("trained", "frozen")):
         raise RecboleLLMError(f"text_projection={projection!r} is not supported; use trained or frozen")
-    anchored = cap is not None or dropout > 0
+    given = f"id_max_norm={cap!r}" if cap is not None else f"id_dropout_prob={dropout!r}" if dropout > 0 else None
     item_repr = read("item_repr")
-    if anchored and isinstance(item_repr, str) and item_repr.lower() == "id+text" and not read("item_text_fields"):
+    if given and not (isinstance(item_repr, str) and item_repr.lower() == "id+text"):
         raise RecboleLLMError(
-            f"item_repr=id+text with id_max_norm={cap!r} anchors items at their text, but item_text_fields is "
-            "not set: set item_text_fields (e.g. [movie_title, class] on ml-100k), or item_repr: id"
+            f"{given} shapes the ID part of item_repr id+text, but item_repr={item_repr!r}: set item_repr: id+text "
+            "(with item_text_fields), or leave id_max_norm and id_dropout_prob unset"
+        )
+    if given and not read("item_text_fields"):
+        raise RecboleLLMError(
+            f"item_repr=id+text with {given} anchors items at their text, but item_text_fields is not set: set "
+            "item_text_fields (e.g. [movie_title, class] on ml-100k), or item_repr: id"
         )
     return (None if cap is None else float(cap)), float(dropout)
 
