@@ -1,9 +1,9 @@
 """New items from their text (cold start): how well items a deployed model never saw are recommended once
 added by their text, over several held-out draws, per model setting.
 
-    python benchmarks/new_items.py --data-path ../shared/datasets      # ml-100k and ml-1m (cut), frozen, 3 draws
+    python benchmarks/new_items.py --data-path ../shared/datasets      # ml-100k and ml-1m (cut), anchor, 3 draws
     python benchmarks/new_items.py --datasets ml-100k --settings anchor,anchor-iddrop,uncapped
-    python benchmarks/new_items.py [--datasets ml-100k,ml-1m] [--seeds 2020,2021,2022] [--settings frozen]
+    python benchmarks/new_items.py [--datasets ml-100k,ml-1m] [--seeds 2020,2021,2022] [--settings anchor]
                                    [--data-path ../shared/datasets] [--holdout 0.1]
 
 Datasets: ``ml-100k``, RecBole's bundled copy, whole (text: movie_title, class; history 50, early stopping
@@ -32,11 +32,11 @@ cold / trained NDCG@10 ("added by text" over "saw them in training"), and the tw
 on their leave-one-out test sets (RecBole's evaluator); reported as mean ± sample std over the draws.
 
 Settings (``SETTINGS``; quality.py's runs of the same keys, on the converged profile's strongest setting,
-drop5-lstm): ``frozen`` (default, the recommended one: quality.py's BERTRec-all-drop5-lstm-frozen, the text
-vectors frozen as Let It Go keeps content embeddings and the ID part of id+text capped at 0.5 times their
-norm, so an item never trained is its text vector, in the same space), ``anchor`` (the cap with a trained
-text projection), ``anchor-iddrop`` (that with DropoutNet's ID dropout 0.3) and ``uncapped`` (id_max_norm
-null: what the project did before). benchmarks/cold_explore.py compares more variants on one draw.
+drop5-lstm): ``anchor`` (default: quality.py's BERTRec-all-drop5-lstm-anchor, the ID part of id+text capped
+at 0.5 times the item's text vector norm, so an item never trained is its text vector, in the same space),
+``anchor-iddrop`` (that with DropoutNet's ID dropout 0.3), ``frozen`` (the cap with the text projection frozen,
+as Let It Go keeps content embeddings) and ``uncapped`` (id_max_norm null: what the project did before).
+benchmarks/cold_explore.py compares more variants on one draw, more cheaply.
 
 Each training runs in its own process. Trained checkpoints and artifacts stay in benchmarks/scratch/new_items
 (git-ignored) and are reused while their config is the same (delete that folder to train and export afresh).
@@ -76,7 +76,7 @@ QUALITY_RUNS = {"anchor": "BERTRec-all-drop5-lstm-anchor",  # id_max_norm 0.5
                 "uncapped": "BERTRec-all-drop5-lstm",  # id_max_norm null
                 "frozen": "BERTRec-all-drop5-lstm-frozen"}  # text_projection frozen, id_max_norm 0.5
 SETTINGS = {setting: {**_PLUGIN, **RUNS[run][1]} for setting, run in QUALITY_RUNS.items()}
-DEFAULT_SETTINGS = ["frozen"]
+DEFAULT_SETTINGS = ["anchor"]
 _SHORT, _KEEP = "ml-1m-short", SHORT_HISTORIES["ml-1m-short"][1]
 # name on the command line -> RecBole dataset, quality.py profile whose history and patience it trains with,
 # and what of the source it is

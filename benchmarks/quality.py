@@ -196,7 +196,7 @@ for _repr in ("id", "text"):
 RUNS["BERTRec-all-drop5-lstm-frozen"] = ("BERTRec", {**_DROP5_LSTM, "text_projection": "frozen", "id_max_norm": 0.5})
 ANCHOR_RUNS = ["BERTRec-all-drop5-lstm-anchor", "BERTRec-all-drop5-lstm-anchor-iddrop", "BERTRec-all-drop5-lstm-frozen"]
 PROFILES["converged"]["models"] += ANCHOR_RUNS
-PROFILES["sparse"]["models"] += ["BERTRec-all-drop5-lstm-id", "BERTRec-all-drop5-lstm-frozen"]
+PROFILES["sparse"]["models"] += ["BERTRec-all-drop5-lstm-id", "BERTRec-all-drop5-lstm-anchor"]
 PLUGIN = {"BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA", *(name for name in RUNS if "-all" in name)}
 # Plugin keys added after runs were recorded, with the value those runs had: a run names them unless it sets
 # its own, and a record without them ran with these (so that records stay reusable and mean what they ran).

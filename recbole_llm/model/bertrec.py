@@ -34,7 +34,8 @@ that vector's norm, so trained items stay near their text and an item never trai
 the training split, or added to an artifact later) is its text vector alone, in the same space.
 ``id_dropout_prob`` drops the correction of that share of items at each training step (Volkovs et al.,
 "DropoutNet: Addressing Cold Start in Recommender Systems", NeurIPS 2017), so the model learns to score
-from text alone too.
+from text alone too. ``text_projection: frozen`` keeps the projection of text vectors at its start, as Let It
+Go keeps its content embeddings frozen. All three are opt-in (benchmarks/results/cold_explore.md).
 """
 
 from __future__ import annotations
