@@ -53,7 +53,8 @@ def one_line(error: SystemExit, *fragments: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # quality.py's run records
 
-COMMITTED = sorted((BENCHMARKS / "results" / "runs").glob("*/*.json"))
+COMMITTED = sorted((BENCHMARKS / "results" / "runs").glob("quality_*/*.json"))  # quality.py's run records
+NEW_ITEMS_RECORDS = sorted((BENCHMARKS / "results" / "runs" / "new_items").glob("*.json"))
 
 
 def test_every_committed_record_reads(quality):
@@ -61,6 +62,14 @@ def test_every_committed_record_reads(quality):
     for path in COMMITTED:
         record = json.loads(path.read_text())
         assert quality.read_record(path, record["model"], record["dataset"]) == record
+
+
+def test_every_committed_new_items_record_reads(quality):
+    new_items = load(BENCHMARKS / "new_items.py", "new_items")
+    assert NEW_ITEMS_RECORDS
+    for path in NEW_ITEMS_RECORDS:
+        record = json.loads(path.read_text())
+        assert new_items.read_record(path, record["dataset"], record["setting"], record["draw"]) == record
 
 
 def good_record() -> dict:
