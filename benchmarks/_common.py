@@ -134,3 +134,21 @@ def write_results(name: str, report: dict, markdown: list[str], folder: Path = R
         for tmp in temporary.values():
             tmp.unlink(missing_ok=True)
     print("\n".join(markdown))
+
+
+def read_small_json(path: Path, max_bytes: int, what: str) -> tuple[object, str]:
+    """``(parsed JSON, "")`` of a record file, or ``(None, problem)``: the type and size are checked first, since a
+    folder, a FIFO or /dev/zero in its place would fail or hang on reading; ``what`` names it in the size message."""
+    import stat
+
+    try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            return None, "a folder, not a file"
+        if not stat.S_ISREG(info.st_mode):
+            return None, "not a regular file"
+        if info.st_size > max_bytes:
+            return None, f"{info.st_size:,} bytes, too large for {what} (at most {max_bytes:,})"
+        return json.loads(path.read_bytes().decode("utf-8")), ""
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        return None, f"unreadable ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"

@@ -53,7 +53,6 @@ import argparse
 import json
 import math
 import shutil
-import stat
 import statistics
 import sys
 import time
@@ -63,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SCRATCH, machine, provenance, run_child, write_results  # noqa: E402
+from _common import RESULTS, SCRATCH, machine, provenance, read_small_json, run_child, write_results  # noqa: E402
 from quality import (  # noqa: E402
     EVAL, LATER_KEYS, PROFILES, RUNS, SHORT_HISTORIES, TEXT_FIELDS, prepare_short_histories)
 
@@ -350,19 +349,7 @@ def read_record(path: Path, dataset: str, setting: str, seed: int) -> dict:
     """A draw's record. SystemExit (one line naming the file and the fix) when it is not a regular file of
     UTF-8 JSON with every field, typed, of this (dataset, setting, draw): reusing or silently recomputing over
     a damaged record would both be wrong."""
-    problem, record = "", None
-    try:
-        info = path.stat()  # the type and size first: a folder or a FIFO in its place would fail or hang
-        if stat.S_ISDIR(info.st_mode):
-            problem = "a folder, not a file"
-        elif not stat.S_ISREG(info.st_mode):
-            problem = "not a regular file"
-        elif info.st_size > RECORD_MAX_BYTES:
-            problem = f"{info.st_size:,} bytes, too large for a record (at most {RECORD_MAX_BYTES:,})"
-        else:
-            record = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        problem = f"unreadable ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
+    record, problem = read_small_json(path, RECORD_MAX_BYTES, "a record")
     problem = problem or record_problem(record, dataset, setting, seed)
     if problem:
         remove = f"remove it with `rm -r {path}`" if "folder" in problem else "delete it"

@@ -39,13 +39,12 @@ import argparse
 import json
 import math
 import shutil
-import stat
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SCRATCH, RESULTS, machine, peak_rss_mb, provenance, run_child, write_results  # noqa: E402
+from _common import SCRATCH, RESULTS, machine, peak_rss_mb, provenance, read_small_json, run_child, write_results  # noqa: E402
 
 EVAL = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}
 TEXT_FIELDS = {"ml-100k": ["movie_title", "class"], "ml-1m": ["movie_title", "genre"]}
@@ -744,20 +743,7 @@ def read_record(path: Path, model: str | None = None, dataset: str | None = None
     naming the file and the fix) when it is not a regular file of readable UTF-8 JSON, lacks a field, holds one
     of the wrong type, or is another run's: reusing or silently retraining over a damaged record would both be
     wrong."""
-    problem = ""
-    try:
-        # the type and size first: a folder, a FIFO or /dev/zero in its place would fail or hang on reading
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            problem = "a folder, not a file"
-        elif not stat.S_ISREG(info.st_mode):
-            problem = "not a regular file"
-        elif info.st_size > RECORD_MAX_BYTES:
-            problem = f"{info.st_size:,} bytes, too large for a run record (at most {RECORD_MAX_BYTES:,})"
-        else:
-            record = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        problem = f"unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    record, problem = read_small_json(path, RECORD_MAX_BYTES, "a run record")
     if not problem:
         problem = record_problem(record)
     if not problem:
