@@ -268,14 +268,15 @@ def metrics(ranked: list[list[str]], targets: list[str]) -> dict[str, float]:
 
 
 def evaluate_draw(source: Path, name: str, holdout_data: Path, held_out: set[str], added_artifact: str,
-                  saw_artifact: str) -> dict:
-    """The three rows of one draw, on its users."""
+                  saw_artifact: str, text_fields: list[str] | None = None) -> dict:
+    """The three rows of one draw, on its users; held-out items added with ``text_fields`` (default: the
+    dataset's TEXT_FIELDS, as the models were trained)."""
     from recbole_llm.runtime import Recommender
 
     cases = evaluation_users(source / name / f"{name}.inter", held_out)
     histories, targets = [c[0] for c in cases], [c[1] for c in cases]
     _, fields, item_rows = read_table(source / name / f"{name}.item")
-    text_fields = TEXT_FIELDS[name]
+    text_fields = text_fields or TEXT_FIELDS[name]
     texts = {row[0]: {f: row[fields.index(f)] for f in text_fields if fields.index(f) < len(row)}
              for row in item_rows}
     added = Recommender(added_artifact)
