@@ -34,7 +34,7 @@ CALLS = {1: 50, 64: 10}  # timed calls per batch size, after warm-up
 
 def synthetic_artifact(source: Path, size: int, folder: Path, seed: int = 0) -> Path:
     """A copy of the item-index artifact ``source`` whose catalogue holds ``size`` items (its own first)."""
-    from recbole_llm.export import artifact
+    from recbole_llm.artifact import contract as artifact
 
     metadata = json.loads((source / artifact.METADATA_FILE).read_text())
     real = np.load(source / artifact.ITEM_VECTORS_FILE)
@@ -70,7 +70,7 @@ def histories(tokens: list[str], rows: int, seed: int = 1) -> list[list[str]]:
 
 
 def child(folder: Path, retrieval: str, out: Path) -> None:
-    from recbole_llm.runtime import Recommender
+    from recbole_llm.serving.runtime import Recommender
 
     start = time.perf_counter()
     recommender = Recommender(folder, retrieval=retrieval)

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, SCRATCH, provenance, write_results  # noqa: E402
 
-from recbole_llm.runtime import Recommender  # noqa: E402
+from recbole_llm.serving.runtime import Recommender  # noqa: E402
 
 WORK = SCRATCH / "inference_cpu"
 CALLS = 30

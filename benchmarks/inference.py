@@ -149,14 +149,14 @@ def scorer(runtime: str, device: str, prepared: dict):
     if runtime.startswith("ort-"):
         import onnxruntime as ort
 
-        from recbole_llm.runtime import session_options
+        from recbole_llm.serving.runtime import session_options
 
         providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         artifact = "ort-fp32" if runtime == "ort-openvino" else runtime
         if runtime == "ort-openvino":  # OpenVINO compiles the plain graph (ONNX Runtime's fused ops are its own)
             providers = [("OpenVINOExecutionProvider", {"device_type": "CPU"}), "CPUExecutionProvider"]
         path = str(Path(prepared["artifacts"][artifact]["folder"]) / "model.onnx")
-        options, SETTINGS["session"] = session_options()  # what recbole_llm.runtime.Recommender runs with
+        options, SETTINGS["session"] = session_options()  # what recbole_llm.serving.runtime.Recommender runs with
         session = ort.InferenceSession(path, options, providers=providers)
         SETTINGS["providers"] = session.get_providers()
         SETTINGS["onnxruntime"] = ort.__version__

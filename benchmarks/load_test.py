@@ -199,7 +199,7 @@ def main() -> None:
         raise SystemExit(f"load_test.py: error: no artifact at {args.artifact}; run benchmarks/inference.py "
                          "first or pass --artifact DIR")
 
-    from recbole_llm.runtime import Recommender
+    from recbole_llm.serving.runtime import Recommender
 
     recommender = Recommender(args.artifact)
     pool = make_pool(recommender.tokens, 500)

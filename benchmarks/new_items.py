@@ -271,7 +271,7 @@ def evaluate_draw(source: Path, name: str, holdout_data: Path, held_out: set[str
                   saw_artifact: str, text_fields: list[str] | None = None) -> dict:
     """The three rows of one draw, on its users; held-out items added with ``text_fields`` (default: the
     dataset's TEXT_FIELDS, as the models were trained)."""
-    from recbole_llm.runtime import Recommender
+    from recbole_llm.serving.runtime import Recommender
 
     cases = evaluation_users(source / name / f"{name}.inter", held_out)
     histories, targets = [c[0] for c in cases], [c[1] for c in cases]

@@ -1,12 +1,12 @@
 """recbole_llm: pretrained BERT encoders, fully or parameter-efficiently fine-tuned, as RecBole models.
 
 ``import recbole_llm`` is all a RecBole user needs: it makes RecBole 1.2.1 work on today's stack
-(:mod:`recbole_llm.compat`) and registers the plugin's models with RecBole's own entry points
-(:mod:`recbole_llm.registry`), so ``run_recbole(model='BERTRec', dataset='ml-100k')`` just works. Every
+(:mod:`recbole_llm.patches.compat`) and registers the plugin's models with RecBole's own entry points
+(:mod:`recbole_llm.patches.models`), so ``run_recbole(model='BERTRec', dataset='ml-100k')`` just works. Every
 change to RecBole is one entry of :mod:`recbole_llm.patches`, installed once.
 
 It does so when RecBole is imported, not before: importing ``recbole_llm`` (or its serving modules,
-:mod:`recbole_llm.runtime` and :mod:`recbole_llm.serve`) imports neither RecBole nor torch. If RecBole is
+:mod:`recbole_llm.serving.runtime` and :mod:`recbole_llm.serving.http`) imports neither RecBole nor torch. If RecBole is
 already imported, the plugin is installed at once; otherwise the first ``import recbole...`` installs it,
 right after RecBole's own package ``__init__`` ran and before the import that asked for it returns.
 """
@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Any
 
-from recbole_llm import compat as _compat
+from recbole_llm.patches import compat as _compat
 from recbole_llm.errors import RecboleLLMError
 
 __version__ = "0.1.0"
@@ -87,11 +87,11 @@ elif importlib.util.find_spec("recbole") is not None:
 def __getattr__(name: str) -> Any:
     # These import RecBole, which installs the plugin first.
     if name == "load_checkpoint":
-        from recbole_llm.checkpoint import load_checkpoint
+        from recbole_llm.checkpoint.loading import load_checkpoint
 
         return load_checkpoint
     if name == "available_models":
-        from recbole_llm.registry import available_models
+        from recbole_llm.patches.models import available_models
 
         return available_models
     raise AttributeError(f"module 'recbole_llm' has no attribute '{name}'")

@@ -132,7 +132,7 @@ def _evaluate(args: Sequence[str]) -> int:
     from recbole.quick_start import load_data_and_model
     from recbole.utils import get_trainer, set_color
 
-    from recbole_llm.checkpoint import config_overrides
+    from recbole_llm.checkpoint.loading import config_overrides
     from recbole_llm.errors import RecboleLLMError
 
     sys.argv = sys.argv[:1]
@@ -187,7 +187,7 @@ def _export(args: Sequence[str]) -> int:
 
 
 def _serve(args: Sequence[str]) -> int:
-    from recbole_llm.serve import Limits  # the defaults live there, once (numpy and onnxruntime, no fastapi)
+    from recbole_llm.serving.http import Limits  # the defaults live there, once (numpy and onnxruntime, no fastapi)
 
     default = Limits()
     parser = argparse.ArgumentParser(prog="recbole-llm serve", allow_abbrev=False)
@@ -224,7 +224,7 @@ def _serve(args: Sequence[str]) -> int:
     known = parser.parse_args(args)
 
     from recbole_llm.errors import RecboleLLMError
-    from recbole_llm.serve import serve
+    from recbole_llm.serving.http import serve
 
     if not 1 <= known.port <= 65535:
         return _fail(f"--port {known.port} is not a TCP port; use 1 to 65535")
@@ -255,7 +255,7 @@ def _add_items(args: Sequence[str]) -> int:
     known = parser.parse_args(args)
 
     from recbole_llm.errors import RecboleLLMError
-    from recbole_llm.runtime import Recommender, read_items_file
+    from recbole_llm.serving.runtime import Recommender, read_items_file
 
     from pathlib import Path
 
@@ -279,7 +279,7 @@ def _add_items(args: Sequence[str]) -> int:
 
 def _models() -> int:
     import recbole_llm
-    from recbole_llm.registry import PLUGIN_MODELS
+    from recbole_llm.patches.models import PLUGIN_MODELS
 
     for name in recbole_llm.available_models():
         print(f"{name}\t{'recbole_llm' if name in PLUGIN_MODELS else 'recbole'}")

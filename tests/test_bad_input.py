@@ -209,7 +209,7 @@ def test_resuming_from_weights_of_another_dataset_or_model_says_what_does_not_ma
 
 
 def test_an_older_checkpoint_after_the_item_count_changed_says_what_does_not_match(trained, tmp_path):
-    """A checkpoint from before recbole_llm.world (no id maps in it): the weights' shapes tell."""
+    """A checkpoint from before recbole_llm.checkpoint.lineage (no id maps in it): the weights' shapes tell."""
     import torch
     from recbole.quick_start import load_data_and_model
 
@@ -232,7 +232,7 @@ def test_an_older_checkpoint_after_the_item_count_changed_says_what_does_not_mat
 
 FULL_DISK_SAVE = """
 import resource, signal, sys, torch
-from recbole_llm.checkpoint_format import atomic_save
+from recbole_llm.checkpoint.format import atomic_save
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 atomic_save({"state_dict": {"w": torch.zeros(100_000)}}, sys.argv[1])
@@ -246,7 +246,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path
 
     import torch
 
-    from recbole_llm.checkpoint_format import atomic_save, load
+    from recbole_llm.checkpoint.format import atomic_save, load
 
     path = tmp_path / "model.pth"
     atomic_save({"state_dict": {"w": torch.ones(3)}}, path)

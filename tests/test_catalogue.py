@@ -15,7 +15,7 @@ import torch
 from recbole_llm import RecboleLLMError
 from recbole_llm.export import ExportOptions, export_checkpoint
 from recbole_llm.export.options import check_options
-from recbole_llm.runtime import Recommender
+from recbole_llm.serving.runtime import Recommender
 
 STAR_WARS = {"movie_title": "Star Wars (1977)", "class": "Action Adventure Romance Sci-Fi War"}
 NEW = {"new-1": "Star Wars: Episode IX (2019), Action Adventure Sci-Fi", "new-2": STAR_WARS,
@@ -71,7 +71,7 @@ def test_text_anchored_checkpoint_and_one_from_before_the_cap_each_score_as_trai
     """The catalogue model trains text-anchored (frozen text projection, id_max_norm 0.5): its trained items' rows
     stay within the cap of their text vectors. A checkpoint written before the keys existed (its config without
     them) loads as it trained, uncapped: its table is the plain sum of ID and text."""
-    from recbole_llm.checkpoint_format import atomic_save, load
+    from recbole_llm.checkpoint.format import atomic_save, load
     from recbole_llm.export.pipeline import load_for_export
 
     model = pytorch_model

@@ -22,7 +22,7 @@ import torch
 
 from conftest import train_checkpoint
 from recbole_llm import RecboleLLMError, load_checkpoint
-from recbole_llm.checkpoint import allowed_globals
+from recbole_llm.checkpoint.loading import allowed_globals
 
 PLACEHOLDER = "PAYLOAD_GOES_HERE_0123456789"
 
@@ -406,7 +406,7 @@ def test_other_parameter_is_plain_named_data(slim_pickle, tmp_path, value, fragm
 def test_the_plugin_saves_checkpoints_without_pickle(real_checkpoint):
     from safetensors import safe_open
 
-    from recbole_llm.checkpoint_format import FORMAT_KEY, is_pickle_free
+    from recbole_llm.checkpoint.format import FORMAT_KEY, is_pickle_free
 
     for path in real_checkpoint.parent.glob("*.pth"):  # the best model and the -latest file
         assert is_pickle_free(path) and not zipfile.is_zipfile(path)
@@ -437,7 +437,7 @@ def test_a_damaged_pickle_free_checkpoint_fails_in_one_line(real_checkpoint, tmp
 
     from safetensors.torch import load_file, save_file
 
-    from recbole_llm.checkpoint_format import FORMAT_KEY
+    from recbole_llm.checkpoint.format import FORMAT_KEY
 
     from safetensors import safe_open
 
@@ -503,7 +503,7 @@ def test_a_checkpoint_config_cannot_choose_where_evaluate_and_export_write(real_
     assert not loaded["config"]["save_dataset"] and not loaded["config"]["save_dataloaders"]
     assert not loaded["config"]["allow_download"] and not loaded["config"]["log_wandb"]
     # named on the command line, the user's own folder is used
-    from recbole_llm.checkpoint import config_overrides
+    from recbole_llm.checkpoint.loading import config_overrides
 
     with config_overrides({"checkpoint_dir": str(tmp_path / "mine")}):
         assert load_checkpoint(crafted)["config"]["checkpoint_dir"] == str(tmp_path / "mine")
@@ -515,7 +515,7 @@ def test_a_checkpoint_saved_by_the_previous_release_loads_and_exports_with_ident
     import json
 
     from recbole_llm.export import ExportOptions, export_checkpoint
-    from recbole_llm.runtime import Recommender
+    from recbole_llm.serving.runtime import Recommender
 
     previous = tmp_path / "previous.pth"
     torch.save(as_recbole_pth(real_checkpoint), previous, pickle_protocol=4)
@@ -614,7 +614,7 @@ def test_a_resumed_latest_file_writes_its_best_model_by_its_own_name(real_checkp
     victim = folder / "VICTIM.txt"
     victim.write_text("the user's file")
     state["best_model_file"] = str(victim)
-    from recbole_llm.checkpoint_format import atomic_save
+    from recbole_llm.checkpoint.format import atomic_save
 
     atomic_save(state, folder / "run-latest.pth")
     resumed = resume_run(data_root, tmp_path / "saved", folder / "run-latest.pth")

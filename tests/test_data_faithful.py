@@ -185,7 +185,7 @@ def test_a_model_of_history_length_one_exports_and_serves(model, options, data_r
     """MAX_ITEM_LIST_LENGTH=1 trained, then export failed with 'index 1 is out of bounds': the trace's
     example history was 2 items long."""
     from recbole_llm.export import ExportOptions, export_checkpoint
-    from recbole_llm.runtime import Recommender
+    from recbole_llm.serving.runtime import Recommender
 
     extra = TINY if model == "BERTRec" else {"hidden_size": 32, "inner_size": 64, "n_layers": 1}
     checkpoint = train_checkpoint(tmp_path / "run", model, "ml-tiny", {

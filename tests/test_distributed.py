@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.checkpoint.loading import load_checkpoint
 
 # No dropout: with it, each rank draws its own masks. Without it, two ranks each taking half of every
 # global batch compute the same averaged gradient as one process taking the whole batch, so the runs

@@ -15,7 +15,7 @@ import torch
 from conftest import train_checkpoint
 from recbole_llm import RecboleLLMError
 from recbole_llm.export import ExportOptions, ScoringGraph, export_checkpoint, load_for_export, validation_inputs
-from recbole_llm.runtime import Recommender
+from recbole_llm.serving.runtime import Recommender
 
 SMALL_RECBOLE = {"hidden_size": 32, "inner_size": 64, "n_layers": 1, "n_heads": 2, "embedding_size": 32}
 MODELS = {

@@ -117,7 +117,7 @@ def test_runtime_and_service_run_on_the_cuda_provider(gpu_checkpoint, tmp_path):
     from test_serve import Service
 
     from recbole_llm.export import ExportOptions, export_checkpoint
-    from recbole_llm.runtime import Recommender
+    from recbole_llm.serving.runtime import Recommender
 
     artifact = export_checkpoint(gpu_checkpoint, tmp_path / "a", ExportOptions(top_k=10, max_abs_diff=1e-3)).path
     on_gpu = Recommender(artifact)

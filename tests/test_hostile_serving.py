@@ -19,8 +19,8 @@ import pytest
 
 from recbole_llm.cli import main
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export.artifact import input_names, output_names
-from recbole_llm.runtime import Recommender
+from recbole_llm.artifact.contract import input_names, output_names
+from recbole_llm.serving.runtime import Recommender
 from test_serve import BAD_REQUESTS, LIMITS, Service, artifact, direct, free_port, same  # noqa: F401 (artifact)
 
 BODY_LIMIT = 8192  # room for the hostile bodies below (a 5,000-digit integer), which 4096 would refuse as 413
@@ -209,7 +209,7 @@ def test_every_malformed_request_on_one_service_leaves_answers_and_log_clean(hos
 
 SHUTDOWN_SCRIPT = """
 import asyncio, sys
-from recbole_llm import serve
+from recbole_llm.serving import http as serve
 
 answer = serve.Batcher.submit
 
@@ -226,7 +226,7 @@ serve.serve(sys.argv[1], port=int(sys.argv[2]), limits=serve.Limits(body_timeout
 
 
 class ShutdownService(LoggedService):
-    """The service through ``recbole_llm.serve.serve`` (body timeout 2 s, drain 1 s), one model call stuck."""
+    """The service through ``recbole_llm.serving.http.serve`` (body timeout 2 s, drain 1 s), one model call stuck."""
 
     def __init__(self, artifact: str):
         self.port = free_port()
@@ -429,7 +429,7 @@ def test_serve_refuses_bad_arguments_at_once(arguments, message, tmp_path, capsy
     def started(*args, **kwargs):
         raise AssertionError("serve() was called: the arguments were not checked first")
 
-    monkeypatch.setattr("recbole_llm.serve.serve", started)
+    monkeypatch.setattr("recbole_llm.serving.http.serve", started)
     try:
         status = main(["serve", str(tmp_path), *arguments])
     except SystemExit as exit:
@@ -598,7 +598,7 @@ def special_files(folder: Path, name: str):
     ]
 
 
-LOAD_IN_A_SUBPROCESS = ("import sys\nfrom recbole_llm.runtime import Recommender\nfrom recbole_llm.errors import "
+LOAD_IN_A_SUBPROCESS = ("import sys\nfrom recbole_llm.serving.runtime import Recommender\nfrom recbole_llm.errors import "
                         "RecboleLLMError\ntry:\n    Recommender(sys.argv[1])\nexcept RecboleLLMError as e:\n"
                         "    print(e)\n    sys.exit(2)\n")
 
@@ -691,7 +691,7 @@ def test_saving_refuses_a_companion_changed_since_the_load_and_writes_nothing(ca
 def test_an_artifact_exported_before_signatures_is_refused_in_one_line(artifact, tmp_path):
     """A graph carrying metadata.json's keys but no signature (what earlier releases wrote) cannot vouch for
     its files: one line saying to export again."""
-    from recbole_llm.export import artifact as contract
+    from recbole_llm.artifact import contract
 
     folder = copied(artifact, tmp_path / "a")
     metadata = json.loads((folder / "metadata.json").read_text())
@@ -711,7 +711,7 @@ def test_the_signature_rewrite_keeps_every_other_field_of_the_graph(artifact):
     """signed_graph edits the protobuf's top level by hand (serving installs have no onnx package): what
     onnx parses back is the same model with the new metadata_props."""
     onnx = pytest.importorskip("onnx")
-    from recbole_llm.export import artifact as contract
+    from recbole_llm.artifact import contract
 
     data = (Path(artifact) / "model.onnx").read_bytes()
     metadata = {"format_version": 2, "note": "text with \u00e9 and \"quotes\"", "n": [1, 2]}

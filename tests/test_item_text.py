@@ -15,7 +15,7 @@ from recbole.utils import get_model, get_trainer, init_seed
 
 from conftest import best_checkpoint, write_ml100k_slice
 from recbole_llm import RecboleLLMError
-from recbole_llm.metrics import F1, TailNDCG, TailRecall
+from recbole_llm.training.metrics import F1, TailNDCG, TailRecall
 
 NEW_ITEM = "99999"  # in the item file only: never in an interaction
 EMPTY_ITEM = "99998"  # no text at all

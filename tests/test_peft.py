@@ -14,7 +14,7 @@ from recbole.utils import get_model, get_trainer, init_seed
 
 from conftest import LEARNING_DATASET, bundled
 from recbole_llm import RecboleLLMError, load_checkpoint
-from recbole_llm.trainer import PluginTrainer
+from recbole_llm.training.trainer import PluginTrainer
 
 PEFT_VARIANTS = {
     "BERTLoRA": {},

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.checkpoint.loading import load_checkpoint
 
 EPOCHS = 4
 
@@ -73,8 +73,8 @@ def test_killed_run_resumes_to_the_same_results(data_root, tmp_path, uninterrupt
 KILL_DURING_SAVE = """
 import os, signal, sys
 import recbole_llm
-from recbole_llm.checkpoint import load_checkpoint
-from recbole_llm.checkpoint_format import atomic_save
+from recbole_llm.checkpoint.loading import load_checkpoint
+from recbole_llm.checkpoint.format import atomic_save
 
 state = load_checkpoint(sys.argv[1])
 state["epoch"] = 99

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export import artifact
-from recbole_llm.runtime import Recommender
+from recbole_llm.artifact import contract as artifact
+from recbole_llm.serving.runtime import Recommender
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -148,7 +148,7 @@ def test_the_committed_json_schema_is_the_contracts_and_accepts_a_tiny_artifact(
     """export/metadata.schema.json is written from artifact.metadata_schema(); both judge like the runtime."""
     jsonschema = pytest.importorskip("jsonschema")
     committed = json.loads((Path(__file__).parents[1] / "export" / "metadata.schema.json").read_text())
-    assert committed == artifact.metadata_schema(), "regenerate: python -m recbole_llm.export.artifact > export/metadata.schema.json"
+    assert committed == artifact.metadata_schema(), "regenerate: python -m recbole_llm.artifact.contract > export/metadata.schema.json"
     folder = write_tiny_artifact(tmp_path / "a", None, item_table())
     metadata = json.loads((folder / artifact.METADATA_FILE).read_text())
     jsonschema.validate(metadata, committed)
@@ -161,7 +161,7 @@ def test_the_committed_json_schema_is_the_contracts_and_accepts_a_tiny_artifact(
 
 def test_the_serving_side_imports_neither_torch_nor_recbole(tmp_path):
     folder = write_tiny_artifact(tmp_path / "a", 4, item_table())
-    code = ("import sys; from recbole_llm.runtime import Recommender; import recbole_llm.serve, recbole_llm.cli; "
+    code = ("import sys; from recbole_llm.serving.runtime import Recommender; import recbole_llm.serving.http, recbole_llm.cli; "
             f"print(Recommender({str(folder)!r}).recommend([['item-1']], k=2)[0].items); "
             "print(sorted(m for m in ('torch', 'recbole', 'transformers') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -273,7 +273,7 @@ class CountingSession:
 def test_explanations_run_in_bounded_chunks_and_answer_as_one_call_would(tmp_path, monkeypatch):
     """Every history and its leave-one-out variants are scored at most EXPLAIN_CHUNK_ROWS (and
     EXPLAIN_CHUNK_SCORES / items) rows a call; the answers are the same whatever the chunk size."""
-    import recbole_llm.runtime as runtime
+    import recbole_llm.serving.runtime as runtime
 
     table = item_table(seed=3)
     recommender = Recommender(write_tiny_artifact(tmp_path / "a", None, table))
@@ -304,7 +304,7 @@ def test_explanations_run_in_bounded_chunks_and_answer_as_one_call_would(tmp_pat
 def test_the_served_exclude_seen_default_follows_the_artifact(tmp_path):
     """metadata.json's exclude_seen (export sets it from the training data's repeat_rate) is what a call
     without exclude_seen gets; a one-line notice says where offline and served answers treat repeats apart."""
-    from recbole_llm.serve import repeat_notice
+    from recbole_llm.serving.http import repeat_notice
 
     history = [["item-1", "item-2", "item-3"]]
     table = item_table(seed=5)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import train_checkpoint
 from recbole_llm.export import ExportOptions, export_checkpoint
-from recbole_llm.runtime import Recommender, exclusions
+from recbole_llm.serving.runtime import Recommender, exclusions
 
 WINDOW = 8
 

@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import pytest
 
-from recbole_llm.runtime import Recommender
+from recbole_llm.serving.runtime import Recommender
 
 pytest.importorskip("fastapi")  # the [serve] extra; [test] installs it
 # --max-explained: the runtime's default (Limits), given explicitly while the CLI's own default is 1000
@@ -275,8 +275,8 @@ def test_serve_refuses_a_folder_that_is_not_an_artifact(tmp_path):
 
 SERVING_PROCESS = """
 import json, sys
-from recbole_llm.runtime import Recommender
-from recbole_llm.serve import create_app
+from recbole_llm.serving.runtime import Recommender
+from recbole_llm.serving.http import create_app
 from recbole_llm.cli import main
 recommender = Recommender(sys.argv[1])
 [answer] = recommender.recommend([recommender.tokens[1:6]], k=5)
@@ -303,7 +303,7 @@ def test_an_explained_request_runs_in_a_model_call_of_its_own(artifact):
     others is its own bounded cost, never several explained requests' at once."""
     import asyncio
 
-    from recbole_llm.serve import Batcher, Job
+    from recbole_llm.serving.http import Batcher, Job
 
     recommender = Recommender(artifact)
 

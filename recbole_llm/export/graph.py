@@ -2,7 +2,7 @@
 
 Every exportable model (:class:`recbole_llm.model.contract.Exportable`) provides ``export_scores``: the
 plugin's models define it, RecBole's sequential models get it from :mod:`recbole_llm.patches`. So this
-module names no model class. Inputs and outputs follow :mod:`recbole_llm.export.artifact`.
+module names no model class. Inputs and outputs follow :mod:`recbole_llm.artifact.contract`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export import artifact
+from recbole_llm.artifact import contract as artifact
 
 
 class StaticShapeError(RecboleLLMError):

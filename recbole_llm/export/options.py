@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export import artifact
+from recbole_llm.artifact import contract as artifact
 
 OPSETS = (14, 20)  # the ONNX opsets the exporter and ONNX Runtime's transformer optimizer both handle
 
@@ -112,7 +112,7 @@ def check_output(output: str | os.PathLike, force: bool) -> Path:
 
 def check_before_loading(checkpoint: str | os.PathLike, output: str | os.PathLike, options: ExportOptions) -> None:
     """Everything an export can refuse before it reads the checkpoint: options, output, the file's presence."""
-    from recbole_llm.checkpoint import check_exists  # imports no torch
+    from recbole_llm.checkpoint.loading import check_exists  # imports no torch
 
     check_options(options)
     check_output(output, options.force)

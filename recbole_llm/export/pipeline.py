@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export import artifact, graph, optimize, triton, validate
+from recbole_llm.artifact import contract as artifact
+from recbole_llm.export import graph, optimize, triton, validate
 from recbole_llm.export.options import ExportOptions, check_before_loading
 from recbole_llm.export.validate import ValidationReport
 from recbole_llm.model.contract import PluginModel
@@ -41,7 +42,7 @@ from recbole_llm.model.contract import PluginModel
 
 def load_for_export(checkpoint: str | os.PathLike, overrides: dict | None = None):
     """(config, model in eval mode, dataset, test_data) from a checkpoint, read once and without running code
-    from it; ``overrides`` are set on its Config first (:func:`recbole_llm.checkpoint.config_overrides`). A
+    from it; ``overrides`` are set on its Config first (:func:`recbole_llm.checkpoint.loading.config_overrides`). A
     model without a history to score is refused before any data is built."""
     config, model, dataset, _, test_data = _load(checkpoint, overrides)
     return config, model, dataset, test_data
@@ -50,7 +51,7 @@ def load_for_export(checkpoint: str | os.PathLike, overrides: dict | None = None
 def _load(checkpoint, overrides):
     """(config, model in eval mode, dataset, train_data, test_data): load_for_export's, and the training
     data whose repeat rate an export records."""
-    from recbole_llm.checkpoint import load_for_use
+    from recbole_llm.checkpoint.loading import load_for_use
 
     config, model, dataset, train_data, _, test_data = load_for_use(checkpoint, overrides, check=_check_exportable)
     model.eval()
@@ -107,8 +108,8 @@ def export_model(model: nn.Module, onnx_attention: bool = True) -> tuple[nn.Modu
 
 def item_tokens(config, dataset) -> list[str]:
     """Internal item id -> raw item token, index 0 padding: the map the checkpoint was trained with
-    (:mod:`recbole_llm.world`), else the dataset's for checkpoints that predate it."""
-    from recbole_llm import world
+    (:mod:`recbole_llm.checkpoint.lineage`), else the dataset's for checkpoints that predate it."""
+    from recbole_llm.checkpoint import lineage as world
 
     trained = world.stored(config)
     if trained is not None and dataset.iid_field in trained["token_maps"]:
@@ -321,7 +322,7 @@ def _check_exportable(config) -> None:
 
 def sign_graph(onnx_path: Path, metadata: dict) -> None:
     """Write metadata.json's keys, its digest and every companion file's size and digest into the graph's
-    metadata_props (:func:`recbole_llm.export.artifact.signed_graph`): the runtime checks all of them at load."""
+    metadata_props (:func:`recbole_llm.artifact.contract.signed_graph`): the runtime checks all of them at load."""
     folder = onnx_path.parent
     files = {name: artifact.file_record(artifact.read_regular(folder / name))
              for name in artifact.companion_files(metadata)}

@@ -1,7 +1,7 @@
 """A Triton Inference Server model repository for an artifact: ``triton/<name>/config.pbtxt`` and
 ``triton/<name>/1/model.onnx``, for Triton's onnxruntime backend with dynamic batching.
 
-The configuration is derived from the artifact contract (:mod:`recbole_llm.export.artifact`): the batch
+The configuration is derived from the artifact contract (:mod:`recbole_llm.artifact.contract`): the batch
 axis becomes Triton's, other named axes ``-1``, and a per-row scalar (``item_length``) is sent as ``[1]``
 and reshaped to a scalar. When tritonclient is installed the text is parsed against Triton's own
 ModelConfig schema before it is written.
@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export import artifact
+from recbole_llm.artifact import contract as artifact
 
 TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}
 

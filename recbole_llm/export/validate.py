@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export import artifact
+from recbole_llm.artifact import contract as artifact
 
 VALIDATION_TOP = 10
 BATCH_SIZES = [1, 7, 64]  # other than the traced example's 2, so a baked-in batch size would show

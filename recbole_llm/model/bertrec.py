@@ -47,7 +47,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
-from recbole_llm.data import TRAIN_POSITIONS, window_stride
+from recbole_llm.training.windows import TRAIN_POSITIONS, window_stride
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.model.backbone import build_encoder, load_text_encoder, most_recent, resolve_pretrained
 from recbole_llm.model.item_text import anchor_settings, bounded, item_texts, mean_pool, tokenize_items

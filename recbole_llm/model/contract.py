@@ -32,7 +32,7 @@ class Exportable(Protocol):
 
 @runtime_checkable
 class PluginModel(Exportable, Protocol):
-    """A recbole_llm model, as :class:`recbole_llm.trainer.PluginTrainer`, export and DDP use it."""
+    """A recbole_llm model, as :class:`recbole_llm.training.trainer.PluginTrainer`, export and DDP use it."""
 
     encoder: nn.Module  # the Hugging Face encoder (adapters included): its ``config`` names heads and width
     item_embedding: nn.Embedding  # the id table FGM perturbs (adversarial: fgm)

@@ -12,7 +12,7 @@
     GET  /health      {"status": "ok"}
     GET  /metadata    the artifact's metadata.json (without its item list) and the service's limits
 
-FastAPI on uvicorn (``pip install "recbole_llm[serve]"``); the model runs in ``recbole_llm.runtime``
+FastAPI on uvicorn (``pip install "recbole_llm[serve]"``); the model runs in ``recbole_llm.serving.runtime``
 (ONNX Runtime and numpy, no torch or RecBole). Binds 127.0.0.1 unless told otherwise. Requests are read
 and checked by hand rather than by a pydantic model, so that every refusal is one line naming the problem:
 400 for a body that is not JSON (or not UTF-8, or nested deeper than any request is), 408 for a body that
@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export.artifact import ArtifactError, shown
-from recbole_llm.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender, valid_unicode
+from recbole_llm.artifact.contract import ArtifactError, shown
+from recbole_llm.serving.runtime import UNKNOWN_TOKEN_POLICIES, Encoded, Recommender, valid_unicode
 
 FIELDS = {"histories", "k", "exclude_seen", "explain"}
 MAX_DEPTH = 8  # arrays and objects nested in a body; a request nests 3: {"histories": [["242", ...]]}

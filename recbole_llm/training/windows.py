@@ -13,7 +13,7 @@ from at least ``MAX_ITEM_LIST_LENGTH - N + 1`` items when the history holds them
 (``augmentation``) then changes which items a row's scored positions hold, as it is meant to. Validation and
 test keep every row RecBole builds.
 
-The dataset class is :class:`recbole_llm.dataset.PluginSequentialDataset`, which RecBole finds as
+The dataset class is :class:`recbole_llm.training.dataset.PluginSequentialDataset`, which RecBole finds as
 ``recbole.data.dataset.<Model>Dataset`` (``recbole/data/utils.py:41``); this module imports no RecBole.
 """
 

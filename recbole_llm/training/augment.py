@@ -13,7 +13,7 @@ item is never moved or masked, so the target still follows the history it was ob
   mask skips them);
 - ``reorder``: shuffle a random run of ``floor(reorder_ratio * (n - 1))`` older items.
 
-Only :class:`recbole_llm.trainer.PluginTrainer`'s training batches are augmented; validation and test data
+Only :class:`recbole_llm.training.trainer.PluginTrainer`'s training batches are augmented; validation and test data
 never are. Draws come from a generator seeded with ``seed`` and the epoch, so a run (and a resumed run) is
 reproducible.
 """

@@ -11,7 +11,7 @@ RecBole's trainer. On top of RecBole's loop it adds:
 - FGM adversarial training on the item embeddings (``adversarial: fgm``, ``adv_epsilon``; Miyato et al.,
   "Adversarial Training Methods for Semi-Supervised Text Classification", ICLR 2017);
 - checkpoints that hold only what trained when the model says so (``checkpoint_state_dict``), written
-  without pickle (:mod:`recbole_llm.checkpoint_format`: safetensors, the rest as JSON) and atomically (a
+  without pickle (:mod:`recbole_llm.checkpoint.format`: safetensors, the rest as JSON) and atomically (a
   temporary file, then a rename: a kill during a save leaves the previous file whole);
 - resumable training: after every validated epoch a ``<saved_model_file>-latest.pth`` holds the model,
   optimizer, scheduler, scaler, early-stopping state and every random-number state (Python, numpy, torch,
@@ -31,10 +31,10 @@ from recbole.utils import set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 
-from recbole_llm import distributed
-from recbole_llm.augment import SequenceAugmenter
-from recbole_llm.checkpoint import read_once
-from recbole_llm.checkpoint_format import atomic_save
+from recbole_llm.training import distributed
+from recbole_llm.training.augment import SequenceAugmenter
+from recbole_llm.checkpoint.loading import read_once
+from recbole_llm.checkpoint.format import atomic_save
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.model.contract import PluginModel
 

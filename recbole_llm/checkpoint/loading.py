@@ -31,7 +31,8 @@ import types
 import zipfile
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from recbole_llm import catalog, checkpoint_format
+from recbole_llm.checkpoint import format as checkpoint_format
+from recbole_llm.model import catalog
 from recbole_llm.errors import RecboleLLMError
 
 if TYPE_CHECKING:  # RecBole is imported when these are used, not when this module is
@@ -420,7 +421,7 @@ def _check_values(final: dict, overrides: dict) -> None:
     import torch
     from recbole.utils import ModelType
 
-    from recbole_llm.compat import check_config_values
+    from recbole_llm.patches.compat import check_config_values
     from recbole_llm.model.backbone import resolve_pretrained
 
     if not isinstance(final.get("MODEL_TYPE"), ModelType) or not isinstance(final.get("device"), torch.device) \
@@ -553,7 +554,7 @@ def apply_overrides(config: Any, overrides: dict | None) -> None:
 
     if not overrides or not isinstance(config, Config):
         return
-    from recbole_llm.compat import check_config_values
+    from recbole_llm.patches.compat import check_config_values
 
     values = config._convert_config_dict(dict(overrides))
     for key, value in values.items():
@@ -765,7 +766,7 @@ def explain_unfitting_weights(error: RuntimeError, path: str) -> RecboleLLMError
 
 def check_same_ids(trained_config: Any, config: Any, resume_file: str) -> None:
     """Refuse to resume on data whose ids differ from the data the checkpoint was trained on."""
-    from recbole_llm import world
+    from recbole_llm.checkpoint import lineage as world
 
     trained, here = world.stored(trained_config), world.stored(config)
     if trained and here and trained["token_maps"] != here["token_maps"]:

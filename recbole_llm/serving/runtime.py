@@ -2,7 +2,7 @@
 
 Needs only onnxruntime and numpy (no RecBole, no torch):
 
-    from recbole_llm.runtime import Recommender
+    from recbole_llm.serving.runtime import Recommender
     recommender = Recommender("artifacts/bertlora")
     [answer] = recommender.recommend([["242", "302", "377"]], k=10)
     answer.items, answer.scores, answer.unknown_tokens
@@ -42,8 +42,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.export import artifact as contract
-from recbole_llm.export.artifact import (FORMAT_VERSION, REEXPORT, exclusions, first_line,  # noqa: F401 (re-exported)
+from recbole_llm.artifact import contract
+from recbole_llm.artifact.contract import (FORMAT_VERSION, REEXPORT, exclusions, first_line,  # noqa: F401 (re-exported)
                                          shown)
 
 UNKNOWN_TOKEN_POLICIES = ("skip", "error")

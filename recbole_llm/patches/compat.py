@@ -19,7 +19,7 @@ What this module fixes, each by wrapping a RecBole function rather than copying 
   folder) at once fail with ``FileExistsError``. It becomes ``os.makedirs(..., exist_ok=True)``.
 - RecBole's metrics return numpy scalars; numpy 2 prints them as ``np.float64(0.05)``, so the result
   dicts RecBole logs stop being plain Python literals. ``Evaluator.evaluate`` returns Python floats.
-- torch >= 2.6 refuses RecBole's checkpoints: :mod:`recbole_llm.checkpoint` loads them through an
+- torch >= 2.6 refuses RecBole's checkpoints: :mod:`recbole_llm.checkpoint.loading` loads them through an
   allow-list instead.
 - ``recbole/model/sequential_recommender/sine.py`` switches autograd anomaly detection on at import, for
   every model. The config key ``detect_anomaly`` (default False) decides, for RecBole's models too.
@@ -270,7 +270,7 @@ def check_config_values(final: dict, model: str | None = None) -> None:
     for key in _POSITIVE_INTS:
         positive_int(key)
     length = final.get("MAX_ITEM_LIST_LENGTH")
-    from recbole_llm.catalog import PLUGIN_MODELS
+    from recbole_llm.model.catalog import PLUGIN_MODELS
 
     if ((model or final.get("model")) in PLUGIN_MODELS and final.get("pretrained_model_name_or_path") is None
             and isinstance(length, int) and length > RANDOM_ENCODER_POSITIONS):
@@ -307,7 +307,7 @@ def wrap_set_default_parameters(original):
     """``Config._set_default_parameters``: CE without negative sampling, values checked, encoder limits."""
     from recbole.utils import ModelType
 
-    from recbole_llm.catalog import PLUGIN_MODELS
+    from recbole_llm.model.catalog import PLUGIN_MODELS
 
     @functools.wraps(original)
     def _set_default_parameters(self):
@@ -324,7 +324,7 @@ def wrap_set_default_parameters(original):
             from recbole_llm.model.backbone import check_encoder_settings
             from recbole_llm.model.item_text import anchor_settings
 
-            from recbole_llm.data import training_rows
+            from recbole_llm.training.windows import training_rows
 
             check_encoder_settings(final)
             anchor_settings(final)
@@ -338,7 +338,7 @@ def wrap_init_device(original):
     """``Config._init_device``: the gloo backend for CPU processes, and anomaly detection as configured."""
     import torch
 
-    from recbole_llm import distributed
+    from recbole_llm.training import distributed
 
     @functools.wraps(original)
     def _init_device(self):
@@ -585,7 +585,7 @@ def wrap_create_dataset(original):
     a file exists: a file dropped there runs code. Only ``dataset_save_path``, a file a user set and wrote
     themselves, is loaded.
     """
-    from recbole_llm import world
+    from recbole_llm.checkpoint import lineage as world
 
     @functools.wraps(original)
     def create_dataset(config):
@@ -607,7 +607,7 @@ def wrap_create_dataset(original):
     return create_dataset
 
 
-# Plugin config keys that decide the training rows (recbole_llm.dataset): saved dataloaders built with other
+# Plugin config keys that decide the training rows (recbole_llm.training.dataset): saved dataloaders built with other
 # values hold other rows, which RecBole's own comparison (its dataset_arguments, seed, eval_args) misses.
 TRAINING_ROW_KEYS = ("train_positions", "train_window_stride")
 

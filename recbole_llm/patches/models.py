@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 # The model table lives in a leaf module (imported by the checkpoint loader too); the names stay here.
-from recbole_llm.catalog import (  # noqa: F401  (re-exported)
+from recbole_llm.model.catalog import (  # noqa: F401  (re-exported)
     PLUGIN_MODELS,
     available_models,
     get_plugin_model,
@@ -49,7 +49,7 @@ def properties_dir() -> Path:
             return installed
     except (ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parent.parent / "properties"
+    return Path(__file__).resolve().parents[2] / "properties"
 
 
 def plugin_model_yamls(model_name: str) -> list[Path]:
@@ -120,7 +120,7 @@ def wrap_get_trainer(recbole_get_trainer: Callable) -> Callable:
     @functools.wraps(recbole_get_trainer)
     def get_trainer(model_type, model_name):
         if model_name in PLUGIN_MODELS:
-            from recbole_llm.trainer import PluginTrainer
+            from recbole_llm.training.trainer import PluginTrainer
 
             return PluginTrainer
         return recbole_get_trainer(model_type, model_name)

@@ -2,9 +2,9 @@
 
 An entry is a :class:`Patch`: the RecBole module or class attribute it replaces, the function that makes
 the replacement from RecBole's own, and the RecBole 1.2.1 source line it answers. The bodies live with
-their topic (:mod:`recbole_llm.compat`: today's stack and one-line errors; :mod:`recbole_llm.checkpoint`:
-safe, read-once loading; :mod:`recbole_llm.registry`: the plugin's models; :mod:`recbole_llm.distributed`:
-DDP on CPU; :mod:`recbole_llm.metrics`: the plugin's metrics; the export hook here); this module only
+their topic (:mod:`recbole_llm.patches.compat`: today's stack and one-line errors; :mod:`recbole_llm.checkpoint.loading`:
+safe, read-once loading; :mod:`recbole_llm.patches.models`: the plugin's models; :mod:`recbole_llm.training.distributed`:
+DDP on CPU; :mod:`recbole_llm.training.metrics`: the plugin's metrics; the export hook here); this module only
 installs them, in the order :func:`patches` lists.
 
 Every replacement keeps RecBole's attribute as its ``__wrapped__`` (a body calls through to it, and
@@ -103,7 +103,10 @@ def patches() -> list[Patch]:
     from recbole.trainer import trainer
     from recbole.utils import utils
 
-    from recbole_llm import checkpoint, compat, distributed, metrics, registry
+    from recbole_llm.checkpoint import loading as checkpoint
+    from recbole_llm.patches import compat
+    from recbole_llm.patches import models as registry
+    from recbole_llm.training import distributed, metrics
 
     return [
         # -- Config, in the order Config.__init__ calls them (configurator.py lines 80-94) --
@@ -226,7 +229,7 @@ def patches() -> list[Patch]:
 def install() -> None:
     """Apply every patch once, in :func:`patches` order, and set the state RecBole leaves wrong. Idempotent;
     ``recbole_llm`` calls it when RecBole is imported."""
-    from recbole_llm import compat
+    from recbole_llm.patches import compat
 
     compat.quiet_stack()
     # Before anything imports RecBole's quick_start: its module-level `from ray import tune` (quick_start.py:20)
@@ -237,14 +240,14 @@ def install() -> None:
 
     import torch
 
-    from recbole_llm import metrics
+    from recbole_llm.training import metrics
 
     metrics.register()  # RecBole's metric tables: entries, not replacements
     # recbole.data.dataset.<Model>Dataset for the plugin models (entries, not replacements). Importing the
     # class's module may be what installed the plugin: then it registers itself once its class exists.
-    dataset = sys.modules.get("recbole_llm.dataset")
+    dataset = sys.modules.get("recbole_llm.training.dataset")
     if dataset is None or hasattr(dataset, "PluginSequentialDataset"):
-        importlib.import_module("recbole_llm.dataset").register_for_plugin_models()
+        importlib.import_module("recbole_llm.training.dataset").register_for_plugin_models()
     # RecBole's metrics use np.float, which only Config() recreates: a process that unpickles a Config
     # (load_data_and_model) never runs it.
     compat.numpy_aliases()

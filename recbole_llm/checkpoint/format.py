@@ -13,7 +13,7 @@ pickle, which only an allow-list makes safe. The plugin's trainer writes the sam
 Reading one never unpickles: safetensors parses the header and tensors, ``json`` the rest, and the
 ``Config`` is rebuilt from its state with ``object.__new__`` (its constructor, which evaluates strings, is
 never called). The file keeps RecBole's ``.pth`` name, so it goes wherever RecBole expects a checkpoint
-path: ``load_data_and_model``, ``resume_from``, ``Trainer.evaluate`` (:mod:`recbole_llm.checkpoint` routes
+path: ``load_data_and_model``, ``resume_from``, ``Trainer.evaluate`` (:mod:`recbole_llm.checkpoint.loading` routes
 RecBole's ``torch.load`` here).
 """
 
@@ -27,7 +27,7 @@ import struct
 import tempfile
 from typing import Any
 
-from recbole_llm import catalog
+from recbole_llm.model import catalog
 from recbole_llm.errors import RecboleLLMError
 
 FORMAT_KEY = "recbole_llm.checkpoint"  # the safetensors metadata key holding the JSON

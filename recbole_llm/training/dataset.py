@@ -1,4 +1,4 @@
-"""The plugin models' dataset class: RecBole's SequentialDataset with training windows (:mod:`recbole_llm.data`).
+"""The plugin models' dataset class: RecBole's SequentialDataset with training windows (:mod:`recbole_llm.training.windows`).
 
 A module of its own, importable by name, so that RecBole can pickle the dataset (``save_dataset``).
 """
@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from recbole.data.dataset import SequentialDataset
 
-from recbole_llm.data import training_rows, window_ends
+from recbole_llm.training.windows import training_rows, window_ends
 
 
 class PluginSequentialDataset(SequentialDataset):
     """RecBole's sequential dataset; with ``train_positions: all`` the training split keeps one row every
-    ``train_window_stride`` (by default ``MAX_ITEM_LIST_LENGTH``) targets (see :func:`recbole_llm.data.window_ends`)."""
+    ``train_window_stride`` (by default ``MAX_ITEM_LIST_LENGTH``) targets (see :func:`recbole_llm.training.windows.window_ends`)."""
 
     @property
     def item_counter(self):
@@ -37,7 +37,7 @@ def register_for_plugin_models() -> None:
     """``recbole.data.dataset.<Model>Dataset = PluginSequentialDataset`` for every plugin model."""
     import recbole.data.dataset as dataset_module
 
-    from recbole_llm.catalog import PLUGIN_MODELS
+    from recbole_llm.model.catalog import PLUGIN_MODELS
 
     for name in PLUGIN_MODELS:
         setattr(dataset_module, f"{name}Dataset", PluginSequentialDataset)

@@ -2,7 +2,7 @@
 
 One place for the artifact's file names, the graph's input and output names, dtypes and shapes, the
 metadata schema (``format_version`` checked on load), and the numpy post-processing of a graph that scores
-every item. The graph builder, the validator, the Triton writer and :mod:`recbole_llm.runtime` all use
+every item. The graph builder, the validator, the Triton writer and :mod:`recbole_llm.serving.runtime` all use
 it. Imports numpy only: serving installs need neither torch nor RecBole.
 
 The graph (``FORMAT_VERSION`` 2):
@@ -749,5 +749,5 @@ def first_line(error: BaseException) -> str:
     return shown(lines[0] if lines else type(error).__name__, 300)
 
 
-if __name__ == "__main__":  # python -m recbole_llm.export.artifact > export/metadata.schema.json
+if __name__ == "__main__":  # python -m recbole_llm.artifact.contract > export/metadata.schema.json
     print(json.dumps(metadata_schema(), indent=2))

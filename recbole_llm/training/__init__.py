@@ -1,0 +1,1 @@
+"""Training: the plugin trainer, sequence augmentation, training windows and dataset, metrics, DDP on CPU."""
