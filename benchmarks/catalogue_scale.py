@@ -34,7 +34,7 @@ CALLS = {1: 50, 64: 10}  # timed calls per batch size, after warm-up
 
 def synthetic_artifact(source: Path, size: int, folder: Path, seed: int = 0) -> Path:
     """A copy of the item-index artifact ``source`` whose catalogue holds ``size`` items (its own first)."""
-    from recbole_llm.artifact import contract as artifact
+    from recbole_llm import artifact
 
     metadata = json.loads((source / artifact.METADATA_FILE).read_text())
     real = np.load(source / artifact.ITEM_VECTORS_FILE)

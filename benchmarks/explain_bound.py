@@ -95,7 +95,7 @@ def post(port: int, payload: dict) -> tuple[int, dict, float]:
 
 
 def main() -> None:
-    from recbole_llm.serving.http import EFFECTS_PER_ROW, Limits
+    from recbole_llm.serving.requests import EFFECTS_PER_ROW, Limits
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, default=WORK / "artifact")

@@ -149,7 +149,7 @@ def scorer(runtime: str, device: str, prepared: dict):
     if runtime.startswith("ort-"):
         import onnxruntime as ort
 
-        from recbole_llm.serving.runtime import session_options
+        from recbole_llm.serving.sessions import session_options
 
         providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         artifact = "ort-fp32" if runtime == "ort-openvino" else runtime

@@ -81,7 +81,7 @@ def variants(inputs) -> None:
 
 
 def time_and_compare(name: str, path: Path, reference, seq, length) -> None:
-    from recbole_llm.serving.runtime import session_options
+    from recbole_llm.serving.sessions import session_options
 
     session = ort.InferenceSession(str(path), session_options()[0], providers=["CPUExecutionProvider"])
     scores = session.run(["scores"], {"item_seq": seq, "item_length": length})[0]

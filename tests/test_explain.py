@@ -83,7 +83,7 @@ def test_export_records_the_training_datas_repeat_rate_and_serving_follows_it(pl
 
     from test_hostile_serving import LoggedService
 
-    from recbole_llm.artifact.contract import REPEAT_RATE_THRESHOLD
+    from recbole_llm.artifact import REPEAT_RATE_THRESHOLD
 
     metadata = json.loads((Path(planted_artifact) / "metadata.json").read_text())
     write_planted(tmp_path / "data")

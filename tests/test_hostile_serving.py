@@ -19,7 +19,7 @@ import pytest
 
 from recbole_llm.cli import main
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.artifact.contract import input_names, output_names
+from recbole_llm.artifact import input_names, output_names
 from recbole_llm.serving.runtime import Recommender
 from test_serve import BAD_REQUESTS, LIMITS, Service, artifact, direct, free_port, same  # noqa: F401 (artifact)
 
@@ -210,8 +210,10 @@ def test_every_malformed_request_on_one_service_leaves_answers_and_log_clean(hos
 SHUTDOWN_SCRIPT = """
 import asyncio, sys
 from recbole_llm.serving import http as serve
+from recbole_llm.serving.batching import Batcher
+from recbole_llm.serving.requests import Limits
 
-answer = serve.Batcher.submit
+answer = Batcher.submit
 
 
 async def submit(self, job):  # k=2 stands for a model call that outlives the shutdown drain
@@ -220,8 +222,8 @@ async def submit(self, job):  # k=2 stands for a model call that outlives the sh
     return await answer(self, job)
 
 
-serve.Batcher.submit = submit
-serve.serve(sys.argv[1], port=int(sys.argv[2]), limits=serve.Limits(body_timeout=2.0, shutdown_timeout=1.0))
+Batcher.submit = submit
+serve.serve(sys.argv[1], port=int(sys.argv[2]), limits=Limits(body_timeout=2.0, shutdown_timeout=1.0))
 """
 
 
@@ -691,11 +693,11 @@ def test_saving_refuses_a_companion_changed_since_the_load_and_writes_nothing(ca
 def test_an_artifact_exported_before_signatures_is_refused_in_one_line(artifact, tmp_path):
     """A graph carrying metadata.json's keys but no signature (what earlier releases wrote) cannot vouch for
     its files: one line saying to export again."""
-    from recbole_llm.artifact import contract
+    from recbole_llm.artifact import signed_graph
 
     folder = copied(artifact, tmp_path / "a")
     metadata = json.loads((folder / "metadata.json").read_text())
-    unsigned = contract.signed_graph((folder / "model.onnx").read_bytes(), metadata, {})
+    unsigned = signed_graph((folder / "model.onnx").read_bytes(), metadata, {})
     onnx = pytest.importorskip("onnx")
     model = onnx.load_from_string(unsigned)
     kept = [(p.key, p.value) for p in model.metadata_props if p.key not in ("metadata_sha256", "files")]
@@ -711,15 +713,15 @@ def test_the_signature_rewrite_keeps_every_other_field_of_the_graph(artifact):
     """signed_graph edits the protobuf's top level by hand (serving installs have no onnx package): what
     onnx parses back is the same model with the new metadata_props."""
     onnx = pytest.importorskip("onnx")
-    from recbole_llm.artifact import contract
+    from recbole_llm.artifact import ArtifactError, metadata_digest, signed_graph
 
     data = (Path(artifact) / "model.onnx").read_bytes()
     metadata = {"format_version": 2, "note": "text with \u00e9 and \"quotes\"", "n": [1, 2]}
-    resigned = onnx.load_from_string(contract.signed_graph(data, metadata, {}))
+    resigned = onnx.load_from_string(signed_graph(data, metadata, {}))
     original = onnx.load_from_string(data)
     assert resigned.graph == original.graph and resigned.ir_version == original.ir_version
     props = {p.key: p.value for p in resigned.metadata_props}
     assert props == {"format_version": "2", "note": metadata["note"], "n": "[1, 2]", "files": "{}",
-                     "metadata_sha256": contract.metadata_digest(metadata)}
-    with pytest.raises(contract.ArtifactError, match="truncated"):
-        contract.signed_graph(data[:-3], metadata, {})
+                     "metadata_sha256": metadata_digest(metadata)}
+    with pytest.raises(ArtifactError, match="truncated"):
+        signed_graph(data[:-3], metadata, {})

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.artifact import contract as artifact
+from recbole_llm import artifact
 from recbole_llm.serving.runtime import Recommender
 
 onnx = pytest.importorskip("onnx")
@@ -148,7 +148,7 @@ def test_the_committed_json_schema_is_the_contracts_and_accepts_a_tiny_artifact(
     """export/metadata.schema.json is written from artifact.metadata_schema(); both judge like the runtime."""
     jsonschema = pytest.importorskip("jsonschema")
     committed = json.loads((Path(__file__).parents[1] / "export" / "metadata.schema.json").read_text())
-    assert committed == artifact.metadata_schema(), "regenerate: python -m recbole_llm.artifact.contract > export/metadata.schema.json"
+    assert committed == artifact.metadata_schema(), "regenerate: python -m recbole_llm.artifact.metadata > export/metadata.schema.json"
     folder = write_tiny_artifact(tmp_path / "a", None, item_table())
     metadata = json.loads((folder / artifact.METADATA_FILE).read_text())
     jsonschema.validate(metadata, committed)
@@ -273,7 +273,7 @@ class CountingSession:
 def test_explanations_run_in_bounded_chunks_and_answer_as_one_call_would(tmp_path, monkeypatch):
     """Every history and its leave-one-out variants are scored at most EXPLAIN_CHUNK_ROWS (and
     EXPLAIN_CHUNK_SCORES / items) rows a call; the answers are the same whatever the chunk size."""
-    import recbole_llm.serving.runtime as runtime
+    import recbole_llm.serving.explain as explain
 
     table = item_table(seed=3)
     recommender = Recommender(write_tiny_artifact(tmp_path / "a", None, table))
@@ -286,8 +286,8 @@ def test_explanations_run_in_bounded_chunks_and_answer_as_one_call_would(tmp_pat
     assert Recommender.explain_effects(encoded, [4] * len(histories), [True] * len(histories)) == \
         4 * int(encoded.item_length.sum())
     for per_call, scores in ((1, 1 << 22), (7, 1 << 22), (256, 3 * N_ITEMS)):
-        monkeypatch.setattr(runtime, "EXPLAIN_CHUNK_ROWS", per_call)
-        monkeypatch.setattr(runtime, "EXPLAIN_CHUNK_SCORES", scores)
+        monkeypatch.setattr(explain, "EXPLAIN_CHUNK_ROWS", per_call)
+        monkeypatch.setattr(explain, "EXPLAIN_CHUNK_SCORES", scores)
         spy = recommender.session = CountingSession(recommender.session.session
                                                     if isinstance(recommender.session, CountingSession)
                                                     else recommender.session)

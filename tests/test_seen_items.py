@@ -14,7 +14,8 @@ import pytest
 
 from conftest import train_checkpoint
 from recbole_llm.export import ExportOptions, export_checkpoint
-from recbole_llm.serving.runtime import Recommender, exclusions
+from recbole_llm.artifact import exclusions
+from recbole_llm.serving.runtime import Recommender
 
 WINDOW = 8
 

@@ -303,7 +303,7 @@ def test_an_explained_request_runs_in_a_model_call_of_its_own(artifact):
     others is its own bounded cost, never several explained requests' at once."""
     import asyncio
 
-    from recbole_llm.serving.http import Batcher, Job
+    from recbole_llm.serving.batching import Batcher, Job
 
     recommender = Recommender(artifact)
 

@@ -6,8 +6,8 @@
 Following optimum's exporter (export, then run the runtime against the framework on the same inputs and
 fail loudly past a tolerance), one module per step:
 
-- :mod:`~recbole_llm.artifact.contract`: the contract (file names, graph inputs and outputs, metadata schema,
-  numpy post-processing) that every other step and the runtime use. numpy only.
+- :mod:`recbole_llm.artifact`: the contract (file names, graph inputs and outputs, metadata schema,
+  numpy post-processing, files and their signature) that every other step and the runtime use. numpy only.
 - :mod:`~recbole_llm.export.options`: what to export and where, checked before anything heavy loads.
 - :mod:`~recbole_llm.export.graph`: the scoring graph (the model's ``export_scores`` hook, then top-K with
   exclusions) and its trace, with dynamic batch and length checked in the saved graph.

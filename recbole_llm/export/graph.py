@@ -2,7 +2,7 @@
 
 Every exportable model (:class:`recbole_llm.model.contract.Exportable`) provides ``export_scores``: the
 plugin's models define it, RecBole's sequential models get it from :mod:`recbole_llm.patches`. So this
-module names no model class. Inputs and outputs follow :mod:`recbole_llm.artifact.contract`.
+module names no model class. Inputs and outputs follow :mod:`recbole_llm.artifact.spec`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.artifact import contract as artifact
+from recbole_llm.artifact import spec
 
 
 class StaticShapeError(RecboleLLMError):
@@ -38,7 +38,7 @@ class ScoringGraph(nn.Module):
         scores = self.scores(item_seq, item_length)
         if self.top_k is None:
             return scores
-        # the same exclusions and ordering as artifact.top_k, for graphs that return every score
+        # the same exclusions and ordering as artifact.ranking.top_k, for graphs that return every score
         drop = torch.zeros_like(scores, dtype=torch.bool).scatter(
             1, exclude_items, torch.ones_like(exclude_items, dtype=torch.bool))
         drop[:, 0] = True  # padding is never recommended
@@ -78,7 +78,7 @@ def trace(graph: ScoringGraph | UserVectorGraph, path: Path, max_length: int, op
         inputs += (item_vectors,)
     elif top_k is not None:
         inputs += (torch.tensor([[3, 5, 0], [0, 0, 0]], dtype=torch.long),)
-    _export(graph, inputs, path, artifact.input_specs(top_k, vectors), artifact.output_specs(top_k, 0, vectors),
+    _export(graph, inputs, path, spec.input_specs(top_k, vectors), spec.output_specs(top_k, 0, vectors),
             opset)
 
 
@@ -88,7 +88,7 @@ def trace_text_tower(tower: nn.Module, path: Path, max_tokens: int, opset: int) 
     attention_mask = torch.ones((2, max_tokens), dtype=torch.long)
     attention_mask[1, 3:] = 0
     input_ids[1, 3:] = 0
-    _export(tower, (input_ids, attention_mask), path, *artifact.text_tower_specs(), opset)
+    _export(tower, (input_ids, attention_mask), path, *spec.text_tower_specs(), opset)
 
 
 def _export(module: nn.Module, inputs: tuple, path: Path, input_specs, output_specs, opset: int) -> None:

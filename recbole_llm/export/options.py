@@ -9,8 +9,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recbole_llm.errors import RecboleLLMError
-from recbole_llm.artifact import contract as artifact
+from recbole_llm.errors import ConfigError, RecboleLLMError
+from recbole_llm.artifact.spec import METADATA_FILE
+from recbole_llm.settings import integer, number
 
 OPSETS = (14, 20)  # the ONNX opsets the exporter and ONNX Runtime's transformer optimizer both handle
 
@@ -38,40 +39,32 @@ class ExportOptions:
     config_overrides: dict = field(default_factory=dict)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_options(options: ExportOptions) -> None:
-    """Raises RecboleLLMError naming the first option out of range or of the wrong type."""
+    """Raises ConfigError naming the first option out of range or of the wrong type (RecboleLLMError: --fp16
+    without a GPU)."""
     for name in ("optimize", "int8", "fp16", "triton", "force", "item_index"):
         if not isinstance(getattr(options, name), bool):
-            raise RecboleLLMError(f"{name}={getattr(options, name)!r:.40} must be True or False")
+            raise ConfigError(f"{name}={getattr(options, name)!r:.40} must be True or False")
     if options.int8 and options.fp16:
-        raise RecboleLLMError("--int8 and --fp16 exclude each other: int8 is for CPU, fp16 for GPU; pick one")
+        raise ConfigError("--int8 and --fp16 exclude each other: int8 is for CPU, fp16 for GPU; pick one")
     if options.item_index:
         clash = next((flag for flag, on in (("--top-k", options.top_k is not None), ("--int8", options.int8),
                                              ("--fp16", options.fp16), ("--triton", options.triton)) if on), None)
         if clash:
-            raise RecboleLLMError(f"--item-index and {clash} exclude each other: an item-index artifact ranks in the "
-                                  "runtime, in fp32 (the request's k); drop one of them")
-    if not _is_int(options.opset) or not OPSETS[0] <= options.opset <= OPSETS[1]:
-        raise RecboleLLMError(f"--opset {options.opset!r:.40} is not supported; use {OPSETS[0]} to {OPSETS[1]} "
-                              "(17 is the default)")
-    if options.top_k is not None and (not _is_int(options.top_k) or options.top_k <= 0):
-        raise RecboleLLMError(f"--top-k {options.top_k!r:.40} must be a positive number of items")
-    for name in ("validation_rows", "triton_max_batch_size"):
-        if not _is_int(getattr(options, name)) or getattr(options, name) < 1:
-            raise RecboleLLMError(f"{name}={getattr(options, name)!r:.40} must be a positive integer")
-    overlap = options.min_overlap
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= 1:
-        raise RecboleLLMError(f"min_overlap={overlap!r:.40} must be a number from 0 to 1")
+            raise ConfigError(f"--item-index and {clash} exclude each other: an item-index artifact ranks in the "
+                              "runtime, in fp32 (the request's k); drop one of them")
+    integer("--opset", options.opset, low=OPSETS[0], high=OPSETS[1], example=17)
+    if options.top_k is not None:  # None: every item's score
+        integer("--top-k", options.top_k, example=10)
+    integer("validation_rows", options.validation_rows, example=256)
+    integer("triton_max_batch_size", options.triton_max_batch_size, example=256)
+    number("min_overlap", options.min_overlap, low=0, high=1, example=0.95)
+    # None: the provider's default; an infinite one (no parity bound) stays allowed
     tolerance = options.max_abs_diff
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                  or math.isnan(tolerance)):
-        raise RecboleLLMError(f"max_abs_diff={tolerance!r:.40} must be a number or None (the provider's default)")
+    if tolerance is not None and not (isinstance(tolerance, float) and math.isinf(tolerance)):
+        number("max_abs_diff", tolerance, example=1e-4)
     if not isinstance(options.config_overrides, dict):
-        raise RecboleLLMError("config_overrides must be a dict of Config settings, e.g. {'data_path': 'DIR'}")
+        raise ConfigError("config_overrides must be a dict of Config settings, e.g. {'data_path': 'DIR'}")
     if options.fp16:
         import onnxruntime as ort
 
@@ -87,9 +80,9 @@ def check_output(output: str | os.PathLike, force: bool) -> Path:
     output = Path(output).resolve()
     if output.exists() and not force:
         raise RecboleLLMError(f"output '{output}' exists; choose another --output or pass --force to replace it")
-    if output.exists() and not (output.is_dir() and (output / artifact.METADATA_FILE).is_file()):
+    if output.exists() and not (output.is_dir() and (output / METADATA_FILE).is_file()):
         # --force replaces an artifact, never a folder of other things (".", a home folder) or a file
-        raise RecboleLLMError(f"output '{output}' exists and is not an artifact (no {artifact.METADATA_FILE}): "
+        raise RecboleLLMError(f"output '{output}' exists and is not an artifact (no {METADATA_FILE}): "
                               "--force replaces artifacts only; choose a new folder")
     if output == Path.cwd() or output in Path.cwd().parents:
         raise RecboleLLMError(f"output '{output}' holds the current folder: choose a new folder")

@@ -20,7 +20,6 @@ import datetime
 import errno
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,10 @@ import torch
 from torch import nn
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.artifact import contract as artifact
+from recbole_llm.artifact.files import companion_files, file_record, read_regular, sha256_of, signed_graph
+from recbole_llm.artifact.folder import atomic_folder
+from recbole_llm.artifact.metadata import check_metadata, served_exclude_seen
+from recbole_llm.artifact.spec import FORMAT_VERSION, ITEM_VECTORS_FILE, METADATA_FILE, MODEL_FILE, PADDING_TOKEN, TEXT_TOWER_FILE, TOKENIZER_FILE, input_names, output_names
 from recbole_llm.export import graph, optimize, triton, validate
 from recbole_llm.export.options import ExportOptions, check_before_loading
 from recbole_llm.export.validate import ValidationReport
@@ -42,7 +44,7 @@ from recbole_llm.model.contract import PluginModel
 
 def load_for_export(checkpoint: str | os.PathLike, overrides: dict | None = None):
     """(config, model in eval mode, dataset, test_data) from a checkpoint, read once and without running code
-    from it; ``overrides`` are set on its Config first (:func:`recbole_llm.checkpoint.loading.config_overrides`). A
+    from it; ``overrides`` are set on its Config first (:func:`recbole_llm.checkpoint.overrides.config_overrides`). A
     model without a history to score is refused before any data is built."""
     config, model, dataset, _, test_data = _load(checkpoint, overrides)
     return config, model, dataset, test_data
@@ -116,7 +118,7 @@ def item_tokens(config, dataset) -> list[str]:
         tokens = list(trained["token_maps"][dataset.iid_field])
     else:
         tokens = [str(token) for token in dataset.field2id_token[dataset.iid_field]]
-    tokens[0] = artifact.PADDING_TOKEN
+    tokens[0] = PADDING_TOKEN
     return tokens
 
 
@@ -124,10 +126,10 @@ def _versions(opset: int) -> dict[str, Any]:
     import onnxruntime
     import recbole
 
-    import recbole_llm
+    from recbole_llm.version import __version__
 
     return {
-        "recbole_llm": recbole_llm.__version__,
+        "recbole_llm": __version__,
         "recbole": recbole.__version__,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
@@ -203,72 +205,68 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
         return validate.validate(path, reference, item_seq, item_length, precision, options.top_k,
                                  options.max_abs_diff, options.min_overlap, item_vectors=table)
 
-    staging = artifact.staging_folder(output)
     try:
-        onnx_path = staging / artifact.MODEL_FILE
-        if table is None:
-            graph.trace(graph.ScoringGraph(exported, options.top_k).eval(), onnx_path, max_length, options.opset)
-        else:
-            graph.trace(graph.UserVectorGraph(exported).eval(), onnx_path, max_length, options.opset,
-                        torch.from_numpy(table))
-        reports = [check(onnx_path, "fp32")]
-        fused: dict[str, int] = {}
-        if options.optimize:
-            encoder_config = getattr(getattr(exported, "encoder", None), "config", None)
-            fused = optimize.optimize(onnx_path, getattr(encoder_config, "num_attention_heads", 0) or 0,
-                                      getattr(encoder_config, "hidden_size", 0) or 0)
-            reports.append(check(onnx_path, "fp32"))
-            reports[-1].fused_operators = fused
-        if options.int8:
-            quantized = optimize.quantize_int8(onnx_path, n_items)
-            reports.append(check(onnx_path, "int8"))
-            reports[-1].quantized_operators = quantized
-        if options.fp16:
-            optimize.convert_fp16(onnx_path)
-            reports.append(check(onnx_path, "fp16"))
+        with atomic_folder(output) as staging:  # renamed into place when whole, else removed
+            onnx_path = staging / MODEL_FILE
+            if table is None:
+                graph.trace(graph.ScoringGraph(exported, options.top_k).eval(), onnx_path, max_length, options.opset)
+            else:
+                graph.trace(graph.UserVectorGraph(exported).eval(), onnx_path, max_length, options.opset,
+                            torch.from_numpy(table))
+            reports = [check(onnx_path, "fp32")]
+            fused: dict[str, int] = {}
+            if options.optimize:
+                encoder_config = getattr(getattr(exported, "encoder", None), "config", None)
+                fused = optimize.optimize(onnx_path, getattr(encoder_config, "num_attention_heads", 0) or 0,
+                                          getattr(encoder_config, "hidden_size", 0) or 0)
+                reports.append(check(onnx_path, "fp32"))
+                reports[-1].fused_operators = fused
+            if options.int8:
+                quantized = optimize.quantize_int8(onnx_path, n_items)
+                reports.append(check(onnx_path, "int8"))
+                reports[-1].quantized_operators = quantized
+            if options.fp16:
+                optimize.convert_fp16(onnx_path)
+                reports.append(check(onnx_path, "fp16"))
 
-        metadata = {
-            "format_version": artifact.FORMAT_VERSION,
-            "model": config["model"],
-            "dataset": config["dataset"],
-            "checkpoint": os.path.basename(os.fspath(checkpoint)),
-            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "max_length": max_length,
-            "n_items": n_items,
-            "top_k": options.top_k,
-            "precision": "int8" if options.int8 else "fp16" if options.fp16 else "fp32",
-            "optimized": options.optimize,
-            "fused_operators": fused,
-            "adapters_merged": merged,
-            "item_repr": config["item_repr"] or "id",
-            "inputs": artifact.input_names(options.top_k, table is not None),
-            "outputs": artifact.output_names(options.top_k, table is not None),
-            "versions": _versions(options.opset),
-            "validation": [asdict(r) for r in reports],
-            # offline vs served: RecBole's evaluator counts a repeated item as a hit; served answers drop the
-            # history's items unless the data says users come back to items (export/README.md)
-            "repeat_rate": repeats,
-            "exclude_seen": artifact.served_exclude_seen(repeats),
-            "item_tokens": item_tokens(config, dataset),
-        }
-        if table is not None:
-            metadata.update(write_item_index(exported, table, staging, options, reports))
-        artifact.check_metadata(metadata, staging / artifact.METADATA_FILE)  # what the runtime will read
-        sign_graph(onnx_path, metadata)
-        (staging / artifact.METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
-        if options.triton:
-            triton.write_repository(staging, config["model"], options.top_k, n_items, options.triton_max_batch_size)
-        artifact.replace_folder(staging, output)
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "model": config["model"],
+                "dataset": config["dataset"],
+                "checkpoint": os.path.basename(os.fspath(checkpoint)),
+                "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "max_length": max_length,
+                "n_items": n_items,
+                "top_k": options.top_k,
+                "precision": "int8" if options.int8 else "fp16" if options.fp16 else "fp32",
+                "optimized": options.optimize,
+                "fused_operators": fused,
+                "adapters_merged": merged,
+                "item_repr": config["item_repr"] or "id",
+                "inputs": input_names(options.top_k, table is not None),
+                "outputs": output_names(options.top_k, table is not None),
+                "versions": _versions(options.opset),
+                "validation": [asdict(r) for r in reports],
+                # offline vs served: RecBole's evaluator counts a repeated item as a hit; served answers drop the
+                # history's items unless the data says users come back to items (export/README.md)
+                "repeat_rate": repeats,
+                "exclude_seen": served_exclude_seen(repeats),
+                "item_tokens": item_tokens(config, dataset),
+            }
+            if table is not None:
+                metadata.update(write_item_index(exported, table, staging, options, reports))
+            check_metadata(metadata, staging / METADATA_FILE)  # what the runtime will read
+            sign_graph(onnx_path, metadata)
+            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n")
+            if options.triton:
+                triton.write_repository(staging, config["model"], options.top_k, n_items,
+                                        options.triton_max_batch_size)
     except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
         reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
         raise RecboleLLMError(
             f"could not write the artifact to '{output}': {reason}; free space or choose another --output "
             "(nothing was written)"
         ) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(output, metadata, reports)
 
 
@@ -279,9 +277,9 @@ def write_item_index(model: nn.Module, table, staging: Path, options: ExportOpti
     metadata keys ``item_index`` and ``text_tower``."""
     import numpy as np
 
-    np.save(staging / artifact.ITEM_VECTORS_FILE, table.astype(np.float32), allow_pickle=False)
-    keys: dict[str, Any] = {"item_index": {"file": artifact.ITEM_VECTORS_FILE, "dim": int(table.shape[1]),
-                                           "sha256": artifact.sha256_of(staging / artifact.ITEM_VECTORS_FILE)},
+    np.save(staging / ITEM_VECTORS_FILE, table.astype(np.float32), allow_pickle=False)
+    keys: dict[str, Any] = {"item_index": {"file": ITEM_VECTORS_FILE, "dim": int(table.shape[1]),
+                                           "sha256": sha256_of(staging / ITEM_VECTORS_FILE)},
                             "text_tower": None}
     tower = model.text_tower()
     if tower is None:
@@ -299,12 +297,12 @@ def write_item_index(model: nn.Module, table, staging: Path, options: ExportOpti
     # what the model's own tokenization did (item_text.tokenize_items), so the runtime needs no transformers
     backend.enable_truncation(max_length=max_tokens)
     backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
-    backend.save(str(staging / artifact.TOKENIZER_FILE))
-    tower_path = staging / artifact.TEXT_TOWER_FILE
+    backend.save(str(staging / TOKENIZER_FILE))
+    tower_path = staging / TEXT_TOWER_FILE
     graph.trace_text_tower(tower, tower_path, max_tokens, options.opset)
     reports.append(validate.validate_text_tower(tower, tower_path, model.text_input_ids, model.text_attention_mask,
                                                 model.item_has_text, options.max_abs_diff))
-    keys["text_tower"] = {"file": artifact.TEXT_TOWER_FILE, "tokenizer": artifact.TOKENIZER_FILE,
+    keys["text_tower"] = {"file": TEXT_TOWER_FILE, "tokenizer": TOKENIZER_FILE,
                           "max_tokens": max_tokens, "item_text_fields": list(model.item_text_fields)}
     return keys
 
@@ -322,8 +320,8 @@ def _check_exportable(config) -> None:
 
 def sign_graph(onnx_path: Path, metadata: dict) -> None:
     """Write metadata.json's keys, its digest and every companion file's size and digest into the graph's
-    metadata_props (:func:`recbole_llm.artifact.contract.signed_graph`): the runtime checks all of them at load."""
+    metadata_props (:func:`recbole_llm.artifact.files.signed_graph`): the runtime checks all of them at load."""
     folder = onnx_path.parent
-    files = {name: artifact.file_record(artifact.read_regular(folder / name))
-             for name in artifact.companion_files(metadata)}
-    onnx_path.write_bytes(artifact.signed_graph(artifact.read_regular(onnx_path), metadata, files))
+    files = {name: file_record(read_regular(folder / name))
+             for name in companion_files(metadata)}
+    onnx_path.write_bytes(signed_graph(read_regular(onnx_path), metadata, files))

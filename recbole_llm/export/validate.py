@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from recbole_llm.errors import RecboleLLMError
-from recbole_llm.artifact import contract as artifact
+from recbole_llm.artifact import ranking, spec
 
 VALIDATION_TOP = 10
 BATCH_SIZES = [1, 7, 64]  # other than the traced example's 2, so a baked-in batch size would show
@@ -143,22 +143,22 @@ def validate(
     RankingDiffers or OverlapTooLow."""
     if tolerance is None:
         tolerance = 1e-3 if providers(precision == "fp16")[0] == "CUDAExecutionProvider" else 1e-4
-    feeds = artifact.feeds(item_seq, item_length, top_k=top_k)
-    shared = None if item_vectors is None else {artifact.ITEM_VECTORS: item_vectors}
+    feeds = spec.feeds(item_seq, item_length, top_k=top_k)
+    shared = None if item_vectors is None else {spec.ITEM_VECTORS: item_vectors}
     outputs = _ort_outputs(onnx_path, feeds, precision == "fp16", BATCH_SIZES, shared)
     if item_vectors is not None:
-        outputs = [artifact.item_scores(outputs[0], item_vectors)]
+        outputs = [ranking.item_scores(outputs[0], item_vectors)]
     top = min(VALIDATION_TOP, top_k or VALIDATION_TOP)
     if top_k is not None:
         top_items, top_scores = outputs
-        want, ref_scores = artifact.top_k(reference, top_k)
+        want, ref_scores = ranking.top_k(reference, top_k)
         max_diff = float(np.max(np.abs(ref_scores - top_scores)))
         got, want = top_items[:, :top], want[:, :top]
     else:
         (scores,) = outputs
         max_diff = float(np.max(np.abs(reference[:, 1:] - scores[:, 1:])))
-        got, _ = artifact.top_k(scores, top)
-        want, _ = artifact.top_k(reference, top)
+        got, _ = ranking.top_k(scores, top)
+        want, _ = ranking.top_k(reference, top)
 
     identical = np.all(got == want, axis=1)
     # An order difference between two items whose reference scores tie (within the tolerance) is no error.
@@ -211,7 +211,7 @@ def validate_text_tower(tower, onnx_path: Path, input_ids, attention_mask, has_t
     ids, mask = input_ids[rows], attention_mask[rows]
     with torch.no_grad():
         expected = tower(ids, mask).float().numpy()
-    feeds = {artifact.TEXT_INPUT_IDS: ids.numpy(), artifact.TEXT_ATTENTION_MASK: mask.numpy()}
+    feeds = {spec.TEXT_INPUT_IDS: ids.numpy(), spec.TEXT_ATTENTION_MASK: mask.numpy()}
     (got,) = _ort_outputs(onnx_path, feeds, False, BATCH_SIZES)
     max_diff = float(np.max(np.abs(expected - got))) if len(rows) else 0.0
     report = ValidationReport(precision="fp32", rows=len(rows), lengths=sorted({int(n) for n in mask.sum(1)}) or [0],
