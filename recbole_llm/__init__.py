@@ -1,7 +1,7 @@
 """recbole_llm: pretrained BERT encoders, fully or parameter-efficiently fine-tuned, as RecBole models.
 
 ``import recbole_llm`` is all a RecBole user needs: it makes RecBole 1.2.1 work on today's stack
-(:mod:`recbole_llm.patches.compat`) and registers the plugin's models with RecBole's own entry points
+(:mod:`recbole_llm.patches.stack`) and registers the plugin's models with RecBole's own entry points
 (:mod:`recbole_llm.patches.models`), so ``run_recbole(model='BERTRec', dataset='ml-100k')`` just works. Every
 change to RecBole is one entry of :mod:`recbole_llm.patches`, installed once.
 
@@ -19,13 +19,13 @@ import sys
 import threading
 from typing import Any
 
-from recbole_llm.patches import compat as _compat
+from recbole_llm.patches.stack import silence_stack_noise as _silence_stack_noise
 from recbole_llm.errors import RecboleLLMError
+from recbole_llm.version import __version__
 
-__version__ = "0.1.0"
 
 # Before RecBole is imported: its import prints deprecation warnings from ray and pkg_resources.
-_compat.silence_stack_noise()
+_silence_stack_noise()
 
 _installed = False
 _lock = threading.RLock()
@@ -84,17 +84,24 @@ elif importlib.util.find_spec("recbole") is not None:
     sys.meta_path.insert(0, _InstallAfterRecBole())
 
 
+# The public API: name -> module that defines it. Loaded on first use, so that ``import recbole_llm`` stays
+# light and a serving install (no torch, no RecBole) can use Recommender. A test pins this list.
+_PUBLIC = {
+    "Recommender": "recbole_llm.serving.runtime",
+    "Recommendation": "recbole_llm.serving.records",
+    "ExportOptions": "recbole_llm.export.options",
+    "export_checkpoint": "recbole_llm.export.pipeline",
+    "load_checkpoint": "recbole_llm.checkpoint.loading",  # imports RecBole, which installs the plugin first
+    "available_models": "recbole_llm.model.catalog",
+}
+
+
 def __getattr__(name: str) -> Any:
-    # These import RecBole, which installs the plugin first.
-    if name == "load_checkpoint":
-        from recbole_llm.checkpoint.loading import load_checkpoint
+    if name in _PUBLIC:
+        import importlib
 
-        return load_checkpoint
-    if name == "available_models":
-        from recbole_llm.patches.models import available_models
-
-        return available_models
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'recbole_llm' has no attribute '{name}'")
 
 
-__all__ = ["RecboleLLMError", "available_models", "load_checkpoint", "__version__"]
+__all__ = ["RecboleLLMError", *_PUBLIC, "__version__"]

@@ -89,8 +89,7 @@ def _run(args: Sequence[str]) -> int:
     if known.nproc < 1:
         return _fail(f"--nproc={known.nproc} must be at least 1")
 
-    import recbole_llm  # noqa: F401  (registers the plugin with RecBole)
-    from recbole.quick_start import run
+    from recbole.quick_start import run  # this package is imported: importing RecBole installs the plugin
 
     from recbole_llm.errors import RecboleLLMError
 
@@ -128,11 +127,10 @@ def _evaluate(args: Sequence[str]) -> int:
     if isinstance(overrides, int):
         return overrides
 
-    import recbole_llm  # noqa: F401
     from recbole.quick_start import load_data_and_model
     from recbole.utils import get_trainer, set_color
 
-    from recbole_llm.checkpoint.loading import config_overrides
+    from recbole_llm.checkpoint.overrides import config_overrides
     from recbole_llm.errors import RecboleLLMError
 
     sys.argv = sys.argv[:1]
@@ -187,7 +185,7 @@ def _export(args: Sequence[str]) -> int:
 
 
 def _serve(args: Sequence[str]) -> int:
-    from recbole_llm.serving.http import Limits  # the defaults live there, once (numpy and onnxruntime, no fastapi)
+    from recbole_llm.serving.requests import Limits  # the defaults live there, once (numpy only, no fastapi)
 
     default = Limits()
     parser = argparse.ArgumentParser(prog="recbole-llm serve", allow_abbrev=False)
@@ -255,7 +253,8 @@ def _add_items(args: Sequence[str]) -> int:
     known = parser.parse_args(args)
 
     from recbole_llm.errors import RecboleLLMError
-    from recbole_llm.serving.runtime import Recommender, read_items_file
+    from recbole_llm.serving.catalogue import read_items_file
+    from recbole_llm.serving.runtime import Recommender
 
     from pathlib import Path
 
@@ -278,10 +277,9 @@ def _add_items(args: Sequence[str]) -> int:
 
 
 def _models() -> int:
-    import recbole_llm
-    from recbole_llm.patches.models import PLUGIN_MODELS
+    from recbole_llm.model.catalog import PLUGIN_MODELS, available_models
 
-    for name in recbole_llm.available_models():
+    for name in available_models():
         print(f"{name}\t{'recbole_llm' if name in PLUGIN_MODELS else 'recbole'}")
     return 0
 

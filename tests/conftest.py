@@ -112,7 +112,7 @@ def tiny_bert(base_config) -> dict:
 
 
 # Where a model shows it learns beyond popularity: RecBole's bundled ml-100k, all 943 users. On the 300-user
-# slice a correctly counted Pop (recbole_llm.patches.compat.pop_calculate_loss) is within seed noise of what a tiny
+# slice a correctly counted Pop (recbole_llm.patches.models.pop_calculate_loss) is within seed noise of what a tiny
 # model reaches in seconds, so "beats Pop" there would prove nothing.
 LEARNING_DATASET = "ml-100k"
 

@@ -22,7 +22,7 @@ import torch
 
 from conftest import train_checkpoint
 from recbole_llm import RecboleLLMError, load_checkpoint
-from recbole_llm.checkpoint.loading import allowed_globals
+from recbole_llm.checkpoint.unpickler import allowed_globals
 
 PLACEHOLDER = "PAYLOAD_GOES_HERE_0123456789"
 
@@ -503,7 +503,7 @@ def test_a_checkpoint_config_cannot_choose_where_evaluate_and_export_write(real_
     assert not loaded["config"]["save_dataset"] and not loaded["config"]["save_dataloaders"]
     assert not loaded["config"]["allow_download"] and not loaded["config"]["log_wandb"]
     # named on the command line, the user's own folder is used
-    from recbole_llm.checkpoint.loading import config_overrides
+    from recbole_llm.checkpoint.overrides import config_overrides
 
     with config_overrides({"checkpoint_dir": str(tmp_path / "mine")}):
         assert load_checkpoint(crafted)["config"]["checkpoint_dir"] == str(tmp_path / "mine")

@@ -13,7 +13,8 @@ import torch
 
 import recbole_llm
 from conftest import train_checkpoint
-from recbole_llm import RecboleLLMError, checkpoint, patches
+from recbole_llm import RecboleLLMError, patches
+from recbole_llm.checkpoint.loading import load_for_use
 
 PACKAGE = Path(recbole_llm.__file__).parent
 
@@ -147,7 +148,7 @@ def test_load_data_and_model_reads_the_checkpoint_once(saved_bert, reads):
 
 def test_load_for_use_reads_once_applies_overrides_and_checks_before_data(saved_bert, reads, monkeypatch):
     seen = []
-    config, model, dataset, train_data, valid_data, test_data = checkpoint.load_for_use(
+    config, model, dataset, train_data, valid_data, test_data = load_for_use(
         saved_bert, {"eval_batch_size": 128}, check=lambda config: seen.append(config["eval_batch_size"]))
     assert reads(saved_bert) == 1
     assert seen == [128] and config["eval_batch_size"] == 128 and test_data is not None
@@ -163,14 +164,14 @@ def test_load_for_use_reads_once_applies_overrides_and_checks_before_data(saved_
         raise RecboleLLMError("not for this use")
 
     with pytest.raises(RecboleLLMError, match="not for this use"):
-        checkpoint.load_for_use(saved_bert, check=refuse)
+        load_for_use(saved_bert, check=refuse)
     assert reads(saved_bert) == 2
 
 
 def test_resume_and_evaluate_read_the_checkpoint_once(saved_bert, reads):
     from recbole.utils import get_trainer
 
-    config, model, _, _, _, test_data = checkpoint.load_for_use(saved_bert)
+    config, model, _, _, _, test_data = load_for_use(saved_bert)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.resume_checkpoint(saved_bert)  # the plugin trainer's, then RecBole's, on one read
     assert reads(saved_bert) == 2
@@ -237,10 +238,70 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_plugin_modules_import_each_other_without_a_cycle():
     edges = import_graph()
-    assert "recbole_llm.model.catalog" in edges["recbole_llm.checkpoint.loading"]  # the graph sees function-level imports
+    assert "recbole_llm.checkpoint.lineage" in edges["recbole_llm.checkpoint.loading"]  # the graph sees function-level imports
     cycle = find_cycle(edges)
     assert cycle is None, " -> ".join(cycle)
 
 
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+# The house, bottom to top: a module may import its own folder and any folder on a lower floor, never one
+# above. The serving side (artifact, serving) is numpy and ONNX Runtime only: it must install without torch.
+FLOORS = {
+    "recbole_llm.errors": 0, "recbole_llm.version": 0,
+    "recbole_llm.settings": 1, "recbole_llm.artifact": 1, "recbole_llm.model.catalog": 1,
+    "recbole_llm.serving": 2, "recbole_llm.model": 2,
+    "recbole_llm.config": 3,  # a run's config checked: when a Config is built and when a checkpoint loads
+    "recbole_llm.checkpoint": 4,
+    "recbole_llm.training": 5,
+    "recbole_llm.export": 6,
+    "recbole_llm.patches": 7,
+    "recbole_llm.cli": 8, "recbole_llm.__main__": 9,
+}
+SERVING_MAY_IMPORT = ("recbole_llm.errors", "recbole_llm.version", "recbole_llm.artifact", "recbole_llm.serving")
+
+
+def floor_of(module: str) -> tuple[str, int] | None:
+    """(the FLOORS entry a module belongs to, its floor): the longest matching prefix; None for the package."""
+    for prefix in sorted(FLOORS, key=len, reverse=True):
+        if module == prefix or module.startswith(prefix + "."):
+            return prefix, FLOORS[prefix]
+    return None
+
+
+def longest_path(edges: dict[str, set[str]]) -> list[str]:
+    memo: dict[str, list[str]] = {}
+
+    def down(node: str) -> list[str]:
+        if node not in memo:
+            memo[node] = [node, *max((down(t) for t in edges[node]), key=len, default=[])]
+        return memo[node]
+
+    return max((down(n) for n in edges), key=len)
+
+
+def test_the_package_is_a_house_every_import_goes_down_or_sideways():
+    edges = import_graph()
+    wrong = []
+    for module, targets in sorted(edges.items()):
+        if module == "recbole_llm":
+            continue  # the package's __init__: the public API's lazy names and the install hook
+        source = floor_of(module)
+        assert source is not None, f"{module} belongs to no floor: add its folder to FLOORS"
+        for target in sorted(targets):
+            if target == "recbole_llm":
+                wrong.append(f"{module} imports the package root (import what it needs from its module)")
+                continue
+            place = floor_of(target)
+            if place[0] != source[0] and place[1] >= source[1]:
+                wrong.append(f"{module} (floor {source[1]}) imports {target} (floor {place[1]})")
+            if source[0] in ("recbole_llm.artifact", "recbole_llm.serving") and not target.startswith(
+                    SERVING_MAY_IMPORT):
+                wrong.append(f"serving-side {module} imports {target}")
+            if source[0] == "recbole_llm.model" and target.startswith("recbole_llm.training"):
+                wrong.append(f"model {module} imports training's {target}")
+    assert not wrong, "\n".join(wrong)
+    path = longest_path({m: t - {"recbole_llm"} for m, t in edges.items()})
+    assert len(path) <= 8, " -> ".join(path)

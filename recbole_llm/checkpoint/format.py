@@ -28,7 +28,7 @@ import tempfile
 from typing import Any
 
 from recbole_llm.model import catalog
-from recbole_llm.errors import RecboleLLMError
+from recbole_llm.errors import CheckpointError
 
 FORMAT_KEY = "recbole_llm.checkpoint"  # the safetensors metadata key holding the JSON
 FORMAT_VERSION = 1
@@ -107,7 +107,7 @@ class _Encoder:
                 return {k: self.encode(v, f"{place}/{k}".lstrip("/")) for k, v in value.items()}
             return {"__items__": [[self.encode(k, place), self.encode(v, f"{place}/{k}".lstrip("/"))]
                                   for k, v in value.items()]}
-        raise RecboleLLMError(
+        raise CheckpointError(
             f"cannot save a checkpoint holding a {type(value).__name__} at '{place or '/'}': the plugin's "
             "checkpoints hold tensors, numbers, strings, lists and dicts; keep other values out of the config"
         )
@@ -224,7 +224,7 @@ def atomic_save(state: dict, path: str | os.PathLike) -> None:
         if not isinstance(error, OSError):
             raise
         reason = "no space left on the device" if error.errno == errno.ENOSPC else error.strerror or str(error)
-        raise RecboleLLMError(
+        raise CheckpointError(
             f"could not write checkpoint '{path}': {reason}; free space or set checkpoint_dir to "
             "another folder (the previous checkpoint, if any, is unchanged)"
         ) from None

@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-from recbole_llm.errors import RecboleLLMError
+from recbole_llm.errors import DataError
 
 ATTRIBUTE = "recbole_llm_world"  # the Config attribute; one place for the name
 
@@ -69,12 +69,12 @@ def check(trained: dict, dataset: Any) -> None:
         if here == tokens:
             continue
         if here is None:
-            raise RecboleLLMError(f"the data at '{dataset.dataset_path}' has no '{field}' field, which the checkpoint "
+            raise DataError(f"the data at '{dataset.dataset_path}' has no '{field}' field, which the checkpoint "
                                   "was trained with: point data_path at the training data")
         first = next((i for i, (a, b) in enumerate(zip(tokens, here)) if a != b), min(len(tokens), len(here)))
         change = (f"{len(tokens) - 1} {field} tokens at training, {len(here) - 1} now" if len(tokens) != len(here)
                   else f"id {first} was '{tokens[first]}' at training, is '{here[first]}' now")
-        raise RecboleLLMError(
+        raise DataError(
             f"the data at '{dataset.dataset_path}' is not what this checkpoint was trained on ({change}): its ids "
             "would point at other items; use the training data files (data_path), or retrain on the new data"
         )

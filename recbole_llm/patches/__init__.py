@@ -2,8 +2,10 @@
 
 An entry is a :class:`Patch`: the RecBole module or class attribute it replaces, the function that makes
 the replacement from RecBole's own, and the RecBole 1.2.1 source line it answers. The bodies live with
-their topic (:mod:`recbole_llm.patches.compat`: today's stack and one-line errors; :mod:`recbole_llm.checkpoint.loading`:
-safe, read-once loading; :mod:`recbole_llm.patches.models`: the plugin's models; :mod:`recbole_llm.training.distributed`:
+their topic (:mod:`recbole_llm.patches.stack`: today's stack; :mod:`recbole_llm.patches.config`,
+:mod:`recbole_llm.patches.data` and :mod:`recbole_llm.patches.evaluator`: Config, datasets and evaluation,
+with one-line errors; :mod:`recbole_llm.patches.checkpoints`:
+safe, read-once loading; :mod:`recbole_llm.patches.models`: the plugin's models and RecBole's Pop; :mod:`recbole_llm.training.distributed`:
 DDP on CPU; :mod:`recbole_llm.training.metrics`: the plugin's metrics; the export hook here); this module only
 installs them, in the order :func:`patches` lists.
 
@@ -103,63 +105,63 @@ def patches() -> list[Patch]:
     from recbole.trainer import trainer
     from recbole.utils import utils
 
-    from recbole_llm.checkpoint import loading as checkpoint
-    from recbole_llm.patches import compat
+    from recbole_llm.patches import checkpoints as checkpoint
+    from recbole_llm.patches import config, data, evaluator, stack
     from recbole_llm.patches import models as registry
     from recbole_llm.training import distributed, metrics
 
     return [
         # -- Config, in the order Config.__init__ calls them (configurator.py lines 80-94) --
         # First, because every Config() runs it before anything else and fails on numpy 2 without it.
-        Patch(Config, "compatibility_settings", instead(compat.compatibility_settings),
+        Patch(Config, "compatibility_settings", instead(stack.compatibility_settings),
               "recbole/config/configurator.py:625 Config.compatibility_settings assigns np.float_ and friends, "
               "which numpy 2 removed: only the aliases numpy lacks are added"),
-        Patch(Config, "_load_config_files", compat.wrap_load_config_files,
+        Patch(Config, "_load_config_files", config.wrap_load_config_files,
               "recbole/config/configurator.py:149 Config._load_config_files: a file that does not read or parse "
               "fails in one line naming file and line"),
-        Patch(Config, "_load_variable_config_dict", compat.wrap_load_variable_config_dict,
+        Patch(Config, "_load_variable_config_dict", config.wrap_load_variable_config_dict,
               "recbole/config/configurator.py:159 Config._load_variable_config_dict pickles Path and numpy values "
               "into checkpoints the allow-list refuses: plain Python values"),
         Patch(Config, "_update_internal_config_dict", registry.wrap_update_internal_config_dict,
               "recbole/config/configurator.py:231/240 reads only RecBole's own property files: the plugin's "
               "overall.yaml and model YAMLs are read right after RecBole's overall.yaml"),
         # After the property files: the checks read the merged values (defaults from the plugin's YAMLs).
-        Patch(Config, "_set_default_parameters", compat.wrap_set_default_parameters,
+        Patch(Config, "_set_default_parameters", config.wrap_set_default_parameters,
               "recbole/config/configurator.py:327/346 Config._set_default_parameters: CE with RecBole's default "
               "sampler fails, values fail late; CE gets no sampling, values and encoder limits checked first"),
         # One wrapper for both concerns: gloo set-up needs dist_backend, anomaly detection detect_anomaly.
-        Patch(Config, "_init_device", compat.wrap_init_device,
+        Patch(Config, "_init_device", config.wrap_init_device,
               "recbole/config/configurator.py:476/494 Config._init_device hard-codes nccl (no DDP on CPU), and "
               "sine.py:25 left anomaly detection on: gloo for CPU ranks, detect_anomaly decides"),
         # -- dataset and dataloaders --
-        Patch(Dataset, "_download", compat.wrap_download,
+        Patch(Dataset, "_download", data.wrap_download,
               "recbole/data/dataset/dataset.py:232 Dataset._download prompts on stdin (utils/url.py:27) for a "
               "dataset not on disk, which hangs offline: a one-line error unless allow_download"),
-        Patch(Dataset, "_get_load_and_unload_col", compat.wrap_get_load_and_unload_col,
+        Patch(Dataset, "_get_load_and_unload_col", data.wrap_get_load_and_unload_col,
               "recbole/data/dataset/dataset.py:388 Dataset._get_load_and_unload_col: load_col can leave out the "
               "time field sequential models order by: it is loaded"),
-        Patch(Dataset, "_load_feat", compat.wrap_load_feat,
+        Patch(Dataset, "_load_feat", data.wrap_load_feat,
               "recbole/data/dataset/dataset.py:427 Dataset._load_feat fails deep in pandas on a bad header, id "
               "field or row: one line naming file, line and fix"),
-        Patch(Dataset, "_dataframe_to_interaction", compat.wrap_dataframe_to_interaction,
+        Patch(Dataset, "_dataframe_to_interaction", data.wrap_dataframe_to_interaction,
               "recbole/data/dataset/dataset.py:2188/2207 Dataset._dataframe_to_interaction makes float fields float32 "
               "(torch.FloatTensor) before histories are sorted by time: Unix seconds round to 128 s and close "
               "events keep file order (RecBole#2204); the time field stays float64"),
-        Patch(data_utils, "create_dataset", compat.wrap_create_dataset,
+        Patch(data_utils, "create_dataset", data.wrap_create_dataset,
               "recbole/data/utils.py:28/61 create_dataset pickle.loads <checkpoint_dir>/<dataset>-<Class>.pth if "
               "it exists: only a named dataset_save_path; and the data's ids are recorded or checked",
               also=_modules("recbole.data", "recbole.quick_start.quick_start")),
-        Patch(NegSampleEvalDataLoader, "collate_fn", compat.wrap_eval_collate_fn,
+        Patch(NegSampleEvalDataLoader, "collate_fn", evaluator.wrap_eval_collate_fn,
               "recbole/data/dataloader/general_dataloader.py:150/180 NegSampleEvalDataLoader.collate_fn samples "
               "evaluation negatives from numpy's global generator, new ones at every evaluation (RecBole#2077): "
               "each batch from a generator seeded by the config seed"),
-        Patch(data_utils, "save_split_dataloaders", compat.wrap_save_split_dataloaders,
+        Patch(data_utils, "save_split_dataloaders", data.wrap_save_split_dataloaders,
               "recbole/data/utils.py:78/94 save_split_dataloaders sets each loader's generator to None and never "
               "restores it: restored, so saving does not change the run"),
-        Patch(data_utils, "load_split_dataloaders", compat.wrap_load_split_dataloaders,
+        Patch(data_utils, "load_split_dataloaders", data.wrap_load_split_dataloaders,
               "recbole/data/utils.py:102/122 load_split_dataloaders pickle.loads RecBole's default file if it "
               "exists: only a named dataloaders_save_path"),
-        Patch(utils, "ensure_dir", instead(compat.ensure_dir),
+        Patch(utils, "ensure_dir", instead(stack.ensure_dir),
               "recbole/utils/utils.py:44 ensure_dir checks, then creates: two DDP ranks race to FileExistsError",
               also=_modules("recbole.utils", "recbole.utils.logger", "recbole.trainer.trainer",
                             "recbole.data.dataset.dataset", "recbole.data.utils")),
@@ -177,10 +179,10 @@ def patches() -> list[Patch]:
               "a merged copy", also=_modules("recbole.utils", "recbole.quick_start.quick_start")),
         # -- RecBole's own models --
         # The two Pop patches go together: calculate_loss reads the label field __init__ keeps.
-        Patch(Pop, "__init__", compat.wrap_pop_init,
+        Patch(Pop, "__init__", registry.wrap_pop_init,
               "recbole/model/general_recommender/pop.py:32 Pop.__init__ keeps no label field, which marks the "
               "negatives pointwise sampling adds: kept when sampling is on"),
-        Patch(Pop, "calculate_loss", instead(compat.pop_calculate_loss),
+        Patch(Pop, "calculate_loss", instead(registry.pop_calculate_loss),
               "recbole/model/general_recommender/pop.py:45 Pop.calculate_loss adds one per distinct item of a "
               "batch (an index assignment drops duplicates), counts sampled negatives and, under DDP, only its rank's "
               "share: each real interaction once, summed over ranks"),
@@ -191,7 +193,7 @@ def patches() -> list[Patch]:
         Patch(Collector, "get_data_struct", metrics.wrap_get_data_struct,
               "recbole/evaluator/collector.py:222/227 Collector.get_data_struct calls .cpu() on every resource, "
               "a Counter too: non-tensors pass through"),
-        Patch(Evaluator, "evaluate", compat.wrap_evaluator_evaluate,
+        Patch(Evaluator, "evaluate", evaluator.wrap_evaluator_evaluate,
               "recbole/evaluator/evaluator.py:27 Evaluator.evaluate returns numpy scalars, logged as np.float64(...) "
               "on numpy 2: Python floats"),
         # -- checkpoints: torch >= 2.6 refuses RecBole's, and a checkpoint may come from anyone --
@@ -229,12 +231,12 @@ def patches() -> list[Patch]:
 def install() -> None:
     """Apply every patch once, in :func:`patches` order, and set the state RecBole leaves wrong. Idempotent;
     ``recbole_llm`` calls it when RecBole is imported."""
-    from recbole_llm.patches import compat
+    from recbole_llm.patches import stack
 
-    compat.quiet_stack()
+    stack.quiet_stack()
     # Before anything imports RecBole's quick_start: its module-level `from ray import tune` (quick_start.py:20)
     # fails where ray does not import; ray becomes optional.
-    compat.import_quick_start()
+    stack.import_quick_start()
     for patch in patches():
         patch.apply()
 
@@ -250,6 +252,6 @@ def install() -> None:
         importlib.import_module("recbole_llm.training.dataset").register_for_plugin_models()
     # RecBole's metrics use np.float, which only Config() recreates: a process that unpickles a Config
     # (load_data_and_model) never runs it.
-    compat.numpy_aliases()
+    stack.numpy_aliases()
     # sine.py:25 turns anomaly detection on at import, until a Config switches it: off by default.
     torch.autograd.set_detect_anomaly(False)

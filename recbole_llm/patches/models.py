@@ -5,6 +5,15 @@ defaults from ``recbole/properties/model/<Model>.yaml``. Like RecBole-GNN, the p
 models first and falls back to RecBole's; unlike RecBole-GNN it does so inside RecBole's own functions, so
 ``run_recbole``, ``objective_function``, ``load_data_and_model`` and ``Config`` need no plugin-specific
 entry point.
+
+RecBole's own models, fixed here (:mod:`recbole_llm.patches` installs the bodies):
+
+- ``Pop.calculate_loss`` counts with ``item_cnt[item] = item_cnt[item] + 1``, which adds one per *distinct*
+  item of a batch (an item's count becomes the number of batches it appears in), and counts the random
+  negatives that pointwise sampling (RecBole's default for Pop) puts in the same item column: Pop ranked by
+  a shuffle-, batch-size- and seed-dependent count. Every real training interaction now counts once (with
+  or without negative sampling, whatever a rating ``threshold`` labels it), sampled negatives not, and the
+  counts of DDP ranks are summed, so every rank holds the whole count.
 """
 
 from __future__ import annotations
@@ -177,3 +186,44 @@ def wrap_get_flops(recbole_get_flops: Callable) -> Callable:
         return recbole_get_flops(merged, dataset, device, logger, transform, verbose)
 
     return get_flops
+
+
+# ---------------------------------------------------------------------------------------------------
+# RecBole's Pop: every real training interaction counted once, summed over DDP ranks
+
+
+def wrap_pop_init(original):
+    """RecBole's ``Pop.__init__``, keeping the label field's name when training batches carry sampled
+    negatives (label 0) there: with negative sampling on, RecBole labels every real interaction 1."""
+
+    @functools.wraps(original)
+    def __init__(self, config, dataset):
+        original(self, config, dataset)
+        sampled = (config["train_neg_sample_args"] or {}).get("distribution", "none") != "none"
+        self.LABEL = config["LABEL_FIELD"] if sampled else None
+
+    return __init__
+
+
+def pop_calculate_loss(self, interaction):
+    """RecBole's Pop, counting each real training interaction of the batch once (``index_add_`` sums
+    duplicates; sampled negatives, label 0 when negative sampling is on, add nothing). Under DDP the ranks'
+    counts are summed (``all_reduce``), so each rank ranks by the whole training split's counts; the few rows
+    ``DistributedSampler`` repeats to even out the ranks are counted twice.
+
+    ``item_cnt`` is ``[n_items, 1]`` int64; ``max_cnt`` its maximum, as RecBole's Pop keeps them. Returns
+    RecBole's zero loss (Pop has nothing to train)."""
+    import torch
+    import torch.distributed as dist
+
+    item = interaction[self.ITEM_ID].to(self.item_cnt.device)
+    label = getattr(self, "LABEL", None)
+    if label is not None and label in interaction.interaction:
+        item = item[interaction[label].to(item.device) > 0]
+    increment = torch.zeros_like(self.item_cnt)
+    increment.index_add_(0, item, torch.ones(len(item), 1, dtype=increment.dtype, device=increment.device))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(increment)
+    self.item_cnt += increment
+    self.max_cnt = torch.max(self.item_cnt, dim=0)[0]
+    return torch.nn.Parameter(torch.zeros(1)).to(self.device)

@@ -25,38 +25,22 @@ from typing import Any
 
 import torch
 
-from recbole_llm.errors import RecboleLLMError
+from recbole_llm.settings import choice, names, number
 
 AUGMENTATIONS = ("crop", "mask", "reorder")
-
-
-def _rate(config: Any, key: str, low_open: bool = True) -> float:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1 if low_open
-                                                                                else 0 <= value <= 1):
-        bounds = "in (0, 1]" if low_open else "in [0, 1]"
-        raise RecboleLLMError(f"{key}={value!r:.40} must be a number {bounds}")
-    return float(value)
 
 
 class SequenceAugmenter:
     """Augments the item-sequence fields of a training Interaction; built from a RecBole Config."""
 
     def __init__(self, config: Any, item_seq_field: str, item_seq_len_field: str):
-        chosen = config["augmentation"]
-        if isinstance(chosen, str):
-            chosen = [chosen]
-        if chosen is not None and (not isinstance(chosen, (list, tuple))
-                                   or not all(isinstance(name, str) for name in chosen)):
-            raise RecboleLLMError(f"augmentation={chosen!r:.60} must be a list of {', '.join(AUGMENTATIONS)} or null")
-        self.kinds = [name.lower() for name in chosen or []]
-        unknown = [name for name in self.kinds if name not in AUGMENTATIONS]
-        if unknown:
-            raise RecboleLLMError(f"augmentation '{unknown[0]}' is not supported; use {', '.join(AUGMENTATIONS)}")
-        self.prob = _rate(config, "augmentation_prob", low_open=False)
-        self.crop_ratio = _rate(config, "crop_ratio")
-        self.mask_rate = _rate(config, "mask_rate", low_open=False)
-        self.reorder_ratio = _rate(config, "reorder_ratio", low_open=False)
+        # null: none
+        chosen = names("augmentation", config["augmentation"], "[crop, mask, reorder]")
+        self.kinds = [choice("augmentation", name, AUGMENTATIONS) for name in chosen]
+        self.prob = number("augmentation_prob", config["augmentation_prob"], low=0, high=1, example=0.5)
+        self.crop_ratio = number("crop_ratio", config["crop_ratio"], low=0, high=1, low_open=True, example=0.6)
+        self.mask_rate = number("mask_rate", config["mask_rate"], low=0, high=1, example=0.3)
+        self.reorder_ratio = number("reorder_ratio", config["reorder_ratio"], low=0, high=1, example=0.3)
         self.seed = int(config["seed"])
         self.item_seq_field, self.item_seq_len_field = item_seq_field, item_seq_len_field
         self.generator = torch.Generator()

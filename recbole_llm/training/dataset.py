@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from recbole.data.dataset import SequentialDataset
 
-from recbole_llm.training.windows import training_rows, window_ends
+from recbole_llm.model.positions import training_rows
+from recbole_llm.training.windows import window_ends
 
 
 class PluginSequentialDataset(SequentialDataset):

@@ -28,14 +28,16 @@ BACKENDS = ("nccl", "gloo")
 
 def backend_of(config_dict: dict) -> str:
     """The backend a run uses: ``dist_backend``, or nccl with CUDA and gloo without."""
-    from recbole_llm.errors import RecboleLLMError
+    from recbole_llm.errors import ConfigError
+    from recbole_llm.settings import choice
 
     chosen = config_dict.get("dist_backend")
     if chosen is None:
         return "nccl" if torch.cuda.is_available() and config_dict.get("use_gpu", True) else "gloo"
-    if str(chosen).lower() not in BACKENDS:
-        raise RecboleLLMError(f"dist_backend '{chosen}' is not supported; use nccl (GPU) or gloo (CPU)")
-    return str(chosen).lower()
+    try:
+        return choice("dist_backend", chosen, BACKENDS)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (nccl for GPU processes, gloo for CPU ones)") from None
 
 
 def is_distributed(config) -> bool:

@@ -35,8 +35,9 @@ from recbole_llm.training import distributed
 from recbole_llm.training.augment import SequenceAugmenter
 from recbole_llm.checkpoint.loading import read_once
 from recbole_llm.checkpoint.format import atomic_save
-from recbole_llm.errors import RecboleLLMError
+from recbole_llm.errors import ConfigError, RecboleLLMError
 from recbole_llm.model.contract import PluginModel
+from recbole_llm.settings import choice, number
 
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,23 +49,18 @@ class PluginTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         # The defaults live in properties/PluginTrainer.yaml only: null is a documented "off" or an error.
-        schedule, warmup = config["lr_scheduler"], config["warmup_ratio"]
-        if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
-            raise RecboleLLMError(f"lr_scheduler={schedule!r} is not supported; use one of {', '.join(SCHEDULES)}")
-        if not _is_number(warmup) or not 0.0 <= warmup < 1.0:
-            raise RecboleLLMError(f"warmup_ratio={warmup!r} must be a number in [0, 1)")
-        self.lr_scheduler_name, self.warmup_ratio = schedule.lower(), float(warmup)
-        precision = config["mixed_precision"]
-        key = precision.lower() if isinstance(precision, str) else precision
-        if key not in PRECISIONS:
-            raise RecboleLLMError(f"mixed_precision '{precision}' is not supported; use bf16, fp16 or null")
-        adversarial, epsilon = config["adversarial"], config["adv_epsilon"]
-        self.adversarial = "none" if adversarial is None else str(adversarial).lower()  # null: off
-        if self.adversarial not in ("none", "fgm"):
-            raise RecboleLLMError(f"adversarial '{adversarial}' is not supported; use fgm or null")
-        if self.adversarial == "fgm" and not (_is_number(epsilon) and epsilon > 0):
-            raise RecboleLLMError(f"adv_epsilon={epsilon!r} must be a number > 0 with adversarial: fgm")
-        self.adv_epsilon = float(epsilon) if self.adversarial == "fgm" else None  # read by _fgm_step only
+        self.lr_scheduler_name = choice("lr_scheduler", config["lr_scheduler"], SCHEDULES)
+        self.warmup_ratio = number("warmup_ratio", config["warmup_ratio"], low=0, high=1, high_open=True, example=0.1)
+        precision = config["mixed_precision"]  # null: fp32
+        key = None if precision is None else choice("mixed_precision", precision, ("bf16", "fp16", "none"))
+        adversarial = config["adversarial"]  # null: off
+        self.adversarial = "none" if adversarial is None else choice("adversarial", adversarial, ("fgm", "none"))
+        self.adv_epsilon = None  # read by _fgm_step only
+        if self.adversarial == "fgm":
+            try:
+                self.adv_epsilon = number("adv_epsilon", config["adv_epsilon"], low=0, low_open=True, example=1.0)
+            except ConfigError as error:
+                raise ConfigError(f"{error} (with adversarial: fgm)") from None
         # Mixed precision only on GPU: on CPU autocast is slower for these models (measured) and fp16 unsafe.
         self.autocast_dtype = PRECISIONS[key] if self.device.type == "cuda" else None
         if PRECISIONS[key] is not None and self.autocast_dtype is None:
@@ -277,7 +273,3 @@ class PluginTrainer(Trainer):
         generator = getattr(self._train_data, "generator", None)
         if generator is not None and state["train_data"] is not None:
             generator.set_state(state["train_data"])
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

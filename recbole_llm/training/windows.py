@@ -1,4 +1,5 @@
-"""The plugin models' dataset: RecBole's SequentialDataset, with training windows for ``train_positions: all``.
+"""Which training rows a window keeps, for ``train_positions: all``
+(the keys themselves: :mod:`recbole_llm.model.positions`).
 
 RecBole trains sequential models on every prefix of every history (``SequentialDataset.data_augmentation``):
 a user with n training items gives n - 1 rows, each predicting one item. A model that predicts the next
@@ -19,58 +20,9 @@ The dataset class is :class:`recbole_llm.training.dataset.PluginSequentialDatase
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from recbole_llm.errors import RecboleLLMError
-
-TRAIN_POSITIONS = ("last", "all")
-
-
-def training_rows(config: Any) -> int | None:
-    """Check ``train_positions`` and ``train_window_stride`` of ``config`` (a Config or its dict) and return the
-    training windows' stride (see :func:`window_stride`). Called when the Config is built, before any data is
-    read, and again by the dataset, whose Config may come from a checkpoint.
-
-    Raises RecboleLLMError (one line) on a ``train_positions`` other than last or all, or a bad stride.
-    """
-    setting = config.get if isinstance(config, dict) else config.__getitem__
-    positions = setting("train_positions")
-    if positions not in TRAIN_POSITIONS:
-        raise RecboleLLMError(f"train_positions={positions!r} is not supported; use {' or '.join(TRAIN_POSITIONS)}")
-    return window_stride(config)
-
-
-def window_stride(config: Any) -> int | None:
-    """The training windows' stride for ``config``: ``train_window_stride``, or ``MAX_ITEM_LIST_LENGTH`` when
-    it is null (windows that do not overlap); None with ``train_positions: last`` (no windows).
-
-    Raises RecboleLLMError when the stride is not an integer in [1, MAX_ITEM_LIST_LENGTH], or is set with
-    ``train_positions: last`` or with pre-split data (``benchmark_filename``: one row per user, no prefixes).
-    """
-    setting = config.get if isinstance(config, dict) else config.__getitem__  # a Config reads unset keys as None
-    stride, length = setting("train_window_stride"), setting("MAX_ITEM_LIST_LENGTH")
-    if setting("train_positions") != "all":
-        if stride is not None:
-            raise RecboleLLMError(
-                f"train_window_stride={stride!r} applies to train_positions: all only; set train_positions: all "
-                "or train_window_stride: null"
-            )
-        return None
-    if stride is None:
-        return length
-    if setting("benchmark_filename"):
-        raise RecboleLLMError(
-            f"train_window_stride={stride!r} needs RecBole's prefix rows, and pre-split data (benchmark_filename) "
-            "has one row per user: use train_window_stride: null"
-        )
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= length:
-        raise RecboleLLMError(
-            f"train_window_stride={stride!r} must be an integer from 1 to MAX_ITEM_LIST_LENGTH ({length}): e.g. "
-            f"train_window_stride: {max(length // 2, 1)}"
-        )
-    return stride
+from recbole_llm.errors import DataError
 
 
 def window_ends(user_ids: torch.Tensor, window: int) -> torch.Tensor:
@@ -87,7 +39,7 @@ def window_ends(user_ids: torch.Tensor, window: int) -> torch.Tensor:
     starts[1:] = user_ids[1:] != user_ids[:-1]
     group = torch.cumsum(starts.long(), 0) - 1  # [rows] which run of rows each row belongs to
     if int(group[-1]) + 1 != torch.unique(user_ids).numel():
-        raise RecboleLLMError(
+        raise DataError(
             "train_positions=all needs training rows grouped by user in time order, as RecBole's sequential "
             "dataset builds them; use train_positions: last with this data"
         )

@@ -1,0 +1,132 @@
+"""The checks of a run's Config values: what every run depends on, checked before RecBole reads any data,
+each failing in one line naming key and fix; and ``config_dict`` values as plain Python (:func:`plain_values`).
+
+:mod:`recbole_llm.patches.config` runs them as RecBole builds a ``Config``; the checkpoint loader
+(:mod:`recbole_llm.checkpoint.checks`) runs them on a checkpoint's Config. This module imports nothing of
+:mod:`recbole_llm.patches` (which sits above the checkpoint loader), and neither torch nor RecBole at import.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from recbole_llm.errors import ConfigError
+
+
+def plain_values(value: Any) -> Any:
+    """``config_dict`` values as plain Python: paths as str, numpy scalars and arrays as numbers and lists,
+    tuples as lists (as YAML would give them; RecBole rejects a tuple ``topk``) except ``gpu_id``, which
+    RecBole reads as a tuple of devices.
+
+    A script naturally passes ``Path`` objects and numpy numbers; pickled into a checkpoint's Config they
+    would name globals the checkpoint allow-list rightly refuses, leaving the run's own checkpoint
+    unloadable (and RecBole's string handling of paths breaks on ``Path``).
+    """
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {key: item if key == "gpu_id" else plain_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+_POSITIVE_INTS = ("epochs", "train_batch_size", "eval_batch_size", "stopping_step")
+_SEQUENTIAL_LOSSES = ("CE", "BPR")
+# The longest history a randomly initialised encoder (pretrained_model_name_or_path: null) takes: BERT's
+# position table, as in every pretrained BERT the plugin loads. RecBole builds its prefix rows at
+# MAX_ITEM_LIST_LENGTH before any model exists (100,000 on ml-100k asked for 79 GB).
+RANDOM_ENCODER_POSITIONS = 512
+
+
+def _metric_names(final: dict) -> None:
+    """``metrics`` and ``valid_metric`` name metrics RecBole (or the plugin) knows."""
+    from recbole.evaluator import metric_types
+
+    metrics = final.get("metrics")
+    names = [metrics] if isinstance(metrics, str) else metrics
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"metrics={metrics!r} must be a list of metric names: e.g. --metrics=\"['Recall','NDCG']\"")
+    known = sorted(metric_types)
+    for name in names:
+        if name.lower() not in metric_types:
+            raise ConfigError(f"metrics: unknown metric '{name}'; use names from: {', '.join(known)} "
+                                  "(any case)")
+    valid = final.get("valid_metric")
+    if valid is not None and str(valid).partition("@")[0].lower() not in metric_types:
+        # Whether it is among ``metrics`` (and its @k among ``topk``) is left to RecBole: evaluating a checkpoint
+        # with other metrics never reads valid_metric.
+        raise ConfigError(f"valid_metric={valid!r} names no metric; use one of metrics at one of topk, e.g. "
+                              "--valid_metric=NDCG@10")
+
+
+def _sequential_order(final: dict) -> None:
+    """Sequential models read each history in time order: RecBole's ``SequentialDataset.build`` refuses any
+    ``eval_args`` order but TO, and ``Config`` fills an ``eval_args`` that leaves order out with RO (its
+    overall default), so ``eval_args: {mode: uni100}`` failed. A missing order is TO; RO is one line."""
+    eval_args = final.get("eval_args")
+    if not isinstance(eval_args, dict):
+        return  # RecBole's own check says it must be a dict
+    order = eval_args.get("order")
+    if order is None:
+        final["eval_args"] = {**eval_args, "order": "TO"}
+    elif order != "TO":
+        raise ConfigError(
+            f"eval_args order {order!r} is not supported by sequential models, which read every history in time "
+            "order (RecBole's SequentialDataset): use order: TO, or leave order out"
+        )
+
+
+def check_config_values(final: dict, model: str | None = None) -> None:
+    """Values every run depends on, checked before RecBole reads any data: one line naming key and fix.
+    ``model``: the model's name where ``final`` does not hold it yet (Config fills it in later)."""
+    from recbole.utils import ModelType
+
+    def positive_int(key: str) -> None:
+        value = final.get(key)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be a positive integer: set --{key}=N with N >= 1")
+
+    for key in _POSITIVE_INTS:
+        positive_int(key)
+    length = final.get("MAX_ITEM_LIST_LENGTH")
+    from recbole_llm.model.catalog import PLUGIN_MODELS
+
+    if ((model or final.get("model")) in PLUGIN_MODELS and final.get("pretrained_model_name_or_path") is None
+            and isinstance(length, int) and length > RANDOM_ENCODER_POSITIONS):
+        raise ConfigError(
+            f"MAX_ITEM_LIST_LENGTH={length} exceeds the {RANDOM_ENCODER_POSITIONS} positions of the random "
+            f"encoder (pretrained_model_name_or_path: null); set MAX_ITEM_LIST_LENGTH to at most "
+            f"{RANDOM_ENCODER_POSITIONS}"
+        )
+    topk = final.get("topk")
+    for k in topk if isinstance(topk, list) else [topk]:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"topk={topk!r} must be a positive integer or a list of them: e.g. --topk=[10]")
+    rate = final.get("learning_rate")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+        raise ConfigError(f"learning_rate={rate!r} must be a number above 0: e.g. --learning_rate=0.001")
+    decay = final.get("weight_decay")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0):
+        raise ConfigError(f"weight_decay={decay!r} must be a number of 0 or more: e.g. --weight_decay=0.0001")
+    seed = final.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise ConfigError(f"seed={seed!r} must be an integer from 0 to 2**32 - 1: e.g. --seed=2020")
+    _metric_names(final)
+    if final.get("MODEL_TYPE") == ModelType.SEQUENTIAL:
+        positive_int("MAX_ITEM_LIST_LENGTH")
+        _sequential_order(final)
+        loss = final.get("loss_type")
+        if loss is not None and loss not in _SEQUENTIAL_LOSSES:
+            raise ConfigError(
+                f"loss_type={loss!r} is not a loss of sequential models: use {' or '.join(_SEQUENTIAL_LOSSES)}"
+            )
