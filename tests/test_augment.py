@@ -80,8 +80,8 @@ class Counting:
 
 
 @pytest.mark.parametrize("settings, words", [
-    ({"augmentation": ["shuffle"]}, "augmentation 'shuffle' is not supported"),
-    ({"augmentation": 3}, "must be a list of crop, mask, reorder"),
+    ({"augmentation": ["shuffle"]}, "augmentation='shuffle' is not supported; use crop, mask or reorder"),
+    ({"augmentation": 3}, "augmentation=3 must be a list of names: e.g. augmentation: [crop, mask, reorder]"),
     ({"augmentation": ["crop"], "crop_ratio": 0}, "crop_ratio=0 must be a number in (0, 1]"),
     ({"augmentation": ["mask"], "augmentation_prob": 1.5}, "augmentation_prob=1.5 must be a number in [0, 1]"),
 ])

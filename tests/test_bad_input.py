@@ -51,7 +51,7 @@ def test_encoder_limits_are_checked_before_recbole_builds_the_data(data_root):
         config = Config(model="BERTLoRA", dataset="ml-tiny", config_dict={
             "data_path": str(data_root), "MAX_ITEM_LIST_LENGTH": 100000})
         create_dataset(config)
-    with pytest.raises(RecboleLLMError, match="backbone_layers=9 but"):
+    with pytest.raises(RecboleLLMError, match="backbone_layers=9 must be an integer from 1 to 6"):
         Config(model="BERTRec", dataset="ml-tiny", config_dict={"data_path": str(data_root), "backbone_layers": 9})
 
 
@@ -384,10 +384,10 @@ def test_resuming_on_data_whose_ids_moved_is_refused(trained, tmp_path):
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ({"n_heads": 0}, "n_heads=0 must be a positive integer for the random encoder"),
+    ({"n_heads": 0}, "n_heads=0 must be a positive integer: e.g. n_heads: 2 (for the random encoder"),
     ({"hidden_size": -32}, "hidden_size=-32 must be a positive integer"),
-    ({"hidden_dropout_prob": 2}, "hidden_dropout_prob=2 must be a probability in [0, 1)"),
-    ({"attn_dropout_prob": -0.1}, "attn_dropout_prob=-0.1 must be a probability"),
+    ({"hidden_dropout_prob": 2}, "hidden_dropout_prob=2 must be a number in [0, 1)"),
+    ({"attn_dropout_prob": -0.1}, "attn_dropout_prob=-0.1 must be a number in [0, 1)"),
 ])
 def test_random_encoder_sizes_and_dropouts_are_checked(override, fragment, data_root):
     with pytest.raises(RecboleLLMError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -402,3 +402,22 @@ def test_command_line_usage_errors_are_one_line(data_root, trained):
     for bad in ("--eval_batch_size=0", "--topk=0"):  # settings for a checkpoint go through the same checks
         assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}", bad), "must be a positive integer")
     assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}", "--model=SASRec"), "cannot change")
+
+
+def test_each_kind_of_bad_input_has_its_own_error_type(base_config, data_root, tmp_path):
+    """Callers (and the HTTP service) tell failures apart by type, never by message text."""
+    from recbole_llm.errors import CheckpointError, ConfigError, DataError, ItemExistsError, InputError
+    from recbole_llm.checkpoint.loading import load_checkpoint
+
+    with pytest.raises(ConfigError, match="learning_rate=0 must be a number above 0"):
+        Config(model="BERTRec", dataset="ml-slice", config_dict={**base_config, **TINY, "learning_rate": 0})
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+    broken = tmp_path / "broken" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "broken.inter").write_text("user_id:token\titem_id:token\n1\n", encoding="utf-8")
+    with pytest.raises(DataError):
+        create_dataset(Config(model="BERTRec", dataset="broken",
+                              config_dict={**base_config, **TINY, "data_path": str(tmp_path / "broken")}))
+    assert issubclass(ItemExistsError, InputError) and all(
+        issubclass(kind, RecboleLLMError) for kind in (CheckpointError, ConfigError, DataError, InputError))

@@ -146,17 +146,17 @@ def test_text_anchored_items_stay_near_their_text_and_untrained_items_are_their_
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        ({"item_repr": "id+text", "id_max_norm": 0}, "id_max_norm=0 must be a finite number above 0"),
-        ({"item_repr": "id+text", "id_max_norm": -1.0}, "id_max_norm=-1.0 must be a finite number above 0"),
-        ({"item_repr": "id+text", "id_max_norm": "big"}, "id_max_norm='big' must be a finite number above 0"),
-        ({"item_repr": "id+text", "id_dropout_prob": 1.0}, r"id_dropout_prob=1.0 must be a probability in \[0, 1\)"),
-        ({"item_repr": "id+text", "id_dropout_prob": -0.1}, r"id_dropout_prob=-0.1 must be a probability"),
+        ({"item_repr": "id+text", "id_max_norm": 0}, "id_max_norm=0 must be a number above 0"),
+        ({"item_repr": "id+text", "id_max_norm": -1.0}, "id_max_norm=-1.0 must be a number above 0"),
+        ({"item_repr": "id+text", "id_max_norm": "big"}, "id_max_norm='big' must be a number above 0"),
+        ({"item_repr": "id+text", "id_dropout_prob": 1.0}, r"id_dropout_prob=1.0 must be a number in \[0, 1\)"),
+        ({"item_repr": "id+text", "id_dropout_prob": -0.1}, r"id_dropout_prob=-0.1 must be a number in \[0, 1\)"),
         ({"item_repr": "id+text", "id_max_norm": 0.5, "item_text_fields": None},
          "anchors items at their text, but item_text_fields"),
         ({"text_projection": "learned"}, "text_projection='learned' is not supported; use trained or frozen"),
         ({"item_repr": "id", "id_max_norm": 0.5}, "id_max_norm=0.5 shapes the ID part of item_repr id\\+text"),
         ({"item_repr": "text", "id_dropout_prob": 0.2}, "id_dropout_prob=0.2 shapes the ID part"),
-        ({"item_repr": "id+text", "id_max_norm": float("inf")}, "id_max_norm=inf must be a finite number above 0"),
+        ({"item_repr": "id+text", "id_max_norm": float("inf")}, "id_max_norm=inf must be a number above 0"),
     ],
 )
 def test_bad_anchor_settings_are_refused_when_the_config_is_built(text_root, tmp_path, overrides, fragment):
@@ -230,7 +230,7 @@ def test_text_mode_model_exports_with_its_item_table_baked_in(text_root, tmp_pat
 def test_frozen_text_comes_from_the_whole_pretrained_encoder(text_root, tmp_path):
     """backbone_layers cuts the sequence encoder only: item text is embedded by every pretrained layer, so a
     1-layer and a 2-layer model see the same item text vectors, and the cut encoder's would differ."""
-    from recbole_llm.model.bertrec import text_vectors
+    from recbole_llm.model.item_text import text_vectors
     from recbole_llm.model.item_text import mean_pool
 
     one = build(text_config(text_root, tmp_path, backbone_layers=1))[2]

@@ -79,8 +79,9 @@ def test_local_directory_loads_the_same_as_the_hub_id(slice_data):
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ({"backbone_layers": 7}, "backbone_layers=7 but 'sentence-transformers/all-MiniLM-L6-v2' has 6 layers"),
-        ({"backbone_layers": 0}, "set backbone_layers between 1 and 6"),
+        ({"backbone_layers": 7},
+         r"backbone_layers=7 must be an integer from 1 to 6: .* \('sentence-transformers/all-MiniLM-L6-v2' has 6 layers"),
+        ({"backbone_layers": 0}, "backbone_layers=0 must be an integer from 1 to 6.*null keeps them all"),
         ({"MAX_ITEM_LIST_LENGTH": 600}, "MAX_ITEM_LIST_LENGTH=600 exceeds the 512 positions"),
         ({"pretrained_model_name_or_path": "no-such-org/no-such-model"}, "could not be loaded"),
     ],

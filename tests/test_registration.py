@@ -224,3 +224,19 @@ def test_command_line_names_the_package_a_model_needs(data_root):
         pytest.skip("lightgbm is installed here")
     assert_one_line_error(cli("run", "--model=LightGBM", "--dataset=ml-tiny", *slice_args(data_root)),
                           "model 'LightGBM' needs lightgbm", "pip install lightgbm")
+
+
+def test_the_public_api_is_what_readme_imports_and_each_name_loads():
+    """``from recbole_llm import ...`` is the API README uses; every name resolves to its one definition."""
+    import recbole_llm
+    from recbole_llm.export.pipeline import export_checkpoint
+    from recbole_llm.serving.runtime import Recommender
+
+    assert sorted(recbole_llm.__all__) == sorted([
+        "RecboleLLMError", "Recommender", "Recommendation", "ExportOptions", "export_checkpoint",
+        "load_checkpoint", "available_models", "__version__"])
+    assert recbole_llm.Recommender is Recommender and recbole_llm.export_checkpoint is export_checkpoint
+    for name in recbole_llm.__all__:
+        assert getattr(recbole_llm, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'runtime_of'"):
+        recbole_llm.runtime_of  # noqa: B018

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import torch
 
-from recbole_llm.errors import RecboleLLMError
+from recbole_llm.errors import ConfigError
+from recbole_llm.settings import integer, number
 
 DEFAULT_PRETRAINED = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -65,7 +66,7 @@ def _load_pretrained_config(name_or_path: str):
             return resolved, AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as error:
         where = "is not a directory" if not os.path.isdir(resolved) else "has no usable config.json"
-        raise RecboleLLMError(
+        raise ConfigError(
             f"pretrained_model_name_or_path '{name_or_path}' {where} and could not be loaded from the "
             f"Hugging Face hub ({type(error).__name__}); pass a local folder with config.json and weights, "
             f"a reachable hub id, '{DEFAULT_PRETRAINED}' (installed with the package), or null for a "
@@ -96,27 +97,27 @@ def check_encoder_settings(config: Any) -> None:
     ``MAX_ITEM_LIST_LENGTH`` against the pretrained position table (RecBole would otherwise build the
     dataset at that length first: 100,000 needs tens of GB), ``backbone_layers`` against its layers, and
     ``hidden_size`` against ``n_heads`` for a random encoder, the random encoder's sizes, activation and
-    layer-norm epsilon, and the dropouts. Raises RecboleLLMError. The model's own keys (``item_repr``,
+    layer-norm epsilon, and the dropouts. Raises ConfigError. The model's own keys (``item_repr``,
     ``pre_encoder``, adapters ...) are checked by its ``read_config``.
     """
-    for key in ("hidden_dropout_prob", "attn_dropout_prob"):
-        value = config[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
-            raise RecboleLLMError(f"{key}={value!r} must be a probability in [0, 1): e.g. --{key}=0.1")
+    for key in ("hidden_dropout_prob", "attn_dropout_prob"):  # null: the encoder's own (config.json, BertConfig)
+        if config[key] is not None:
+            number(key, config[key], low=0, high=1, high_open=True, example=0.1)
     name_or_path = config["pretrained_model_name_or_path"]
     if name_or_path is not None and (not isinstance(name_or_path, str) or not name_or_path.strip()):
-        raise RecboleLLMError(
+        raise ConfigError(
             f"pretrained_model_name_or_path={name_or_path!r} must be a hub id or a folder, or null for a randomly "
             f"initialised BERT: e.g. --pretrained_model_name_or_path={DEFAULT_PRETRAINED}"
         )
     if name_or_path is None:
-        for key, example in (("n_layers", 2), ("n_heads", 2), ("hidden_size", 64), ("inner_size", 256)):
-            value = config[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RecboleLLMError(f"{key}={value!r} must be a positive integer for the random encoder "
-                                      f"(pretrained_model_name_or_path: null): e.g. --{key}={example}")
+        try:
+            for key, example in (("n_layers", 2), ("n_heads", 2), ("hidden_size", 64), ("inner_size", 256)):
+                integer(key, config[key], example=example)
+            number("layer_norm_eps", config["layer_norm_eps"], low=0, low_open=True, example=1e-12)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (for the random encoder: pretrained_model_name_or_path: null)") from None
         if config["hidden_size"] % config["n_heads"]:
-            raise RecboleLLMError(
+            raise ConfigError(
                 f"hidden_size {config['hidden_size']} is not a multiple of n_heads {config['n_heads']}; "
                 "change one of them"
             )
@@ -124,26 +125,23 @@ def check_encoder_settings(config: Any) -> None:
 
         act = config["hidden_act"]
         if not isinstance(act, str) or act not in ACT2FN:
-            raise RecboleLLMError(
+            raise ConfigError(
                 f"hidden_act={act!r} is not supported by the random encoder; use one of transformers' activations, "
                 "e.g. gelu or relu"
             )
-        eps = config["layer_norm_eps"]
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise RecboleLLMError(f"layer_norm_eps={eps!r} must be a number above 0: e.g. --layer_norm_eps=1e-12")
         return
     _, pretrained_config = _load_pretrained_config(name_or_path)
     available = pretrained_config.num_hidden_layers
     layers = config["backbone_layers"]
-    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= available):
-        raise RecboleLLMError(
-            f"backbone_layers={layers!r} but '{name_or_path}' has {available} layers; "
-            f"set backbone_layers between 1 and {available}, or null for all"
-        )
+    if layers is not None:  # null: every layer
+        try:
+            integer("backbone_layers", layers, high=available, example=available)
+        except ConfigError as error:
+            raise ConfigError(f"{error} ('{name_or_path}' has {available} layers; null keeps them all)") from None
     positions = pretrained_config.max_position_embeddings
     max_length = config["MAX_ITEM_LIST_LENGTH"]
     if max_length > positions:
-        raise RecboleLLMError(
+        raise ConfigError(
             f"MAX_ITEM_LIST_LENGTH={max_length} exceeds the {positions} positions of "
             f"'{name_or_path}'; set MAX_ITEM_LIST_LENGTH to at most {positions}"
         )

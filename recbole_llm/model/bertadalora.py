@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from recbole_llm.errors import RecboleLLMError
+from recbole_llm.errors import ConfigError, RecboleLLMError
 from recbole_llm.model.bertpeft import BERTPEFT, peft_config_from
+from recbole_llm.settings import integer, number
 
 
 def optimizer_steps_per_epoch(config: Any, dataset: Any) -> int:
@@ -37,27 +38,16 @@ def optimizer_steps_per_epoch(config: Any, dataset: Any) -> int:
 
 
 def _step_count(config: Any, key: str) -> int | None:
-    """A step count the user set (None when unset), refused in one line unless a whole number >= 0."""
+    """A step count the user set (None when unset: the plugin derives it), a whole number >= 0 (5.0 is 5)."""
     value = config[key]
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise RecboleLLMError(f"{key}={value!r} must be a whole number of steps >= 0; fix or remove it")
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        value = int(value)  # --tinit=100.0 is 100 steps
     try:
-        count = int(value)
-    except (TypeError, ValueError):
-        count = -1
-    if count < 0 or count != value:
-        raise RecboleLLMError(f"{key}={value!r} must be a whole number of steps >= 0; fix or remove it")
-    return count
-
-
-def _fraction(config: Any, key: str) -> float:
-    """A fraction of the run in [0, 1), refused in one line otherwise."""
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise RecboleLLMError(f"{key}={value!r} must be a fraction of the training steps in [0, 1): e.g. {key}: 0.1")
-    return float(value)
+        return integer(key, value, low=0)
+    except ConfigError as error:
+        raise ConfigError(f"{error}, or remove it (null: derived from this run)") from None
 
 
 class BERTAdaLoRA(BERTPEFT):
@@ -67,10 +57,11 @@ class BERTAdaLoRA(BERTPEFT):
 
     def build_peft_config(self, config, dataset, peft_type: str):
         """AdaLoRA's config, its schedule (``total_step``, ``tinit``, ``tfinal``) derived from this run."""
-        tinit_ratio = _fraction(config, "tinit_ratio")
-        tfinal_ratio = _fraction(config, "tfinal_ratio")
+        # fractions of the training steps
+        tinit_ratio = number("tinit_ratio", config["tinit_ratio"], low=0, high=1, high_open=True, example=0.1)
+        tfinal_ratio = number("tfinal_ratio", config["tfinal_ratio"], low=0, high=1, high_open=True, example=0.2)
         if tinit_ratio + tfinal_ratio >= 1:
-            raise RecboleLLMError(
+            raise ConfigError(
                 f"tinit_ratio={tinit_ratio} and tfinal_ratio={tfinal_ratio} leave no steps to reallocate ranks in; "
                 "set both to 0 or more with a sum below 1 (defaults 0.1 and 0.2)"
             )
@@ -84,7 +75,7 @@ class BERTAdaLoRA(BERTPEFT):
                 f"{len(dataset)} sequences; set epochs to 1 or more"
             )
         if given["total_step"] is not None and given["total_step"] != total_step:
-            raise RecboleLLMError(
+            raise ConfigError(
                 f"total_step={given['total_step']} does not match the {total_step} optimizer steps of this run "
                 f"({steps_per_epoch} batches per epoch x epochs={epochs}); remove total_step, the "
                 "plugin derives it"
@@ -98,7 +89,7 @@ class BERTAdaLoRA(BERTPEFT):
         tinit = defaults["tinit"] if given["tinit"] is None else given["tinit"]
         tfinal = defaults["tfinal"] if given["tfinal"] is None else given["tfinal"]
         if tinit + tfinal >= total_step:
-            raise RecboleLLMError(
+            raise ConfigError(
                 f"tinit={tinit} and tfinal={tfinal} leave no steps to reallocate ranks in this run's "
                 f"total_step={total_step}; lower them, or remove them and set tinit_ratio/tfinal_ratio"
             )

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recbole_llm.model.bertrec import BERTRec, one_of, positive_int
+from recbole_llm.model.bertrec import BERTRec
 from recbole_llm.model.frozen import FrozenBackboneMixin
+from recbole_llm.settings import choice, integer
 
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -66,8 +67,8 @@ class BERTAdapter(FrozenBackboneMixin, BERTRec):
     def read_config(self, config, dataset) -> None:
         """BERTRec's keys, then ``adapter_size`` and ``adapter_act``."""
         super().read_config(config, dataset)
-        self.adapter_size = positive_int("adapter_size", config["adapter_size"], 64)
-        self.adapter_act = one_of("adapter_act", config["adapter_act"], tuple(ACTIVATIONS))
+        self.adapter_size = integer("adapter_size", config["adapter_size"], example=64)
+        self.adapter_act = choice("adapter_act", config["adapter_act"], tuple(ACTIVATIONS))
 
     def merge_adapters(self) -> bool:
         """Bottleneck adapters are non-linear: they cannot fold into the backbone and stay as modules."""

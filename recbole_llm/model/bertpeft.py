@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from recbole_llm.errors import RecboleLLMError
+from recbole_llm.errors import ConfigError, RecboleLLMError
 from recbole_llm.model.bertrec import BERTRec
 from recbole_llm.model.frozen import FrozenBackboneMixin
+from recbole_llm.settings import choice, integer
 
 
 class EncoderWithLossSlot(nn.Module):
@@ -71,21 +72,17 @@ def peft_config_from(config: Any, peft_type: str, defaults: dict | None = None):
     from peft import PeftType, PromptLearningConfig
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    key = str(peft_type).upper()
-    encoder_methods = sorted(
-        name for name, config_class in PEFT_TYPE_TO_CONFIG_MAPPING.items()
-        if not issubclass(config_class, PromptLearningConfig)
-    )
-    if key not in PeftType.__members__ or PeftType[key] not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise RecboleLLMError(
-            f"peft_type={peft_type!r} is not supported; use one of {', '.join(m.value for m in encoder_methods)}"
-        )
-    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[key]]
-    if issubclass(config_class, PromptLearningConfig):
-        raise RecboleLLMError(
+    methods = {name: PEFT_TYPE_TO_CONFIG_MAPPING[member] for name, member in PeftType.__members__.items()
+               if member in PEFT_TYPE_TO_CONFIG_MAPPING}
+    encoder_methods = sorted(name.lower() for name, config_class in methods.items()
+                             if not issubclass(config_class, PromptLearningConfig))
+    if isinstance(peft_type, str) and issubclass(methods.get(peft_type.upper(), type(None)), PromptLearningConfig):
+        raise ConfigError(
             f"peft_type={peft_type!r} is a prompt-learning method, which needs token ids; "
-            f"use an adapter method: {', '.join(m.value for m in encoder_methods)}"
+            f"use an adapter method: {', '.join(name.upper() for name in encoder_methods)}"
         )
+    key = choice("peft_type", peft_type, encoder_methods).upper()
+    config_class = methods[key]
     arguments = dict(defaults or {})
     for field in dataclasses.fields(config_class):
         if field.init and field.name not in ("peft_type", "task_type") and field.name in config:
@@ -93,13 +90,12 @@ def peft_config_from(config: Any, peft_type: str, defaults: dict | None = None):
             if value is not None:
                 value = module_names(value) if field.name in MODULE_NAME_FIELDS else value
                 arguments[field.name] = list(value) if isinstance(value, tuple) else value
-    rank = arguments.get("r", 1)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise RecboleLLMError(f"r={rank!r} must be a positive rank; set r to 1 or more (e.g. 8)")
+    if "r" in arguments:  # methods with a rank (LoRA's family); peft's own default otherwise
+        integer("r", arguments["r"], example=8)
     try:
         return config_class(**arguments)
     except (TypeError, ValueError) as error:
-        raise RecboleLLMError(f"invalid {key} settings: {error}".splitlines()[0]) from None
+        raise ConfigError(f"invalid {key} settings: {error}".splitlines()[0]) from None
 
 
 class BERTPEFT(FrozenBackboneMixin, BERTRec):
@@ -121,7 +117,7 @@ class BERTPEFT(FrozenBackboneMixin, BERTRec):
         super().read_config(config, dataset)
         peft_type = self.peft_type or config["peft_type"]
         if not peft_type:
-            raise RecboleLLMError(f"peft_type={peft_type!r} is not set; set peft_type (e.g. LORA, IA3, LOHA)")
+            raise ConfigError(f"peft_type={peft_type!r} is not set; set peft_type (e.g. LORA, IA3, LOHA)")
         self.peft_settings = self.build_peft_config(config, dataset, peft_type)
 
     def build_peft_config(self, config, dataset, peft_type: str):
@@ -138,13 +134,13 @@ class BERTPEFT(FrozenBackboneMixin, BERTRec):
             targets = _shown(peft_config.target_modules)
             names, linear = encoder_module_names(encoder)
             if "not found in the base model" in message:
-                raise RecboleLLMError(
+                raise ConfigError(
                     f"target_modules {targets} match no module of the encoder; its modules are "
                     f"{', '.join(names)}; set target_modules to some of them (its linear layers: {', '.join(linear)})"
                 ) from None
             if "Target module" in message and "is not supported" in message:
                 method = getattr(peft_config.peft_type, "value", peft_config.peft_type)
-                raise RecboleLLMError(
+                raise ConfigError(
                     f"{method} cannot adapt target_modules {targets}: {message} Set target_modules to layers it "
                     f"supports, e.g. the encoder's linear layers {', '.join(linear)}"
                 ) from None

@@ -40,58 +40,22 @@ Go keeps its content embeddings frozen. All three are opt-in (benchmarks/results
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
-from recbole_llm.training.windows import TRAIN_POSITIONS, window_stride
-from recbole_llm.errors import RecboleLLMError
+from recbole_llm.errors import ConfigError
 from recbole_llm.model.backbone import build_encoder, load_text_encoder, most_recent, resolve_pretrained
-from recbole_llm.model.item_text import anchor_settings, bounded, item_texts, mean_pool, tokenize_items
+from recbole_llm.model.item_text import (TEXT_PROJECTIONS, anchor_settings, bounded, item_texts, mean_pool,
+                                         text_vectors, tokenize_items)
+from recbole_llm.model.positions import TRAIN_POSITIONS, window_stride
+from recbole_llm.settings import choice, integer, listed, names, number
 
 PRE_ENCODERS = ("lstm", "lstm_residual", "none")
 LOSS_TYPES = ("CE", "BPR")
 ITEM_REPRS = ("id", "text", "id+text")
 TEXT_ENCODERS = ("frozen", "trained")
-TEXT_PROJECTIONS = ("trained", "frozen")
-
-
-def _listed(choices: tuple[str, ...]) -> str:
-    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
-
-
-def one_of(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    """``value`` lower-cased when it is one of ``choices`` (compared case-insensitively); else a one-line error."""
-    if isinstance(value, str) and value.lower() in choices:
-        return value.lower()
-    raise RecboleLLMError(f"{key}={value!r} is not supported; use {_listed(choices)}")
-
-
-def positive_int(key: str, value: Any, example: int) -> int:
-    """``value`` when it is an integer >= 1 (bools are not); else a one-line error."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RecboleLLMError(f"{key}={value!r} must be a positive integer: e.g. {key}: {example}")
-    return value
-
-
-def text_vectors(pooled: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """Item text vectors from mean-pooled sentence-encoder states ``[n, hidden]``: centred and normalised.
-
-    Mean-pooled states of short titles share a large common component (cosine ~0.7 between unrelated films,
-    norm ~6): subtracting the catalogue's mean ``centre`` ``[hidden]`` and normalising, as sentence encoders
-    do, leaves what differs between items. Rows stay unit vectors ``[n, hidden]``.
-    """
-    return nn.functional.normalize(pooled - centre, dim=-1)
-
-
-def positive_number(key: str, value: Any, example: float) -> float:
-    """``value`` as a float when it is a number above 0 (bools are not); else a one-line error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise RecboleLLMError(f"{key}={value!r} must be a number above 0: e.g. {key}: {example}")
-    return float(value)
 
 
 class BERTRec(SequentialRecommender):
@@ -142,7 +106,7 @@ class BERTRec(SequentialRecommender):
             self._build_item_text(dataset)
 
     def read_config(self, config, dataset) -> None:
-        """Read this model's keys from ``config`` into attributes, each checked (one-line RecboleLLMError).
+        """Read this model's keys from ``config`` into attributes, each checked (one-line ConfigError).
 
         The encoder's own keys (sizes, dropouts, ``backbone_layers``, the position table) are checked by
         :func:`recbole_llm.model.backbone.check_encoder_settings`, when the Config is built. Subclasses
@@ -151,45 +115,37 @@ class BERTRec(SequentialRecommender):
         self.pretrained_model_name_or_path: str | None = config["pretrained_model_name_or_path"]
         loss_type = config["loss_type"]
         if loss_type not in LOSS_TYPES:  # RecBole's Config refuses other names; null reaches here
-            raise RecboleLLMError(f"loss_type={loss_type!r} is not supported; use {_listed(LOSS_TYPES)}")
+            raise ConfigError(f"loss_type={loss_type!r} is not supported; use {listed(LOSS_TYPES)}")
         self.loss_type: str = loss_type
-        self.initializer_range = positive_number("initializer_range", config["initializer_range"], 0.02)
+        self.initializer_range = number("initializer_range", config["initializer_range"], low=0, low_open=True, example=0.02)
         pre_encoder = config["pre_encoder"]
         # null is documented (BERTRec.yaml) as no pre-encoder
-        self.pre_encoder_type = "none" if pre_encoder is None else one_of("pre_encoder", pre_encoder, PRE_ENCODERS)
-        self.item_repr = one_of("item_repr", config["item_repr"], ITEM_REPRS)
-        self.text_encoder_mode = one_of("text_encoder", config["text_encoder"], TEXT_ENCODERS)
+        self.pre_encoder_type = "none" if pre_encoder is None else choice("pre_encoder", pre_encoder, PRE_ENCODERS)
+        self.item_repr = choice("item_repr", config["item_repr"], ITEM_REPRS)
+        self.text_encoder_mode = choice("text_encoder", config["text_encoder"], TEXT_ENCODERS)
         # null (checkpoints from before the key) is the projection that trained
         projection = config["text_projection"]
-        self.text_projection_mode = "trained" if projection is None else one_of(
+        self.text_projection_mode = "trained" if projection is None else choice(
             "text_projection", projection, TEXT_PROJECTIONS)
-        self.train_positions = one_of("train_positions", config["train_positions"], TRAIN_POSITIONS)
+        self.train_positions = choice("train_positions", config["train_positions"], TRAIN_POSITIONS)
         if self.train_positions == "all" and loss_type == "BPR":
-            raise RecboleLLMError(
+            raise ConfigError(
                 "train_positions='all' predicts every position against every item (CE); loss_type='BPR' samples "
                 "one negative per row: use loss_type: CE, or train_positions: last"
             )
         # positions scored per training row (train_positions: all): the dataset keeps a row every `stride` targets
         self.train_window_stride: int | None = window_stride(config)
-        self.item_text_max_tokens = positive_int("item_text_max_tokens", config["item_text_max_tokens"], 32)
+        self.item_text_max_tokens = integer("item_text_max_tokens", config["item_text_max_tokens"], example=32)
         fields = config["item_text_fields"]
-        if isinstance(fields, str):
-            fields = [fields]
-        if fields is not None and (
-            not isinstance(fields, (list, tuple)) or not all(isinstance(field, str) for field in fields)
-        ):
-            raise RecboleLLMError(
-                f"item_text_fields={fields!r} must be a list of item-feature field names: e.g. [movie_title, class]"
-            )
-        self.item_text_fields: list[str] = list(fields or [])
+        self.item_text_fields: list[str] = names("item_text_fields", fields, "[movie_title, class]")
         if "text" in self.item_repr:
             if not self.item_text_fields:
-                raise RecboleLLMError(
+                raise ConfigError(
                     f"item_text_fields={fields!r} but item_repr={self.item_repr!r} needs item text: set "
                     "item_text_fields, e.g. [movie_title, class] on ml-100k"
                 )
             if self.pretrained_model_name_or_path is None:
-                raise RecboleLLMError(
+                raise ConfigError(
                     f"pretrained_model_name_or_path=None but item_repr={self.item_repr!r} needs a pretrained "
                     "encoder and its tokenizer; set pretrained_model_name_or_path"
                 )
@@ -347,6 +303,25 @@ class BERTRec(SequentialRecommender):
         allowed = (earlier.unsqueeze(0) & real.unsqueeze(1)) | itself.unsqueeze(0)  # [B, q, k]
         blocked = torch.zeros(allowed.shape, dtype=dtype, device=item_seq.device)
         return blocked.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+    def __str__(self) -> str:
+        """What RecBole logs at the start of a run: the encoder that runs (its real size, whatever the random
+        encoder's keys say) and each part's parameters, one line each. ``repr(model)`` is the module tree."""
+        from recbole.utils import set_color
+
+        def counted(module: nn.Module) -> str:
+            total = sum(p.numel() for p in module.parameters())
+            trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            return f"{total:,} parameters" + ("" if trained == total else f", {trained:,} trained")
+
+        encoder = self.encoder.config
+        lines = [f"{type(self).__name__}: {self.pretrained_model_name_or_path or 'random encoder'} "
+                 f"({encoder.num_hidden_layers} layer{'s' * (encoder.num_hidden_layers != 1)}, hidden {encoder.hidden_size}), item_repr {self.item_repr}, "
+                 f"pre_encoder {self.pre_encoder_type}, train_positions {self.train_positions}, loss {self.loss_type}"]
+        lines += [f"  {name}: {type(child).__name__}, {counted(child)}" for name, child in self.named_children()
+                  if any(True for _ in child.parameters())]
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return "\n".join(lines) + set_color("\nTrainable parameters", "blue") + f": {trainable}"
 
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, item_table: torch.Tensor | None = None):
         item_seq, item_seq_len = most_recent(item_seq, item_seq_len, self.max_seq_length)
