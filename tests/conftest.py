@@ -203,8 +203,25 @@ def serving_artifacts(tmp_path_factory) -> dict[str, str]:
     return build_serving_artifacts(tmp_path_factory.mktemp("serving"))
 
 
+@pytest.fixture(scope="session")
+def artifact(serving_artifacts) -> str:
+    """An artifact that scores every item (BERTLoRA on ml-tiny); a test module may define its own."""
+    return serving_artifacts["scores"]
+
+
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+
+
+# Session fixtures that train a model or export artifacts: a test using one (directly or through another
+# fixture) is slow, whatever its own body does. Tests that train in their body carry @pytest.mark.slow.
+TRAINING_FIXTURES = {"pop_ndcg", "serving_artifacts"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 if __name__ == "__main__":  # python tests/conftest.py FOLDER: the serving tests' artifacts, for another venv

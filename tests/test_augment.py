@@ -27,6 +27,7 @@ def augmented_batches(trainer, batches, epoch: int):
     return [(batch, trainer.augmenter(batch)) for batch in batches]
 
 
+@pytest.mark.slow
 def test_augmentation_changes_training_batches_reproducibly_and_keeps_the_last_item(tiny_bert):
     trainer, train, _ = build(tiny_bert, augmentation=["crop", "mask", "reorder"], augmentation_prob=1.0)
     seq_field, len_field = trainer.model.ITEM_SEQ, trainer.model.ITEM_SEQ_LEN
@@ -45,6 +46,7 @@ def test_augmentation_changes_training_batches_reproducibly_and_keeps_the_last_i
     assert any(not torch.equal(a[1][seq_field], b[1][seq_field]) for a, b in zip(runs[0], other))
 
 
+@pytest.mark.slow
 def test_evaluation_is_untouched_and_training_uses_it(tiny_bert):
     plain, train, test = build(tiny_bert)
     augmented, _, _ = build(tiny_bert, augmentation=["mask"], augmentation_prob=1.0)

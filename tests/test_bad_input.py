@@ -12,7 +12,7 @@ from recbole.config import Config
 from recbole.data import create_dataset
 
 from recbole_llm import RecboleLLMError
-from test_cli import assert_one_line_error, cli, slice_args
+from helpers import assert_one_line_error, cli, slice_args
 
 TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32, "inner_size": 64}
 
@@ -55,6 +55,7 @@ def test_encoder_limits_are_checked_before_recbole_builds_the_data(data_root):
         Config(model="BERTRec", dataset="ml-tiny", config_dict={"data_path": str(data_root), "backbone_layers": 9})
 
 
+@pytest.mark.slow
 def test_the_random_encoder_bounds_the_history_length_before_any_data(data_root, tmp_path):
     """MAX_ITEM_LIST_LENGTH=100000 on the random encoder made RecBole allocate 79 GB for its prefix rows."""
     with pytest.raises(RecboleLLMError, match="MAX_ITEM_LIST_LENGTH=100000 exceeds the 512 positions of the "
@@ -70,6 +71,7 @@ def test_the_random_encoder_bounds_the_history_length_before_any_data(data_root,
         "data_path": str(data_root), **TINY, "MAX_ITEM_LIST_LENGTH": 512})  # the bound itself is fine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg, fragment", [
     ("--seed=abc", "seed='abc' must be an integer"),
     ("--weight_decay=-1", "weight_decay=-1 must be a number of 0 or more"),
@@ -83,6 +85,7 @@ def test_bad_training_settings_on_the_command_line_are_one_line(arg, fragment, d
     assert not (tmp_path / "saved").exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_bad_values_with_one_line(data_root, tmp_path):
     result = cli("run", "--model=BERTRec", "--dataset=ml-tiny", *slice_args(data_root), "--epochs=-1",
                  f"--checkpoint_dir={tmp_path / 'saved'}")
@@ -90,6 +93,7 @@ def test_the_command_line_refuses_bad_values_with_one_line(data_root, tmp_path):
     assert not (tmp_path / "saved").exists()  # nothing trained, nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text, fragment", [
     ("epochs: 1\n  hidden_size: [32\n", "is not valid YAML at line"),
     ("- epochs\n- 1\n", "holds a list, not a mapping"),
@@ -198,6 +202,7 @@ def trained(data_root, tmp_path_factory) -> dict[str, Path]:
     return found
 
 
+@pytest.mark.slow
 def test_resuming_from_weights_of_another_dataset_or_model_says_what_does_not_match(trained, data_root, tmp_path):
     common = ["--model=BERTRec", f"--data_path={data_root}", "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}",
               "--pretrained_model_name_or_path=None", "--n_layers=1", "--hidden_size=32", "--inner_size=64",
@@ -208,6 +213,7 @@ def test_resuming_from_weights_of_another_dataset_or_model_says_what_does_not_ma
     assert_one_line_error(other_model, "does not fit the model built here")
 
 
+@pytest.mark.slow
 def test_an_older_checkpoint_after_the_item_count_changed_says_what_does_not_match(trained, tmp_path):
     """A checkpoint from before recbole_llm.checkpoint.lineage (no id maps in it): the weights' shapes tell."""
     import torch
@@ -239,6 +245,7 @@ atomic_save({"state_dict": {"w": torch.zeros(100_000)}}, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path):
     import os
     import subprocess
@@ -286,6 +293,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_export_refuses_bad_outputs_and_models_before_loading(trained, tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
@@ -298,6 +306,7 @@ def test_export_refuses_bad_outputs_and_models_before_loading(trained, tmp_path)
     assert not (tmp_path / "pop").exists()
 
 
+@pytest.mark.slow
 def test_export_cleans_up_what_killed_exports_left(trained, tmp_path):
     import subprocess
 
@@ -313,6 +322,7 @@ def test_export_cleans_up_what_killed_exports_left(trained, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_pre_split_histories_longer_than_the_window_train_and_export_at_the_window(data_root, tmp_path):
     """benchmark_filename data keeps each history's full item list (here up to hundreds of items) while
     MAX_ITEM_LIST_LENGTH is 10: the model reads the most recent 10, the export says 10."""
@@ -355,6 +365,7 @@ def test_pre_split_histories_longer_than_the_window_train_and_export_at_the_wind
     assert metadata["max_length"] == 10 and metadata["validation"][0]["passed"]
 
 
+@pytest.mark.slow
 def test_export_force_replaces_artifacts_only(trained, tmp_path, monkeypatch):
     precious = tmp_path / "work"
     (precious / "notes").mkdir(parents=True)
@@ -369,6 +380,7 @@ def test_export_force_replaces_artifacts_only(trained, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_resuming_on_data_whose_ids_moved_is_refused(trained, tmp_path):
     """Same shapes, other ids: the weights would load and silently score other items."""
     moved = tmp_path / "data" / "ml-tiny"
@@ -394,6 +406,7 @@ def test_random_encoder_sizes_and_dropouts_are_checked(override, fragment, data_
         Config(model="BERTRec", dataset="ml-tiny", config_dict={"data_path": str(data_root), **TINY, **override})
 
 
+@pytest.mark.slow
 def test_command_line_usage_errors_are_one_line(data_root, trained):
     assert_one_line_error(cli("run", "--nproc=abc"), "invalid int value")
     assert_one_line_error(cli("export", "--opset", "abc", "--checkpoint", "x", "--output", "y"), "invalid int value")

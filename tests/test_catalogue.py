@@ -34,6 +34,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
 
 
+@pytest.mark.slow
 def test_new_items_score_as_the_pytorch_model_scores_them(serving_artifacts, pytorch_model):
     """New items' rows come from the text tower alone; recommended and read in histories, their scores match
     PyTorch given the same text (its tokenizer, its text tower, the table extended by their rows) within 1e-4."""
@@ -66,6 +67,7 @@ def test_new_items_score_as_the_pytorch_model_scores_them(serving_artifacts, pyt
     assert np.allclose(recommender.item_vectors[ids[1]], recommender.vectors_from_text([texts[1]])[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_text_anchored_checkpoint_and_one_from_before_the_cap_each_score_as_trained(
         serving_artifacts, pytorch_model, tmp_path):
     """The catalogue model trains text-anchored (frozen text projection, id_max_norm 0.5): its trained items' rows
@@ -95,6 +97,7 @@ def test_text_anchored_checkpoint_and_one_from_before_the_cap_each_score_as_trai
         assert torch.equal(uncapped.item_table()[has_text], expected[has_text])
 
 
+@pytest.mark.slow
 def test_add_items_command_writes_the_update_atomically(serving_artifacts, tmp_path):
     """recbole-llm add-items: a new folder with --output, else the artifact replaced whole; a refused file
     leaves the artifact as it was."""
@@ -146,6 +149,7 @@ def test_add_items_command_writes_the_update_atomically(serving_artifacts, tmp_p
     assert again.returncode == 2 and "already in the artifact" in again.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("items, fragment", [
     ({"50": "An old token"}, "already in the artifact"),
     ({"7777": "a film", 7777: "the same token as an integer"}, "given twice"),
@@ -169,6 +173,7 @@ def test_bad_new_items_are_refused_and_nothing_is_added(serving_artifacts, items
     assert "\n" not in str(refused.value) and len(recommender.tokens) == before
 
 
+@pytest.mark.slow
 def test_only_item_index_artifacts_with_text_take_new_items(serving_artifacts, tmp_path):
     """The scores artifact keeps its table inside its graph; an id-only model exported with an item index
     ranks like its scores artifact but has no text to make a new item from."""
@@ -190,6 +195,7 @@ def test_item_index_excludes_graph_side_ranking_and_int8(option):
         check_options(ExportOptions(item_index=True, **option))
 
 
+@pytest.mark.slow
 def test_approximate_retrieval_returns_the_exact_top_10_on_a_small_catalogue(serving_artifacts):
     """retrieval='ann' (faiss HNSW over the item table) answers as exact retrieval on the bundled catalogue,
     exclusions included, and finds items added afterwards."""

@@ -96,6 +96,7 @@ def real_checkpoint(data_root, tmp_path_factory) -> Path:
         "inner_size": 64, "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "save_latest": True})
 
 
+@pytest.mark.slow
 def test_a_planted_harmless_value_loads(real_checkpoint, tmp_path):
     """The planting itself works: a payload that is plain data loads with the real weights."""
     crafted = plant(real_checkpoint, pickle.dumps({"note": "just data"}, protocol=0)[:-1], tmp_path / "ok.pth")
@@ -111,6 +112,7 @@ def assert_refused_or_harmless(path: Path, sentinel: Path) -> None:
     assert not sentinel.exists(), f"code ran while loading {path.name}"
 
 
+@pytest.mark.slow
 def test_every_admitted_global_called_created_or_built_runs_no_code(real_checkpoint, tmp_path):
     sentinel = tmp_path / "sentinel"
     names = sorted(allowed_globals())
@@ -122,6 +124,7 @@ def test_every_admitted_global_called_created_or_built_runs_no_code(real_checkpo
             assert_refused_or_harmless(plant(real_checkpoint, ops, tmp_path / f"{index}-{number}.pth"), sentinel)
 
 
+@pytest.mark.slow
 def test_config_and_model_classes_are_never_called(real_checkpoint, tmp_path):
     """RecBole's Config evals strings of its config_dict: calling it from a checkpoint is refused."""
     sentinel = tmp_path / "sentinel"
@@ -134,6 +137,7 @@ def test_config_and_model_classes_are_never_called(real_checkpoint, tmp_path):
     assert not sentinel.exists()
 
 
+@pytest.mark.slow
 def test_admitted_functions_cannot_be_handed_a_class_to_call(real_checkpoint, tmp_path):
     """torch's _rebuild_from_type_v2(func, ...) calls func: handing it Config must not run Config."""
     sentinel = tmp_path / "sentinel"
@@ -169,6 +173,7 @@ def resume_run(data_root: Path, saved: Path, resume_file: Path) -> subprocess.Co
                "--epochs=2", "--show_progress=False", f"--checkpoint_dir={saved}", f"--resume_from={resume_file}")
 
 
+@pytest.mark.slow
 def test_every_entry_point_refuses_the_config_payload(real_checkpoint, data_root, tmp_path):
     """evaluate, export, resume_from, load_checkpoint and RecBole's load_data_and_model."""
     from recbole.quick_start import load_data_and_model
@@ -189,6 +194,7 @@ def test_every_entry_point_refuses_the_config_payload(real_checkpoint, data_root
     assert not sentinel.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_on_cuda_loads_on_this_cpu(real_checkpoint, tmp_path):
     """Storages tagged as CUDA and a Config whose device is CUDA: mapped to the CPU, the device follows."""
     if torch.cuda.is_available():
@@ -222,6 +228,7 @@ def test_a_checkpoint_saved_on_cuda_loads_on_this_cpu(real_checkpoint, tmp_path)
     assert export.returncode == 0, export.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_cannot_point_recbole_at_a_pickle(real_checkpoint, tmp_path):
     """A crafted Config naming a saved dataset/dataloaders file (here a payload pickle) would make RecBole
     pickle.load it; and torch's legacy tar format lets a file start with a pickle. Both are refused."""
@@ -349,6 +356,7 @@ def planted_slim(slim_pickle, ops: bytes, target: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_generated_gadgets_never_run_code_and_fail_in_one_line(slim_pickle, tmp_path):
     sentinel = tmp_path / "sentinel"
     names = sorted(allowed_globals())
@@ -431,6 +439,7 @@ def test_old_and_new_formats_load_to_the_same_checkpoint(real_checkpoint, tmp_pa
     assert all(torch.equal(old["state_dict"][k], new["state_dict"][k]) for k in new["state_dict"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "json", "tag", "version", "tensor", "deep", "model_class"])
 def test_a_damaged_pickle_free_checkpoint_fails_in_one_line(real_checkpoint, tmp_path, damage):
     import json
@@ -478,6 +487,7 @@ def test_a_damaged_pickle_free_checkpoint_fails_in_one_line(real_checkpoint, tmp
 # a checkpoint's settings decide nothing about where files are written
 
 
+@pytest.mark.slow
 def test_a_checkpoint_config_cannot_choose_where_evaluate_and_export_write(real_checkpoint, tmp_path):
     checkpoint = as_recbole_pth(real_checkpoint)
     elsewhere = tmp_path / "elsewhere"
@@ -509,6 +519,7 @@ def test_a_checkpoint_config_cannot_choose_where_evaluate_and_export_write(real_
         assert load_checkpoint(crafted)["config"]["checkpoint_dir"] == str(tmp_path / "mine")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_by_the_previous_release_loads_and_exports_with_identical_scores(real_checkpoint, tmp_path):
     """The previous release's trainer wrote ``torch.save(state, f, pickle_protocol=4)``: such a file still
     loads (through the allow-list) and exports to an artifact that answers exactly as the new format's."""
@@ -593,6 +604,7 @@ def test_rebuilds_that_allocate_or_keep_hooks_are_refused(slim_pickle, tmp_path,
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.slow
 def test_other_parameter_cannot_set_what_the_model_does_not_keep(real_checkpoint, tmp_path):
     """max_seq_length is an instance attribute: set from a checkpoint it would silently score 5-item windows."""
     from recbole.quick_start import load_data_and_model
@@ -605,6 +617,7 @@ def test_other_parameter_cannot_set_what_the_model_does_not_keep(real_checkpoint
         load_data_and_model(str(crafted))
 
 
+@pytest.mark.slow
 def test_a_resumed_latest_file_writes_its_best_model_by_its_own_name(real_checkpoint, data_root, tmp_path):
     """best_model_file inside a -latest.pth named a file beside it: the resumed run would overwrite it."""
     (latest,) = real_checkpoint.parent.glob("*-latest.pth")

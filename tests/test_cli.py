@@ -11,38 +11,11 @@ import pytest
 import torch
 
 from conftest import best_checkpoint
+from helpers import Payload, assert_one_line_error, cli, slice_args
 from recbole_llm import RecboleLLMError, load_checkpoint
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "recbole_llm", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,  # a download prompt would hang: fail instead
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("recbole-llm: error:")]
-    assert len(error_lines) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
-
-
-def slice_args(data_root) -> list[str]:
-    return [
-        f"--data_path={data_root}",
-        "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}",
-        "--show_progress=False",
-    ]
-
-
+@pytest.mark.slow
 def test_run_trains_and_prints_best_valid_and_test(data_root, tmp_path):
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(
@@ -68,6 +41,7 @@ def test_run_trains_and_prints_best_valid_and_test(data_root, tmp_path):
     assert "test result" in evaluated.stdout + evaluated.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, fragments",
     [
@@ -81,6 +55,7 @@ def test_bad_command_lines(args, fragments):
     assert_one_line_error(cli(*args), *fragments)
 
 
+@pytest.mark.slow
 def test_dataset_not_on_disk_names_where_it_looked(tmp_path):
     result = cli("run", "--model=BERTRec", "--dataset=ml-1m", f"--data_path={tmp_path}", "--show_progress=False")
     assert_one_line_error(result, "dataset 'ml-1m' not found", str(tmp_path / "ml-1m"), "data_path", "allow_download")
@@ -88,6 +63,7 @@ def test_dataset_not_on_disk_names_where_it_looked(tmp_path):
     assert_one_line_error(result, "dataset 'no-such-data' not found", "data_path")
 
 
+@pytest.mark.slow
 def test_encoder_that_is_neither_a_folder_nor_reachable(data_root):
     result = cli(
         "run", "--model=BERTRec", "--dataset=ml-slice", *slice_args(data_root),
@@ -96,6 +72,7 @@ def test_encoder_that_is_neither_a_folder_nor_reachable(data_root):
     assert_one_line_error(result, "pretrained_model_name_or_path '/no/such/encoder'", "null")
 
 
+@pytest.mark.slow
 def test_encoder_limits(data_root):
     result = cli("run", "--dataset=ml-slice", *slice_args(data_root), "--backbone_layers=9")
     assert_one_line_error(result, "backbone_layers=9", "has 6 layers")
@@ -103,16 +80,7 @@ def test_encoder_limits(data_root):
     assert_one_line_error(result, "MAX_ITEM_LIST_LENGTH=1000 exceeds the 512 positions")
 
 
-class _Payload:
-    """Pickles to a call of os.system: what a malicious checkpoint would carry."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
+@pytest.mark.slow
 def test_checkpoint_that_is_not_a_recbole_checkpoint(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"definitely not a checkpoint")
@@ -123,11 +91,12 @@ def test_checkpoint_that_is_not_a_recbole_checkpoint(tmp_path):
     assert_one_line_error(cli("evaluate", f"--checkpoint={tmp_path / 'none.pth'}"), "does not exist")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path, protocol):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    torch.save({"config": _Payload(marker), "state_dict": {}}, evil, pickle_protocol=protocol)
+    torch.save({"config": Payload(marker), "state_dict": {}}, evil, pickle_protocol=protocol)
     with pytest.raises(RecboleLLMError, match="refusing to load .*'posix.system'"):
         load_checkpoint(evil)
     from recbole.quick_start import load_data_and_model
@@ -138,7 +107,7 @@ def test_malicious_checkpoint_is_refused_without_running_its_payload(tmp_path, p
     assert not marker.exists()
 
     raw = tmp_path / "raw.pkl"  # a plain pickle, not even a torch file
-    raw.write_bytes(pickle.dumps(_Payload(marker), protocol=protocol))
+    raw.write_bytes(pickle.dumps(Payload(marker), protocol=protocol))
     with pytest.raises(RecboleLLMError):
         load_checkpoint(raw)
     assert not marker.exists()
@@ -200,6 +169,7 @@ def assert_interrupted(result: subprocess.CompletedProcess, fragment: str) -> No
     assert len(lines) == 1 and lines[0].startswith("recbole-llm: interrupted; ") and fragment in lines[0], lines
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_run_export_and_evaluate_is_one_line(data_root, tmp_path):
     common = ["--model=BERTRec", "--dataset=ml-tiny", *slice_args(data_root), "--pretrained_model_name_or_path=None",
               "--n_layers=1", "--hidden_size=32", "--inner_size=64", "--MAX_ITEM_LIST_LENGTH=10",

@@ -55,6 +55,7 @@ def built(settings) -> dict:
     return models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PLUGIN_MODELS))
 def test_every_plugin_model_is_a_plugin_model(built, name):
     model, _ = built[name]

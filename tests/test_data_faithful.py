@@ -13,7 +13,7 @@ from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 
 from conftest import best_checkpoint, train_checkpoint
-from test_cli import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli
 
 TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32, "inner_size": 64}
 
@@ -77,6 +77,7 @@ def test_second_resolution_histories_are_in_true_time_order(model, tmp_path):
         assert tokens == truth[str(dataset.id2token("user_id", user))][:length + 1]
 
 
+@pytest.mark.slow
 def test_bundled_ml100k_test_targets_and_windows_follow_true_time_order():
     """ml-100k's timestamps (8.8e8 s) were rounded to 64 s: 4 test targets and 13 windows moved."""
     import recbole
@@ -121,6 +122,7 @@ def sampled_checkpoint(data_root, tmp_path_factory) -> tuple[Path, dict]:
     return best_checkpoint(folder / "saved"), result["test_result"]
 
 
+@pytest.mark.slow
 def test_sampled_evaluation_gives_one_checkpoint_one_set_of_figures(sampled_checkpoint):
     """RecBole redrew uni100 negatives at every evaluation (RUCAIBox/RecBole#2077): 0.0403 in the run,
     0.0410 from evaluate, 0.0410 / 0.0396 / 0.0398 across three evaluations."""
@@ -156,6 +158,7 @@ def test_an_eval_args_without_order_is_time_order_for_sequential_models(data_roo
     data_preparation(config, create_dataset(config))  # builds
 
 
+@pytest.mark.slow
 def test_order_ro_is_one_line_for_sequential_models(data_root):
     result = cli("run", "--model=BERTRec", "--dataset=ml-tiny", f"--data_path={data_root}",
                  "--pretrained_model_name_or_path=None", "--n_layers=1", "--hidden_size=32", "--inner_size=64",
@@ -163,6 +166,7 @@ def test_order_ro_is_one_line_for_sequential_models(data_root):
     assert_one_line_error(result, "eval_args order 'RO' is not supported by sequential models", "order: TO")
 
 
+@pytest.mark.slow
 def test_a_missing_time_column_suggests_what_works(data_root, tmp_path):
     """The one-line error used to suggest order: RO, which then failed in a traceback."""
     folder = tmp_path / "no-time"
@@ -178,6 +182,7 @@ def test_a_missing_time_column_suggests_what_works(data_root, tmp_path):
 # the shortest window
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, options", [
     ("BERTRec", {}), ("BERTRec", {"top_k": 5}), ("BERTRec", {"item_index": True}), ("SASRec", {}),
 ])

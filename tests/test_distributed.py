@@ -48,6 +48,7 @@ def launch(data_root: Path, folder: Path, *launch_options: str) -> tuple[str, di
     return log, *(dict(ast.literal_eval(found.group(1) or found.group(2))) for found in (best, test))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch built without gloo")
 def test_two_cpu_ranks_train_bertlora_like_one_process_with_the_same_global_batch(data_root, tmp_path):
     (tmp_path / "two").mkdir()

@@ -44,6 +44,7 @@ def planted_artifact(tmp_path_factory) -> str:
     return str(export_checkpoint(checkpoint, folder / "artifact", ExportOptions()).path)
 
 
+@pytest.mark.slow
 def test_a_planted_history_item_is_named_first(planted_artifact):
     recommender = Recommender(planted_artifact)
     rng = random.Random(11)
@@ -75,13 +76,14 @@ def expected_repeat_rate(folder: Path, window: int) -> float:
     return repeats / total
 
 
+@pytest.mark.slow
 def test_export_records_the_training_datas_repeat_rate_and_serving_follows_it(planted_artifact, tmp_path):
     """The planted data draws items from 60 with replacement, so users come back to items: export records
     the repeat rate RecBole's evaluator sees, the served exclude_seen defaults to false, and the service says
     so in one line at start."""
     import json
 
-    from test_hostile_serving import LoggedService
+    from helpers import LoggedService
 
     from recbole_llm.artifact import REPEAT_RATE_THRESHOLD
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +60,7 @@ np.save(sys.argv[3], top_items)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_export_validates_and_a_fresh_process_ranks_like_pytorch(model_name, checkpoints, tmp_path):
     artifact = export_checkpoint(checkpoints[model_name], tmp_path / "artifact", ExportOptions(top_k=10)).path
@@ -91,6 +91,7 @@ def test_export_validates_and_a_fresh_process_ranks_like_pytorch(model_name, che
     assert np.array_equal(np.load(tmp_path / "out.npy"), pytorch_top10(checkpoints[model_name], item_seq, item_length))
 
 
+@pytest.mark.slow
 def test_runtime_answers_raw_tokens_like_pytorch(checkpoints, tmp_path):
     checkpoint = checkpoints["BERTLoRA"]
     artifact = export_checkpoint(checkpoint, tmp_path / "artifact", ExportOptions(top_k=20)).path
@@ -121,6 +122,7 @@ def test_runtime_answers_raw_tokens_like_pytorch(checkpoints, tmp_path):
         recommender.recommend(histories, k=50)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [{"optimize": True}, {"int8": True}, {"optimize": True, "int8": True}])
 def test_optimized_and_int8_artifacts_load_and_pass(checkpoints, tmp_path, flags):
     artifact = export_checkpoint(checkpoints["BERTRec"], tmp_path / "artifact", ExportOptions(top_k=10, **flags)).path
@@ -138,6 +140,7 @@ def test_optimized_and_int8_artifacts_load_and_pass(checkpoints, tmp_path, flags
     assert len(answers[0].items) == 5
 
 
+@pytest.mark.slow
 def test_triton_repository_parses_against_tritons_schema(checkpoints, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -152,6 +155,7 @@ def test_triton_repository_parses_against_tritons_schema(checkpoints, tmp_path):
     assert (artifact / "triton" / "sasrec" / "1" / "model.onnx").read_bytes() == (artifact / "model.onnx").read_bytes()
 
 
+@pytest.mark.slow
 def test_failed_validation_leaves_no_artifact(checkpoints, tmp_path):
     parent = tmp_path / "artifacts"
     with pytest.raises(RecboleLLMError, match="failed validation.*no artifact was written"):
@@ -159,12 +163,13 @@ def test_failed_validation_leaves_no_artifact(checkpoints, tmp_path):
     assert list(parent.iterdir()) == []  # neither the artifact nor a half-written staging folder
 
 
+@pytest.mark.slow
 def test_export_command_line_errors(checkpoints, tmp_path):
-    from test_cli import _Payload, assert_one_line_error, cli
+    from helpers import Payload, assert_one_line_error, cli
 
     evil = tmp_path / "evil.pth"
     marker = tmp_path / "pwned"
-    torch.save({"config": _Payload(marker), "state_dict": {}}, evil)
+    torch.save({"config": Payload(marker), "state_dict": {}}, evil)
     assert_one_line_error(cli("export", f"--checkpoint={evil}", f"--output={tmp_path / 'out'}"), "refusing to load")
     assert not marker.exists() and not (tmp_path / "out").exists()
     result = cli("export", f"--checkpoint={checkpoints['SASRec']}", f"--output={tmp_path / 'out'}", "--fp16")

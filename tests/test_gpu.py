@@ -114,7 +114,7 @@ def test_export_on_cuda_fp32_and_fp16(gpu_checkpoint, tmp_path):
 
 @needs_ort_cuda
 def test_runtime_and_service_run_on_the_cuda_provider(gpu_checkpoint, tmp_path):
-    from test_serve import Service
+    from helpers import Service
 
     from recbole_llm.export import ExportOptions, export_checkpoint
     from recbole_llm.serving.runtime import Recommender

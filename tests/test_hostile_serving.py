@@ -21,7 +21,7 @@ from recbole_llm.cli import main
 from recbole_llm.errors import RecboleLLMError
 from recbole_llm.artifact import input_names, output_names
 from recbole_llm.serving.runtime import Recommender
-from test_serve import BAD_REQUESTS, LIMITS, Service, artifact, direct, free_port, same  # noqa: F401 (artifact)
+from helpers import BAD_REQUESTS, LIMITS, LoggedService, Service, direct, free_port, same
 
 BODY_LIMIT = 8192  # room for the hostile bodies below (a 5,000-digit integer), which 4096 would refuse as 413
 TIMEOUTS = ["--body-timeout", "1", "--keep-alive-timeout", "1", "--shutdown-timeout", "5"]
@@ -68,47 +68,6 @@ def at_this_body_limit(requests):
             payload = b'{"histories": [["1"]], "pad": "' + b"x" * BODY_LIMIT + b'"}'
             message = f"the limit is {BODY_LIMIT}"
         yield payload, status, message
-
-
-class LoggedService(Service):
-    """test_serve's Service, its log (stdout and stderr) read while it runs."""
-
-    def __init__(self, artifact: str, *options: str):
-        super().__init__(artifact, *options)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read_log, daemon=True)
-        self.reader.start()
-
-    def _read_log(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for_log(self, text: str, seconds: float = 10) -> bool:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if text in self.log:
-                return True
-            time.sleep(0.05)
-        return False
-
-    def connect(self, data: bytes = b"") -> socket.socket:
-        client = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        client.sendall(data)
-        return client
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-        self.reader.join(timeout=10)
 
 
 def read_until_closed(client: socket.socket, seconds: float) -> tuple[bytes, float]:
@@ -168,11 +127,13 @@ def slow_clients(service: LoggedService) -> None:
     assert service.wait_for_log("went away after 6 of 100 body bytes; request dropped")
 
 
+@pytest.mark.slow
 def test_hostile_requests_get_a_one_line_4xx(hostile):
     check_refusals(hostile, HOSTILE_REQUESTS)
     assert "Traceback" not in hostile.log
 
 
+@pytest.mark.slow
 def test_a_stalled_body_gets_408_a_stalled_head_and_a_silent_connection_are_closed(hostile):
     slow_clients(hostile)
     assert "sent 6 of 100 body bytes in 1 s; answered 408" in hostile.log
@@ -186,6 +147,7 @@ def test_a_stalled_body_gets_408_a_stalled_head_and_a_silent_connection_are_clos
     assert "Traceback" not in hostile.log
 
 
+@pytest.mark.slow
 def test_every_malformed_request_on_one_service_leaves_answers_and_log_clean(hostile, artifact):
     before = [hostile.recommend(request) for request in GOOD]
     assert [status for status, _ in before] == [200, 200]
@@ -255,6 +217,7 @@ def kernel_send_buffer_max() -> int:
         return 4 << 20
 
 
+@pytest.mark.slow
 def test_a_reader_that_stops_is_dropped_and_sigterm_drains_in_bounded_time(artifact):
     service = ShutdownService(artifact)
     try:
@@ -388,6 +351,7 @@ def test_a_broken_artifact_fails_at_load_in_one_line(name, which, change, named,
     assert "\n" not in message and "export" in message
 
 
+@pytest.mark.slow
 def test_serve_exits_2_without_a_traceback_on_a_broken_artifact(artifact, tmp_path, capsys, monkeypatch):
     import shutil
 
@@ -549,6 +513,7 @@ def test_an_edited_metadata_json_is_refused_for_every_kind_of_artifact(which, ch
     refused(folder, str(folder / "metadata.json"), words)
 
 
+@pytest.mark.slow
 def test_a_reformatted_metadata_json_keeps_its_meaning_and_loads(catalogue_artifact, tmp_path):
     folder = copied(catalogue_artifact, tmp_path / "a")
     metadata = json.loads((folder / "metadata.json").read_text())
@@ -605,6 +570,7 @@ LOAD_IN_A_SUBPROCESS = ("import sys\nfrom recbole_llm.serving.runtime import Rec
                         "    print(e)\n    sys.exit(2)\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["item_vectors.npy", "text_tower.onnx", "tokenizer.json"])
 def test_a_companion_that_is_not_a_regular_file_is_refused_before_it_is_opened(name, catalogue_artifact, tmp_path):
     """A FIFO or a link to /dev/zero hung serve and add-items (the file was hashed before its type or size was
@@ -620,6 +586,7 @@ def test_a_companion_that_is_not_a_regular_file_is_refused_before_it_is_opened(n
         assert time.monotonic() - start < 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["metadata.json", "model.onnx"])
 def test_metadata_and_graph_that_are_not_regular_files_are_named(name, artifact, tmp_path):
     for number, (what, make) in enumerate(special_files(Path("."), name)):
@@ -631,6 +598,7 @@ def test_metadata_and_graph_that_are_not_regular_files_are_named(name, artifact,
         assert str(folder / name) in run.stdout and what in run.stdout, run.stdout
 
 
+@pytest.mark.slow
 def test_serve_and_add_items_exit_at_once_on_a_fifo_item_table(catalogue_artifact, tmp_path):
     import os
 
@@ -650,6 +618,7 @@ def test_serve_and_add_items_exit_at_once_on_a_fifo_item_table(catalogue_artifac
     assert not (tmp_path / "grown").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "new.tsv"]
 
 
+@pytest.mark.slow
 def test_add_items_signs_the_grown_catalogue_and_its_edits_are_refused(catalogue_artifact, tmp_path):
     """add-items rewrites the graph's signature for the catalogue it saves: the grown artifact loads (in a
     fresh process: nothing cached), answers with the new item, and is refused once edited like any other."""
@@ -680,6 +649,7 @@ def test_add_items_signs_the_grown_catalogue_and_its_edits_are_refused(catalogue
     refused(mixed, str(mixed / "item_vectors.npy"))
 
 
+@pytest.mark.slow
 def test_saving_refuses_a_companion_changed_since_the_load_and_writes_nothing(catalogue_artifact, tmp_path):
     folder = copied(catalogue_artifact, tmp_path / "a")
     recommender = Recommender(folder)

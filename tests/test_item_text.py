@@ -62,6 +62,7 @@ def build(config_dict: dict, model_name: str = "BERTRec"):
     return config, dataset, model, train_data, valid_data, test_data
 
 
+@pytest.mark.slow
 def test_text_is_tokenized_once_per_dataset_not_per_batch(text_root, tmp_path, monkeypatch):
     from transformers import PreTrainedTokenizerBase
 
@@ -79,6 +80,7 @@ def test_text_is_tokenized_once_per_dataset_not_per_batch(text_root, tmp_path, m
     assert model.text_input_ids.shape == (dataset.item_num, 16)
 
 
+@pytest.mark.slow
 def test_text_mode_scores_a_cold_start_item_above_random(text_root, tmp_path):
     config, dataset, model, train_data, valid_data, test_data = build(
         text_config(text_root, tmp_path, epochs=2, learning_rate=0.002, train_batch_size=256)
@@ -101,6 +103,7 @@ def test_text_mode_scores_a_cold_start_item_above_random(text_root, tmp_path):
     assert ranks.mean() < 0.25 * dataset.item_num, ranks.mean()  # random would be about half
 
 
+@pytest.mark.slow
 def test_items_without_text_fall_back_to_their_id(text_root, tmp_path, caplog):
     _, dataset, model, *_ = build(text_config(text_root, tmp_path))
     empty_id = dataset.field2token_id[dataset.iid_field][EMPTY_ITEM]
@@ -110,6 +113,7 @@ def test_items_without_text_fall_back_to_their_id(text_root, tmp_path, caplog):
         assert torch.equal(model.item_table()[empty_id], model.item_embedding.weight[empty_id])
 
 
+@pytest.mark.slow
 def test_text_anchored_items_stay_near_their_text_and_untrained_items_are_their_text(text_root, tmp_path):
     """id+text with id_max_norm: after training hard enough that raw ID rows outgrow the cap, every trained
     item's ID part is within id_max_norm of its text vector's norm (some at the bound); an item with text and no
@@ -211,6 +215,7 @@ def test_tail_metrics_equal_the_hand_computed_values():
     assert recall == {"tailrecall@1": 0.5, "tailrecall@2": 1.0}
 
 
+@pytest.mark.slow
 def test_text_mode_model_exports_with_its_item_table_baked_in(text_root, tmp_path):
     import json
 
@@ -227,6 +232,7 @@ def test_text_mode_model_exports_with_its_item_table_baked_in(text_root, tmp_pat
     assert NEW_ITEM in metadata["item_tokens"]  # the cold-start item is servable
 
 
+@pytest.mark.slow
 def test_frozen_text_comes_from_the_whole_pretrained_encoder(text_root, tmp_path):
     """backbone_layers cuts the sequence encoder only: item text is embedded by every pretrained layer, so a
     1-layer and a 2-layer model see the same item text vectors, and the cut encoder's would differ."""

@@ -138,6 +138,7 @@ def reads(monkeypatch):
     return lambda path: counted.get(os.path.realpath(path), 0)
 
 
+@pytest.mark.slow
 def test_load_data_and_model_reads_the_checkpoint_once(saved_bert, reads):
     from recbole.quick_start import load_data_and_model
 
@@ -146,6 +147,7 @@ def test_load_data_and_model_reads_the_checkpoint_once(saved_bert, reads):
     assert config["model"] == "BERTRec" and model.n_items > 1
 
 
+@pytest.mark.slow
 def test_load_for_use_reads_once_applies_overrides_and_checks_before_data(saved_bert, reads, monkeypatch):
     seen = []
     config, model, dataset, train_data, valid_data, test_data = load_for_use(
@@ -305,3 +307,16 @@ def test_the_package_is_a_house_every_import_goes_down_or_sideways():
     assert not wrong, "\n".join(wrong)
     path = longest_path({m: t - {"recbole_llm"} for m, t in edges.items()})
     assert len(path) <= 8, " -> ".join(path)
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/helpers.py (fixtures in conftest.py): a test module is never imported."""
+    tests = Path(__file__).parent
+    modules = {path.stem for path in tests.glob("test_*.py")}
+    wrong = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            wrong += [f"{path.name} imports {name}" for name in names if name.split(".")[0] in modules]
+    assert not wrong, wrong

@@ -41,6 +41,7 @@ def frozen_and_trainable(model):
     return frozen, adapters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", list(PEFT_VARIANTS))
 def test_backbone_stays_frozen_adapters_learn_beyond_popularity(model_name, tiny_bert, pop_ndcg):
     # every position of each window of 20 trained: on ml-100k, a few seconds an epoch for the tiny encoder
@@ -67,6 +68,7 @@ def test_backbone_stays_frozen_adapters_learn_beyond_popularity(model_name, tiny
     assert result["ndcg@10"] > pop_ndcg, (result, pop_ndcg)
 
 
+@pytest.mark.slow
 def test_lora_on_the_pretrained_encoder_trains_under_two_percent(base_config):
     _, model, _, _, _ = build("BERTLoRA", {**base_config, "r": 8})
     adapter = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
@@ -83,6 +85,7 @@ def checkpoint_of(model_name: str, config_dict: dict, tmp_path) -> tuple[str, ob
     return trainer.saved_model_file, model
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_is_a_tenth_of_bertrec_and_reloads_identically(base_config, tmp_path):
     bertrec_file, _ = checkpoint_of("BERTRec", base_config, tmp_path)
     lora_file, lora = checkpoint_of("BERTLoRA", {**base_config, "backbone_layers": None}, tmp_path)
@@ -96,6 +99,7 @@ def test_lora_checkpoint_is_a_tenth_of_bertrec_and_reloads_identically(base_conf
         assert torch.equal(lora.full_sort_predict(batch), reloaded.full_sort_predict(batch))
 
 
+@pytest.mark.slow
 def test_mismatched_backbone_is_refused(tiny_bert, tmp_path):
     lora_file, _ = checkpoint_of("BERTLoRA", tiny_bert, tmp_path)
     state = load_checkpoint(lora_file)["state_dict"]
@@ -115,6 +119,7 @@ def trained_a_little(model_name: str, config_dict: dict):
     return model, next(iter(test_data))[0]
 
 
+@pytest.mark.slow
 def test_lora_merges_with_the_same_scores(tiny_bert):
     model, batch = trained_a_little("BERTLoRA", tiny_bert)
     with torch.no_grad():
@@ -125,6 +130,7 @@ def test_lora_merges_with_the_same_scores(tiny_bert):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bottleneck_adapters_stay_as_modules(tiny_bert):
     model, batch = trained_a_little("BERTAdapter", {**tiny_bert, "adapter_size": 8})
     with torch.no_grad():
@@ -133,6 +139,7 @@ def test_bottleneck_adapters_stay_as_modules(tiny_bert):
         assert torch.equal(model.full_sort_predict(batch), before)
 
 
+@pytest.mark.slow
 def test_adapter_saves_in_peft_format(tiny_bert, tmp_path):
     import json
 
@@ -143,6 +150,7 @@ def test_adapter_saves_in_peft_format(tiny_bert, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_adalora_adds_its_orthogonal_regulariser(tiny_bert):
     config, model, train_data, _, _ = build("BERTAdaLoRA", {**tiny_bert, "epochs": 2})
     batch = next(iter(train_data))
@@ -166,6 +174,7 @@ SAMPLINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", list(SAMPLINGS))
 def test_adalora_schedule_spans_the_steps_the_trainer_takes(tiny_bert, sampling):
     """total_step is the optimizer steps PluginTrainer really takes: RecBole's TrainDataLoader makes more,
@@ -207,6 +216,7 @@ def adapted_module_names(model) -> set[str]:
     return {name for name, module in model.encoder.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name, extra", [
     ("BERTLoRA", {}), ("BERTAdaLoRA", {"epochs": 1}), ("BERTPEFT", {"peft_type": "LOHA"}),
 ])
@@ -257,6 +267,7 @@ def test_target_modules_the_method_cannot_adapt_say_so(tiny_bert):
     assert "dense, key, query, value" in message and "\n" not in message  # the encoder's linear layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model_name, override, fragment",
     [
@@ -274,6 +285,7 @@ def test_bad_peft_settings_fail_at_construction(tiny_bert, model_name, override,
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_trainer_warmup_schedule_and_fgm(tiny_bert):
     config, model, train_data, valid_data, _ = build(
         "BERTLoRA",

@@ -36,6 +36,7 @@ def pretrained_weights() -> dict:
     return load_file(f"{resolve_pretrained(DEFAULT_PRETRAINED)}/model.safetensors")
 
 
+@pytest.mark.slow
 def test_default_is_the_bundled_minilm_loaded_offline(slice_data):
     import os
 

@@ -84,6 +84,7 @@ def test_anomaly_detection_off_by_default_and_on_by_key(base_config, model):
     assert not torch.is_anomaly_enabled()
 
 
+@pytest.mark.slow
 def test_objective_function_runs_plugin_model(tiny_bert, caplog):
     from recbole.quick_start import objective_function
 
@@ -194,6 +195,7 @@ def test_unknown_names_still_get_one_line_with_a_suggestion(name, suggestion):
     assert "Random" in message.split("Available models: ")[1].split(", ")
 
 
+@pytest.mark.slow
 def test_random_runs_with_the_plugin_imported(data_root):
     from recbole.quick_start import run_recbole
 
@@ -215,10 +217,11 @@ def test_models_command_lists_recboles_models(capsys):
     assert "lightgbm" not in rows
 
 
+@pytest.mark.slow
 def test_command_line_names_the_package_a_model_needs(data_root):
     import importlib.util
 
-    from test_cli import assert_one_line_error, cli, slice_args
+    from helpers import assert_one_line_error, cli, slice_args
 
     if importlib.util.find_spec("lightgbm") is not None:
         pytest.skip("lightgbm is installed here")

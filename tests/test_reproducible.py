@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from test_cli import cli, slice_args
+import pytest
+
+from helpers import cli, slice_args
 
 
 def metrics(log: str) -> tuple[str, str]:
@@ -14,6 +16,7 @@ def metrics(log: str) -> tuple[str, str]:
     return best.group(1), test.group(1)
 
 
+@pytest.mark.slow
 def test_a_rerun_reproduces_its_metrics_even_beside_saved_dataloaders(data_root, tmp_path):
     """The first run also saves its dataset and dataloaders (save_dataset, save_dataloaders) into the shared
     checkpoint_dir; RecBole 1.2.1 would silently reload them in the second run, whose numbers then drifted.

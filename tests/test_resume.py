@@ -46,6 +46,7 @@ def uninterrupted(data_root, tmp_path_factory) -> tuple[dict, dict]:
     return results(run.stdout + run.stderr)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_results(data_root, tmp_path, uninterrupted):
     saved = tmp_path / "saved"
     process = subprocess.Popen(command(data_root, saved), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -85,6 +86,7 @@ atomic_save(state, sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(data_root, tmp_path):
     saved = tmp_path / "saved"
     run = subprocess.run(command(data_root, saved, epochs=1), capture_output=True, text=True, cwd=tmp_path,

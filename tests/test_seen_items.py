@@ -39,6 +39,7 @@ def histories(data_root) -> list[list[str]]:
     return [popular[: 3 * WINDOW], popular[5 : 5 + 3 * WINDOW], list(reversed(popular[: 3 * WINDOW]))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["top_k", "scores"])
 def test_the_runtime_excludes_the_whole_history(kind, artifacts, histories):
     recommender = Recommender(artifacts[kind])
@@ -49,6 +50,7 @@ def test_the_runtime_excludes_the_whole_history(kind, artifacts, histories):
         assert len(answer.items) == 10 and not set(answer.items) & set(history), (answer.items, history)
 
 
+@pytest.mark.slow
 def test_the_graph_takes_the_history_to_exclude(artifacts, histories):
     import onnxruntime as ort
 
@@ -63,7 +65,7 @@ def test_the_graph_takes_the_history_to_exclude(artifacts, histories):
 
 
 def test_the_service_excludes_the_whole_history(artifacts, histories):
-    from test_serve import Service
+    from helpers import Service
 
     service = Service(artifacts["top_k"])
     try:

@@ -5,13 +5,8 @@ Needs no torch or RecBole once the artifacts exist (CI runs it in a serving inst
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -19,61 +14,9 @@ import pytest
 
 from recbole_llm.serving.runtime import Recommender
 
+from helpers import BAD_REQUESTS, LIMITS, Service, direct, same
+
 pytest.importorskip("fastapi")  # the [serve] extra; [test] installs it
-# --max-explained: the runtime's default (Limits), given explicitly while the CLI's own default is 1000
-LIMITS = ["--max-batch", "8", "--max-history", "100", "--max-body-bytes", "4096", "--max-explained", "256"]
-
-
-@pytest.fixture(scope="module")
-def artifact(serving_artifacts) -> str:
-    """An artifact that scores every item (conftest: BERTLoRA on ml-tiny)."""
-    return serving_artifacts["scores"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Service:
-    def __init__(self, artifact: str, *options: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "recbole_llm", "serve", artifact, "--port", str(self.port), *options],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"service exited: {self.process.stdout.read()}")
-            try:
-                if self.get("/health")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError("service did not start within 120 s")
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=body, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    def get(self, path: str) -> tuple[int, dict]:
-        return self.request("GET", path)
-
-    def recommend(self, payload) -> tuple[int, dict]:
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return self.request("POST", "/recommend", body)
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -81,21 +24,6 @@ def service(artifact):
     running = Service(artifact, *LIMITS)
     yield running
     running.close()
-
-
-def direct(artifact: str, histories, k=10, exclude_seen=True, unknown_tokens="skip") -> list[dict]:
-    recommender = Recommender(artifact, unknown_tokens=unknown_tokens)
-    return [asdict(a) for a in recommender.recommend(histories, k=k, exclude_seen=exclude_seen)]
-
-
-def same(got: list[dict], want: list[dict]) -> bool:
-    """Same items in the same order, scores equal to float32 rounding: a call that batches several requests
-    may sum in another order than a call with one."""
-    return len(got) == len(want) and all(
-        g["items"] == w["items"] and g["unknown_tokens"] == w["unknown_tokens"]
-        and all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(g["scores"], w["scores"]))
-        for g, w in zip(got, want)
-    )
 
 
 def test_answers_match_the_runtime_and_metadata_says_what_is_served(service, artifact):
@@ -114,39 +42,6 @@ def test_answers_match_the_runtime_and_metadata_says_what_is_served(service, art
     status, metadata = service.get("/metadata")
     assert status == 200 and metadata["model"] == "BERTLoRA" and "item_tokens" not in metadata
     assert metadata["service"]["max_batch"] == 8 and metadata["n_item_tokens"] == len(tokens) - 1
-
-
-BAD_REQUESTS = [
-    (b'{"histories": [["1", "2"]', 400, "not valid JSON"),
-    (b"\xff\xfe", 400, "not valid JSON"),
-    (b"[1, 2]", 422, "JSON object"),
-    ({"histories": [["1"]], "kk": 3}, 422, "unknown field 'kk'"),
-    ({"k": 3}, 422, "missing field 'histories'"),
-    ({"histories": "1 2 3"}, 422, "non-empty list"),
-    ({"histories": []}, 422, "non-empty list"),
-    ({"histories": ["1"]}, 422, "history 0 must be a list"),
-    ({"histories": [["1", 2.5]]}, 422, "history 0, position 1"),
-    ({"histories": [["1", None]]}, 422, "history 0, position 1"),
-    ({"histories": [["1"], []]}, 422, "history 1 is empty"),
-    ({"histories": [["no-such-item"]]}, 422, "history 0 has no item the model knows"),
-    ({"histories": [["1"]], "k": "10"}, 422, "'k' must be an integer"),
-    ({"histories": [["1"]], "k": True}, 422, "'k' must be an integer"),
-    ({"histories": [["1"]], "k": 0}, 422, "k=0 is out of range"),
-    ({"histories": [["1"]], "k": 100000}, 422, "k=100000 is out of range"),
-    ({"histories": [["1"]], "exclude_seen": "yes"}, 422, "'exclude_seen' must be true or false"),
-    ({"histories": [["1"]], "explain": 1}, 422, "'explain' must be true or false"),
-    # the explain limit counts what a request costs: the effects its answer reports (k x items read, per
-    # history) at most 100 x --max-explained (256): 8 full windows (12 items) at k=300 report 28,800
-    ({"histories": [[str(i) for i in range(1, 13)]] * 8, "k": 300, "explain": True}, 413,
-     "explaining this request reports 28800 effects (k=300 recommended items x the items the model reads, per "
-     "history); the limit is 25600 (100 x --max-explained): ask for a smaller k or fewer histories, or start the "
-     "service with a larger --max-explained"),
-    ({"histories": [[str(i) for i in range(1, 40)]] * 8, "k": 300, "explain": True}, 413,
-     "reports 28800 effects"),  # items beyond the model's window cost nothing
-    ({"histories": [["1"]] * 9}, 413, "9 histories in one request; the limit is 8"),
-    ({"histories": [["1"] * 101]}, 413, "history 0 has 101 items; the limit is 100"),
-    (b'{"histories": [["1"]], "pad": "' + b"x" * 5000 + b'"}', 413, "the limit is 4096"),
-]
 
 
 def test_bad_requests_get_4xx_and_the_service_keeps_answering(service, artifact):
@@ -181,6 +76,7 @@ def test_explanations_over_http_are_the_runtimes(service, artifact):
     assert status == 200 and "explanations" not in body["recommendations"][0]  # only when asked for
 
 
+@pytest.mark.slow
 def test_the_explain_limit_counts_what_a_request_costs_and_names_how_to_raise_it(artifact):
     """--max-explained bounds the model rows an explained request costs (each history, and it once without
     each item the model reads): a request at the limit is answered (as the runtime answers it), one history
@@ -221,6 +117,7 @@ def test_unknown_tokens_under_the_strict_policy_are_refused(artifact):
         strict.close()
 
 
+@pytest.mark.slow
 def test_concurrent_requests_get_their_own_answers(service, artifact):
     tokens = Recommender(artifact).tokens
     requests = [{"histories": [tokens[1 + i : 2 + i + i % 7]], "k": 1 + i % 10, "exclude_seen": i % 2 == 0}
@@ -233,6 +130,7 @@ def test_concurrent_requests_get_their_own_answers(service, artifact):
                                                     request["exclude_seen"]))
 
 
+@pytest.mark.slow
 def test_items_added_over_http_are_recommended_at_once(serving_artifacts, service):
     """POST /items (on with --allow-item-updates): new items from their text, answered as the runtime answers
     after add_items; recommendations meanwhile and after see them; bad items get 4xx and add nothing."""

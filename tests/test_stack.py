@@ -17,6 +17,7 @@ def ray_imports() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_without_ray_only_ray_based_search_says_it_needs_ray():
     from recbole.quick_start import quick_start
 
@@ -38,6 +39,7 @@ def test_numpy_aliases_recbole_uses_exist_without_overriding_numpy():
         assert np.bool is np.bool_  # numpy 2's own alias, not replaced
 
 
+@pytest.mark.slow
 def test_metrics_are_plain_floats(tiny_bert):
     from recbole.quick_start import run_recbole
 

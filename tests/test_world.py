@@ -16,7 +16,7 @@ from recbole.quick_start import load_data_and_model, run_recbole
 from conftest import best_checkpoint
 from recbole_llm import RecboleLLMError, load_checkpoint
 from recbole_llm.export import ExportOptions, export_checkpoint
-from test_cli import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli
 
 TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "n_heads": 2, "hidden_size": 32, "inner_size": 64,
         "MAX_ITEM_LIST_LENGTH": 10, "epochs": 1, "show_progress": False,
@@ -51,6 +51,7 @@ def restore_data(trained):
     inter_file(trained).write_bytes(original)
 
 
+@pytest.mark.slow
 def test_ordinary_python_values_train_and_leave_a_loadable_checkpoint(trained):
     assert trained["result"]["test_result"]["ndcg@10"] >= 0
     config = load_checkpoint(trained["checkpoint"])["config"]
@@ -58,6 +59,7 @@ def test_ordinary_python_values_train_and_leave_a_loadable_checkpoint(trained):
     assert config["topk"] == [10]
 
 
+@pytest.mark.slow
 def test_the_checkpoint_holds_its_id_maps_and_data_fingerprint(trained):
     config = load_checkpoint(trained["checkpoint"])["config"]
     world = config.recbole_llm_world
@@ -67,6 +69,7 @@ def test_the_checkpoint_holds_its_id_maps_and_data_fingerprint(trained):
     assert set(world["files"]) == {"inter", "item"} and all(len(h) == 64 for h in world["files"].values())
 
 
+@pytest.mark.slow
 def test_regenerated_data_whose_ids_moved_is_refused_by_evaluate_and_export(trained, restore_data, tmp_path):
     header, *rows = inter_file(trained).read_text().splitlines()
     inter_file(trained).write_text("\n".join([header, *reversed(rows)]) + "\n")  # same rows, other id order
@@ -86,6 +89,7 @@ def test_items_appended_after_training_are_refused_in_one_line_not_a_shape_trace
         load_data_and_model(str(trained["checkpoint"]))
 
 
+@pytest.mark.slow
 def test_new_interactions_of_known_items_proceed_and_export_the_same_ids(trained, restore_data, tmp_path, caplog):
     before = export_checkpoint(trained["checkpoint"], tmp_path / "before", ExportOptions(top_k=5)).path
     header, first, *rest = inter_file(trained).read_text().splitlines()
@@ -98,6 +102,7 @@ def test_new_interactions_of_known_items_proceed_and_export_the_same_ids(trained
     assert "changed since training, but every user and item keeps its id" in caplog.text
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_from_another_folder_take_data_path(trained, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(trained["data"], moved)
@@ -124,6 +129,7 @@ class _Payload:
         return (pathlib.Path.write_text, (self.sentinel, "ran"))
 
 
+@pytest.mark.slow
 def test_a_dataset_pickle_left_in_checkpoint_dir_is_not_loaded(data_root, tmp_path):
     """RecBole unpickles <checkpoint_dir>/<dataset>-<Class>.pth (and -dataloader.pth) whenever one exists."""
     saved = tmp_path / "saved"
