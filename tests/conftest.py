@@ -213,9 +213,21 @@ def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
 
-# Session fixtures that train a model or export artifacts: a test using one (directly or through another
-# fixture) is slow, whatever its own body does. Tests that train in their body carry @pytest.mark.slow.
-TRAINING_FIXTURES = {"pop_ndcg", "serving_artifacts"}
+# Fixtures that train a model or export artifacts, these sessions' and the test modules' own (by name): a test
+# using one (directly or through another fixture) is slow, whatever its own body does. Tests that train in
+# their body carry @pytest.mark.slow.
+TRAINING_FIXTURES = {
+    "pop_ndcg", "serving_artifacts",  # here
+    "trained",  # test_bad_input, test_world
+    "real_checkpoint",  # test_checkpoint_safety
+    "sampled_checkpoint",  # test_data_faithful
+    "planted_artifact",  # test_explain
+    "checkpoints",  # test_export
+    "gpu_checkpoint",  # test_gpu
+    "saved_bert",  # test_patches
+    "uninterrupted",  # test_resume
+    "artifacts",  # test_seen_items
+}
 
 
 def pytest_collection_modifyitems(config, items):

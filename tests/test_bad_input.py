@@ -261,7 +261,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path
     full = subprocess.run([sys.executable, "-c", FULL_DISK_SAVE, str(path)], capture_output=True, text=True,
                           timeout=300)
     assert full.returncode == 1 and full.stderr.strip().splitlines()[-1].startswith(
-        "recbole_llm.errors.RecboleLLMError: could not write checkpoint"), full.stderr[-2000:]
+        "recbole_llm.errors.CheckpointError: could not write checkpoint"), full.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
     assert torch.equal(load(path)["state_dict"]["w"], torch.ones(3))
     # whatever else stops a save (Ctrl-C here), the temporary file goes and the previous one stays

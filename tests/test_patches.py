@@ -320,3 +320,20 @@ def test_no_test_module_imports_another():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             wrong += [f"{path.name} imports {name}" for name in names if name.split(".")[0] in modules]
     assert not wrong, wrong
+
+
+def test_every_fixture_that_trains_or_exports_marks_its_tests_slow():
+    """pytest -m 'not slow' stays quick: conftest marks the tests of every fixture that trains or exports."""
+    from conftest import TRAINING_FIXTURES
+
+    trains = re.compile(r"\b(train_checkpoint|run_recbole|export_checkpoint|build_serving_artifacts)\(")
+    tests = Path(__file__).parent
+    unmarked = []
+    for path in sorted(tests.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            fixture = isinstance(node, ast.FunctionDef) and any(
+                "fixture" in ast.unparse(decorator) for decorator in node.decorator_list)
+            if fixture and trains.search(ast.get_source_segment(text, node)) and node.name not in TRAINING_FIXTURES:
+                unmarked.append(f"{path.name}: {node.name}")
+    assert not unmarked, f"add to conftest.TRAINING_FIXTURES: {unmarked}"
