@@ -14,7 +14,7 @@ from recbole.utils import get_model, init_seed
 
 from recbole_llm import RecboleLLMError
 from recbole_llm.model.contract import Exportable, PluginModel
-from recbole_llm.patches.models import PLUGIN_MODELS, get_plugin_model
+from recbole_llm.model.catalog import PLUGIN_MODELS, get_plugin_model
 
 # A random encoder small enough that building every model takes well under a second.
 TINY_ENCODER = {

@@ -151,7 +151,7 @@ def test_every_recbole_model_resolves_as_in_recbole():
     import recbole.utils
 
     import recbole_llm
-    from recbole_llm.patches.models import recbole_model_names
+    from recbole_llm.model.catalog import PLUGIN_MODELS, recbole_model_names
 
     recbole_get_model = recbole.utils.get_model.__wrapped__  # RecBole's own, without the plugin
     anomaly = torch.is_anomaly_enabled()
@@ -176,7 +176,7 @@ def test_every_recbole_model_resolves_as_in_recbole():
     finally:
         torch.autograd.set_detect_anomaly(anomaly)  # sine.py switches it on at import
     assert sorted(classes, key=str.lower) == recbole_model_names()
-    assert recbole_llm.available_models() == list(recbole_llm.patches.models.PLUGIN_MODELS) + recbole_model_names()
+    assert recbole_llm.available_models() == list(PLUGIN_MODELS) + recbole_model_names()
     assert {"Random", "LightGBM", "XGBoost"} <= set(classes) and "lightgbm" not in classes
 
 

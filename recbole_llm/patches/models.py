@@ -26,13 +26,12 @@ import pkgutil
 from pathlib import Path
 from typing import Callable
 
-# The model table lives in a leaf module (imported by the checkpoint loader too); the names stay here.
-from recbole_llm.model.catalog import (  # noqa: F401  (re-exported)
+# The model table lives in a leaf module (imported by the checkpoint loader too).
+from recbole_llm.model.catalog import (
     PLUGIN_MODELS,
     available_models,
     get_plugin_model,
     module_source,
-    recbole_model_names,
     recbole_models,
     third_party_imports,
 )
