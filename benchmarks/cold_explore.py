@@ -40,6 +40,12 @@ VARIANTS = {
     # the release year in the text: ml-100k's test items are mostly the newest films, which titles do not date
     "year-frozen-drop3": {"text_projection": "frozen", "id_dropout_prob": 0.3, "item_text_fields": _YEAR},
     "year-frozen-drop5": {"text_projection": "frozen", "id_dropout_prob": 0.5, "item_text_fields": _YEAR},
+    # a trained vector per text token beside the frozen text vector: what warm items teach a genre or a year
+    # reaches new items with the same tokens
+    "bag-year-frozen-drop3": {"text_projection": "frozen", "id_dropout_prob": 0.3, "item_text_fields": _YEAR,
+                              "text_token_bag": True},
+    "bag-year-frozen-drop5": {"text_projection": "frozen", "id_dropout_prob": 0.5, "item_text_fields": _YEAR,
+                              "text_token_bag": True},
 }
 RECORDS = RESULTS / "runs" / "cold_explore"
 

@@ -147,6 +147,47 @@ def test_text_anchored_items_stay_near_their_text_and_untrained_items_are_their_
         assert torch.allclose(tower[0], table[new_id], atol=1e-5)
 
 
+@pytest.mark.slow
+def test_token_bag_vectors_are_shared_by_token_and_reach_items_known_only_by_text(text_root, tmp_path):
+    """text_token_bag: a trained vector per token of the catalogue's texts, averaged over an item's tokens and
+    added to its frozen text vector. An item never trained (a copy of Star Wars' text) gets the bag of its
+    tokens, trained on the items that share them; the text tower (add-items' path) gives the same row; a token
+    no catalogue text has, and special tokens, add nothing."""
+    from transformers import AutoTokenizer
+
+    from recbole_llm.model.backbone import resolve_pretrained
+
+    _, dataset, model, train_data, _, _ = build(text_config(
+        text_root, tmp_path, item_repr="id+text", id_max_norm=0.5, text_projection="frozen", text_token_bag=True,
+        train_batch_size=256))
+    bag = model.token_bag
+    assert not bag.embedding.weight.any()  # starts at zero: the model starts as without the bag
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    for _, batch in zip(range(3), train_data):
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+    model.eval()
+    new_id = dataset.field2token_id[dataset.iid_field][NEW_ITEM]
+    star_wars = dataset.field2token_id[dataset.iid_field]["50"]
+    with torch.no_grad():
+        table = model.item_table()
+        text = model.text_projection(model.text_embeddings)
+        bags = bag(model.text_input_ids)
+        assert bags[new_id].norm() > 0 and torch.equal(bags[new_id], bags[star_wars])  # same tokens, same bag
+        assert torch.equal(table[new_id], text[new_id] + bags[new_id])  # never trained: text and bag, no ID
+        tower = model.text_tower()(model.text_input_ids[[new_id]], model.text_attention_mask[[new_id]])
+        assert torch.allclose(tower[0], table[new_id], atol=1e-5)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(model.pretrained_model_name_or_path))
+        unseen = next(i for i in range(1000, len(tokenizer)) if bag.token_rows[i] == 0)
+        special = [tokenizer.cls_token_id, tokenizer.sep_token_id]
+        assert not bag(torch.tensor([[special[0], unseen, special[1], 0]])).any()
+        word = int(model.text_input_ids[star_wars, 1])  # the first word of Star Wars' text
+        assert torch.equal(bag(torch.tensor([[special[0], unseen, word, special[1]]])),
+                           bag(torch.tensor([[word]])))  # the mean runs over the catalogue's tokens only
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
@@ -161,6 +202,8 @@ def test_text_anchored_items_stay_near_their_text_and_untrained_items_are_their_
         ({"item_repr": "id", "id_max_norm": 0.5}, "id_max_norm=0.5 shapes the ID part of item_repr id\\+text"),
         ({"item_repr": "text", "id_dropout_prob": 0.2}, "id_dropout_prob=0.2 shapes the ID part"),
         ({"item_repr": "id+text", "id_max_norm": float("inf")}, "id_max_norm=inf must be a number above 0"),
+        ({"item_repr": "id", "text_token_bag": True}, "text_token_bag=True learns vectors of item text tokens"),
+        ({"item_repr": "id+text", "text_token_bag": "yes"}, "text_token_bag='yes' is not a boolean"),
     ],
 )
 def test_bad_anchor_settings_are_refused_when_the_config_is_built(text_root, tmp_path, overrides, fragment):

@@ -48,7 +48,7 @@ from torch import nn
 from recbole_llm.errors import ConfigError
 from recbole_llm.model.backbone import build_encoder, load_text_encoder, most_recent, resolve_pretrained
 from recbole_llm.model.item_text import (TEXT_PROJECTIONS, anchor_settings, bounded, item_texts, mean_pool,
-                                         text_vectors, tokenize_items)
+                                         text_vectors, tokenize_items, TokenBag)
 from recbole_llm.model.positions import TRAIN_POSITIONS, window_stride
 from recbole_llm.settings import choice, integer, listed, names, number
 
@@ -150,7 +150,7 @@ class BERTRec(SequentialRecommender):
                     "encoder and its tokenizer; set pretrained_model_name_or_path"
                 )
         # the ID part of id+text: capped relative to the text vector, dropped in training (text-anchored items)
-        self.id_max_norm, self.id_dropout_prob = anchor_settings(config)
+        self.id_max_norm, self.id_dropout_prob, self.text_token_bag = anchor_settings(config)
 
     def _build_item_text(self, dataset) -> None:
         """Tokenize every item's text once; with a frozen text encoder, encode it once too."""
@@ -181,6 +181,8 @@ class BERTRec(SequentialRecommender):
             scale = self.initializer_range * self.hidden_size**0.5
             self.text_projection.weight.copy_(scale * torch.eye(self.hidden_size))
             self.text_projection.bias.zero_()
+        self.token_bag = TokenBag(input_ids, tokenizer.all_special_ids, len(tokenizer), self.hidden_size) \
+            if self.text_token_bag else None
         if self.text_projection_mode == "frozen":
             # Let It Go's frozen content embedding: a trained projection over ~10^3 items' 384-wide text vectors
             # can fit each training item apart (an ID table in disguise) and then maps new texts poorly
@@ -229,6 +231,8 @@ class BERTRec(SequentialRecommender):
             return self.item_embedding.weight
         text = self.text_embeddings if self.text_encoder_mode == "frozen" else self._encode_texts()
         text = self.text_projection(text)
+        if self.token_bag is not None:
+            text = text + self.token_bag(self.text_input_ids)
         ids = self.item_embedding.weight
         if self.item_repr == "text":
             table = text
@@ -408,7 +412,7 @@ class BERTRec(SequentialRecommender):
             with torch.no_grad():
                 centre = self._pool_texts(self.run_encoder, batch_size=256)[1:].mean(dim=0)
             encoder = _RunEncoder(self)
-        return ItemTextTower(encoder, centre.detach().clone(), self.text_projection).eval()
+        return ItemTextTower(encoder, centre.detach().clone(), self.text_projection, self.token_bag).eval()
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight: the whole model is fine-tuned."""
@@ -437,11 +441,15 @@ class ItemTextTower(nn.Module):
     """Item text to item vectors: mean-pooled encoder states, centred, normalised, projected
     (:meth:`BERTRec.text_tower`)."""
 
-    def __init__(self, encoder: nn.Module, centre: torch.Tensor, projection: nn.Linear):
+    def __init__(self, encoder: nn.Module, centre: torch.Tensor, projection: nn.Linear,
+                 token_bag: TokenBag | None = None):
         super().__init__()
-        self.encoder, self.projection = encoder, projection
+        self.encoder, self.projection, self.token_bag = encoder, projection, token_bag
         self.register_buffer("centre", centre)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.projection(text_vectors(mean_pool(hidden, attention_mask), self.centre))
+        vectors = self.projection(text_vectors(mean_pool(hidden, attention_mask), self.centre))
+        if self.token_bag is not None:
+            vectors = vectors + self.token_bag(input_ids)
+        return vectors

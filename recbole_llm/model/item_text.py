@@ -21,14 +21,15 @@ TEXT_TYPES = (FeatureType.TOKEN, FeatureType.TOKEN_SEQ)
 TEXT_PROJECTIONS = ("trained", "frozen")  # text_projection: trained with the model, or Let It Go's frozen
 
 
-def anchor_settings(config) -> tuple[float | None, float]:
-    """``(id_max_norm, id_dropout_prob)`` of a config, checked: one-line ConfigError naming key and fix.
+def anchor_settings(config) -> tuple[float | None, float, bool]:
+    """``(id_max_norm, id_dropout_prob, text_token_bag)`` of a config, checked: one-line ConfigError naming key and fix.
 
     The text-anchored item representation ("Let It Go? Not Quite", Fedorov et al., RecSys 2025: a frozen
     content embedding plus a trainable correction of capped norm; DropoutNet, Volkovs et al., NeurIPS 2017:
     IDs dropped in training so that content alone learns to score). ``id_max_norm`` (None: uncapped) bounds
     ``item_repr: id+text``'s ID part by that multiple of the item's text vector norm; ``id_dropout_prob`` in
-    [0, 1) drops it for that share of items at each training step. Called when the Config is built (before
+    [0, 1) drops it for that share of items at each training step; ``text_token_bag`` adds a trained vector per
+    text token (:class:`TokenBag`). Called when the Config is built (before
     any data is read) and by the model.
     """
     read = config.get if isinstance(config, dict) else config.__getitem__  # RecBole's Config: None when unset
@@ -39,8 +40,15 @@ def anchor_settings(config) -> tuple[float | None, float]:
                                                    example=0.3)
     if read("text_projection") is not None:  # null: checkpoints from before the key, which trained it
         choice("text_projection", read("text_projection"), TEXT_PROJECTIONS)
-    given = f"id_max_norm={cap!r}" if cap is not None else f"id_dropout_prob={dropout!r}" if dropout > 0 else None
+    bag = read("text_token_bag")
+    if bag not in (None, True, False):
+        raise ConfigError(f"text_token_bag={bag!r} is not a boolean; use true or false")
+    bag = bool(bag)  # null: checkpoints from before the key, which had none
     item_repr = read("item_repr")
+    if bag and not (isinstance(item_repr, str) and "text" in item_repr.lower()):
+        raise ConfigError(f"text_token_bag=True learns vectors of item text tokens, but item_repr={item_repr!r} has "
+                          "no text: set item_repr: id+text (or text) with item_text_fields, or text_token_bag: false")
+    given = f"id_max_norm={cap!r}" if cap is not None else f"id_dropout_prob={dropout!r}" if dropout > 0 else None
     if given and not (isinstance(item_repr, str) and item_repr.lower() == "id+text"):
         raise ConfigError(
             f"{given} shapes the ID part of item_repr id+text, but item_repr={item_repr!r}: set item_repr: id+text "
@@ -51,7 +59,7 @@ def anchor_settings(config) -> tuple[float | None, float]:
             f"item_repr=id+text with {given} anchors items at their text, but item_text_fields is not set: set "
             "item_text_fields (e.g. [movie_title, class] on ml-100k), or item_repr: id"
         )
-    return cap, dropout
+    return cap, dropout, bag
 
 
 def bounded(vectors: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
@@ -114,6 +122,36 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token states under the mask (how all-MiniLM-L6-v2 builds sentence embeddings)."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+
+class TokenBag(nn.Module):
+    """A trained vector per text token, averaged over an item's tokens: the content part that learns.
+
+    fastText-style bag of tokens (Joulin et al., "Bag of Tricks for Efficient Text Classification", EACL 2017)
+    beside the frozen sentence vector: a token's vector is shared by every item whose text has it (a genre, a
+    release year, a word of a series' title), so what the warm items teach it reaches items known only by
+    their text. Rows exist for the tokens of the training catalogue's texts (``token_rows`` maps a tokenizer id
+    to its row, 0 for special, padding and unseen tokens); row 0 and untrained rows are zero, so a token no
+    training item had adds nothing. Input ``input_ids`` ``[items, tokens]`` (int64), output ``[items, hidden]``.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, special_ids: list[int], vocab_size: int, hidden_size: int):
+        super().__init__()
+        seen = torch.unique(input_ids)
+        seen = seen[~torch.isin(seen, torch.tensor(special_ids, dtype=seen.dtype))]
+        rows = torch.zeros(max(vocab_size, int(input_ids.max()) + 1), dtype=torch.long)
+        rows[seen] = torch.arange(1, len(seen) + 1)
+        # the catalogue's vocabulary is part of the model: saved with it, not re-read from later data
+        self.register_buffer("token_rows", rows)
+        self.embedding = nn.Embedding(len(seen) + 1, hidden_size, padding_idx=0)
+        nn.init.zeros_(self.embedding.weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.token_rows[input_ids.clamp(0, self.token_rows.numel() - 1)]
+        counts = (rows > 0).sum(dim=-1, keepdim=True).clamp(min=1).to(self.embedding.weight.dtype)
+        return self.embedding(rows).sum(dim=1) / counts
+
 
 def text_vectors(pooled: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """Item text vectors from mean-pooled sentence-encoder states ``[n, hidden]``: centred and normalised.
