@@ -80,6 +80,14 @@ def metadata_schema() -> dict[str, Any]:
                 "description": "the served default for exclude_seen: false where repeat_rate is at least "
                                f"{REPEAT_RATE_THRESHOLD}, else true; absent: true",
             },
+            "lineage": {
+                "type": ["object", "null"], "required": ["checkpoint", "sha256"],
+                "description": "the checkpoint the exported model's training started from (init_from): its file "
+                               "name, SHA-256, dataset, data files' SHA-256, item count, and its own lineage "
+                               "under 'from'; null or absent: trained from scratch",
+                "properties": {"checkpoint": {"type": "string"},
+                               "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+            },
             "inputs": {**names, "minItems": 2, "maxItems": 3},
             "outputs": {**names, "minItems": 1, "maxItems": 2},
             "versions": {"type": "object"},

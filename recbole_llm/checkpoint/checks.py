@@ -7,8 +7,10 @@ loads; each refusal is a ``pickle.UnpicklingError``, reported as one line.
 from __future__ import annotations
 
 import pickle
+import re
 from typing import Any
 
+from recbole_llm.errors import CheckpointError, RecboleLLMError
 from recbole_llm.model import catalog
 
 
@@ -105,3 +107,23 @@ def _check_shape(config: Any) -> None:
         sizes[id(value)] = 1 + sum(sizes.get(id(child), 1) for child in children)
         if sizes[id(value)] > _EXPANSION * edges + 1000:
             raise pickle.UnpicklingError("Unsupported config: shared references that would print without end")
+
+
+def explain_unfitting_weights(error: RuntimeError, path: str) -> RecboleLLMError | None:
+    """torch's multi-line ``load_state_dict`` error as one line saying what does not match, else None."""
+    text = str(error)
+    if not text.startswith("Error(s) in loading state_dict"):
+        return None
+    details = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    first = details[0] if details else text.splitlines()[0]
+    shapes = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                       r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", first)
+    if shapes:
+        name, saved, here = shapes.groups()
+        first = f"{name} is {saved} in the checkpoint but {here} here"
+    elif len(first) > 200:
+        first = first[:200] + " ..."
+    return CheckpointError(
+        f"checkpoint '{path}' does not fit the model built here: {first}; it was trained for another model or "
+        "another dataset (item or user count): use the model, settings and data files it was trained with"
+    )

@@ -18,6 +18,9 @@ from typing import Any
 from recbole_llm.errors import DataError
 
 ATTRIBUTE = "recbole_llm_world"  # the Config attribute; one place for the name
+# The checkpoint a run started from (init_from), on the Config like the world: {checkpoint, sha256, dataset,
+# files, items, from: that checkpoint's own parent or None}
+PARENT_ATTRIBUTE = "recbole_llm_parent"
 
 
 def _digest(path: str) -> str:
@@ -54,6 +57,17 @@ def stored(config: Any) -> dict | None:
     """The world a checkpoint's ``Config`` was trained in, or None for checkpoints older than this."""
     world = getattr(config, ATTRIBUTE, None)
     return world if isinstance(world, dict) and "token_maps" in world else None
+
+
+def record_parent(config: Any, parent: dict) -> None:
+    """Keep the checkpoint this run started from (``init_from``) on ``config``: saved with every checkpoint."""
+    setattr(config, PARENT_ATTRIBUTE, parent)
+
+
+def parent(config: Any) -> dict | None:
+    """The checkpoint a checkpoint's run started from (its lineage, nested by ``from``), or None."""
+    value = getattr(config, PARENT_ATTRIBUTE, None)
+    return value if isinstance(value, dict) else None
 
 
 def check(trained: dict, dataset: Any) -> None:

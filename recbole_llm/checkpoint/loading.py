@@ -29,7 +29,7 @@ import zipfile
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from recbole_llm.checkpoint import format as checkpoint_format
-from recbole_llm.checkpoint.checks import _check_counters, _check_other_parameter, _distrust
+from recbole_llm.checkpoint.checks import _check_counters, _check_other_parameter, _distrust, explain_unfitting_weights
 from recbole_llm.checkpoint.overrides import (
     _OVERRIDES,
     apply_overrides,
@@ -265,26 +265,6 @@ def load_for_use(
                 raise explained from None
             finally:
                 sys.argv = argv
-
-
-def explain_unfitting_weights(error: RuntimeError, path: str) -> RecboleLLMError | None:
-    """torch's multi-line ``load_state_dict`` error as one line saying what does not match, else None."""
-    text = str(error)
-    if not text.startswith("Error(s) in loading state_dict"):
-        return None
-    details = [line.strip() for line in text.splitlines()[1:] if line.strip()]
-    first = details[0] if details else text.splitlines()[0]
-    shapes = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
-                       r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", first)
-    if shapes:
-        name, saved, here = shapes.groups()
-        first = f"{name} is {saved} in the checkpoint but {here} here"
-    elif len(first) > 200:
-        first = first[:200] + " ..."
-    return CheckpointError(
-        f"checkpoint '{path}' does not fit the model built here: {first}; it was trained for another model or "
-        "another dataset (item or user count): use the model, settings and data files it was trained with"
-    )
 
 
 def check_same_ids(trained_config: Any, config: Any, resume_file: str) -> None:

@@ -35,6 +35,7 @@ from recbole_llm.artifact.spec import FORMAT_VERSION, ITEM_VECTORS_FILE, METADAT
 from recbole_llm.export import graph, optimize, triton, validate
 from recbole_llm.export.options import ExportOptions, check_before_loading
 from recbole_llm.export.validate import ValidationReport
+from recbole_llm.checkpoint import lineage
 from recbole_llm.model.contract import PluginModel
 
 
@@ -251,6 +252,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike,
                 # history's items unless the data says users come back to items (export/README.md)
                 "repeat_rate": repeats,
                 "exclude_seen": served_exclude_seen(repeats),
+                "lineage": lineage.parent(config),  # the checkpoint its training started from (init_from)
                 "item_tokens": item_tokens(config, dataset),
             }
             if table is not None:

@@ -102,6 +102,7 @@ class BERTRec(SequentialRecommender):
             self.item_embedding.weight[0].zero_()
 
         self._baked_item_table: torch.Tensor | None = None
+        self.token_bag: TokenBag | None = None  # text_token_bag: built with the item text
         if "text" in self.item_repr:
             self._build_item_text(dataset)
 
@@ -194,16 +195,24 @@ class BERTRec(SequentialRecommender):
             with torch.no_grad():
                 pooled = self._pool_texts(text_tower, batch_size=256)
             del text_tower
-            centre = pooled[1:].mean(dim=0)
-            self.register_buffer("text_centre", centre, persistent=False)
-            self.register_buffer("text_embeddings", text_vectors(pooled, centre), persistent=False)
+            self.register_buffer("text_pooled", pooled, persistent=False)
+            # The catalogue's mean that centres text vectors is part of the model (saved with it): a model
+            # started from this one on a grown catalogue (init_from) keeps its items' vectors exactly.
+            self.register_buffer("text_centre", pooled[1:].mean(dim=0))
+
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        """``text_encoder: frozen``: every item's text vector, centred by ``text_centre`` and normalised,
+        ``[n_items, hidden]``."""
+        return text_vectors(self.text_pooled, self.text_centre)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a capped model's checkpoint written before its item_trained mask was saved: the mask its data gives
-        key = prefix + "item_trained"
-        if "item_trained" in self._buffers and "item_trained" not in self._non_persistent_buffers_set \
-                and key not in state_dict:
-            state_dict[key] = self.item_trained
+        # Checkpoints written before these buffers were saved: the values their data gives. A capped model's
+        # item_trained mask; the frozen text path's centre (the catalogue's mean, as these were trained with).
+        for name in ("item_trained", "text_centre"):
+            key = prefix + name
+            if name in self._buffers and name not in self._non_persistent_buffers_set and key not in state_dict:
+                state_dict[key] = self._buffers[name]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _pool_texts(self, encoder: nn.Module, batch_size: int | None = None) -> torch.Tensor:
@@ -417,6 +426,34 @@ class BERTRec(SequentialRecommender):
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight: the whole model is fine-tuned."""
         return self.state_dict()
+
+    def carry_over(self, state: dict[str, torch.Tensor], item_source: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A checkpoint's state dict (of this model class, trained on other data) fitted to this model's items
+        (``init_from``): ``item_source`` ``[n_items]`` gives each item here its row in the checkpoint, -1 for
+        items new here (and padding). New items keep this model's fresh rows; a trained item stays trained
+        (its capped ID correction counts) even without interactions in the new training split; the token bag's
+        rows follow the tokenizer's ids. Everything else is returned as it is (shapes checked on loading).
+        """
+        state, own = dict(state), self.state_dict()
+        known = item_source >= 0
+        if "item_embedding.weight" in state:
+            rows = own["item_embedding.weight"].clone()  # new items: as a fresh model starts them
+            rows[known] = state["item_embedding.weight"][item_source[known]].to(rows.dtype)
+            state["item_embedding.weight"] = rows
+        if "item_trained" in own:
+            trained = own["item_trained"].clone()
+            if "item_trained" in state:
+                trained[known] |= state["item_trained"][item_source[known]].bool()
+            state["item_trained"] = trained
+        if self.token_bag is not None and "token_bag.token_rows" in state:
+            rows_then, rows_now = state["token_bag.token_rows"], own["token_bag.token_rows"]
+            if rows_then.shape != rows_now.shape:  # another tokenizer: refused on loading, as any misfit
+                return state
+            vectors = own["token_bag.embedding.weight"].clone()  # tokens new here: zero, as at the start
+            both = (rows_now > 0) & (rows_then > 0)
+            vectors[rows_now[both]] = state["token_bag.embedding.weight"][rows_then[both]].to(vectors.dtype)
+            state["token_bag.token_rows"], state["token_bag.embedding.weight"] = rows_now, vectors
+        return state
 
     def after_optimizer_step(self, global_step: int) -> None:
         """Nothing to do after an optimizer step (AdaLoRA reallocates ranks here)."""

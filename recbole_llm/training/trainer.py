@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from recbole_llm.training import distributed
 from recbole_llm.training.augment import SequenceAugmenter
-from recbole_llm.checkpoint.loading import read_once
+from recbole_llm.checkpoint.loading import load_checkpoint, read_once
 from recbole_llm.checkpoint.format import atomic_save
 from recbole_llm.errors import ConfigError, RecboleLLMError
 from recbole_llm.model.contract import PluginModel
@@ -165,10 +165,15 @@ class PluginTrainer(Trainer):
     # checkpoints and resuming
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        """RecBole's fit; resumes from ``resume_from`` first, writes the latest checkpoint after validations."""
+        """RecBole's fit; resumes from ``resume_from`` first (or starts from ``init_from``'s weights), writes the
+        latest checkpoint after validations."""
         self._train_data = train_data
         if self.config["resume_from"] and self._resumed_state is None:
             self.resume_checkpoint(self.config["resume_from"])
+        elif self.config["init_from"] and self._resumed_state is None:
+            from recbole_llm.checkpoint.init_from import initialise
+
+            self.logger.info(initialise(self.model, self.config, train_data._dataset, load_checkpoint))
         if self._resumed_state is not None:
             self._restore_random_state(self._resumed_state.get("random_state"))
 
