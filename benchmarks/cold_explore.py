@@ -47,6 +47,8 @@ VARIANTS = {
     "bag-year-frozen-drop5": {"text_projection": "frozen", "id_dropout_prob": 0.5, "item_text_fields": _YEAR,
                               "text_token_bag": True},
 }
+# Tried and not run to convergence: text_encoder: trained (item text through the sequence encoder's layer at every
+# step, Recformer's direction) costs 250-280 s per epoch here against 24 s frozen: a GPU's job.
 RECORDS = RESULTS / "runs" / "cold_explore"
 
 
