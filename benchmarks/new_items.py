@@ -198,7 +198,7 @@ def train(dataset: str, config_dict: dict) -> dict:
     test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     return {"config": config_dict, "checkpoint": str(Path(trainer.saved_model_file).resolve()),
             "test": {k: float(v) for k, v in test.items()}, "best_valid": float(best_valid),
-            "epochs": len(scores), "best_epoch": int(np.argmax(scores)) + 1 if scores else 0,
+            "epochs": len(scores), "best_epoch": int(np.argmax(scores)) + 1 if scores else 0, "valid_ndcg@10": scores,
             "stopped_by": "epoch cap" if len(scores) >= config["epochs"] else "early stopping",
             "train_seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / max(len(scores), 1), 1),
             "machine": machine()}
