@@ -40,7 +40,7 @@ commands:
                [--max-explained 256] [--threads N] [--body-timeout 10] [--keep-alive-timeout 5]
                [--shutdown-timeout 10] [--allow-item-updates] [--max-new-items 1000] [--retrieval exact|ann]
            recbole-llm serve DIR --engine triton [--port 8000] [--grpc-port 8001] [--metrics-port 8002]
-               (Triton Inference Server through PyTriton; needs: pip install "recbole_llm[triton]")
+               (Triton Inference Server from PyTriton's wheel; needs: pip install "recbole_llm[triton]")
   models   list the models 'run' accepts (the plugin's, then RecBole's)
 
 'serve' and 'add-items' run in a serving install (export/requirements-serve.txt: no torch, no RecBole); the
@@ -231,7 +231,7 @@ def _serve(args: Sequence[str]) -> int:
     parser.add_argument("--retrieval", default="exact", choices=("exact", "ann"),
                         help="exact (default: every item scored) or ann (faiss IVF over an --item-index artifact)")
     parser.add_argument("--engine", default="fastapi", choices=ENGINES,
-                        help="fastapi (default: the JSON service) or triton: Triton Inference Server through PyTriton, "
+                        help="fastapi (default: the JSON service) or triton: Triton Inference Server (the one PyTriton's wheel ships), "
                              "KServe v2 over HTTP (--port) and gRPC (needs: pip install 'recbole_llm[triton]')")
     parser.add_argument("--grpc-port", type=int, default=None, help="--engine triton: gRPC port (default 8001)")
     parser.add_argument("--metrics-port", type=int, default=None,
@@ -262,9 +262,10 @@ def _serve(args: Sequence[str]) -> int:
         if known.engine == "triton":
             from recbole_llm.serving.triton import serve_triton
 
-            serve_triton(known.artifact, known.host, known.port, 8001 if known.grpc_port is None else known.grpc_port,
-                         8002 if known.metrics_port is None else known.metrics_port, limits, known.unknown_tokens,
-                         known.threads, known.retrieval)
+            return serve_triton(known.artifact, known.host, known.port,
+                                8001 if known.grpc_port is None else known.grpc_port,
+                                8002 if known.metrics_port is None else known.metrics_port, limits,
+                                known.unknown_tokens, known.threads, known.retrieval)  # tritonserver's exit status
         else:
             from recbole_llm.serving.http import serve
 

@@ -1,6 +1,7 @@
-"""recbole-llm serve --engine triton: a real Triton Inference Server (PyTriton's tritonserver and Python
-backend) in its own process, started by the command line, asked in Triton's own protocol over HTTP and gRPC
-with tritonclient. One server for the module; its last test stops it with SIGTERM."""
+"""recbole-llm serve --engine triton: a real Triton Inference Server (the tritonserver and Python backend that
+PyTriton's wheel ships, running our model) in its own process, started by the command line, asked in Triton's
+own protocol over HTTP and gRPC with tritonclient. One server for the module; its last server test stops it
+with SIGTERM. The model's logic is also called directly, without Triton."""
 
 from __future__ import annotations
 
@@ -219,6 +220,55 @@ def test_concurrent_clients_get_their_own_answers(server, local):
     assert metric(server, "nv_inference_exec_count") - executions < len(requests)  # some calls were shared
 
 
+def one_line(message: str) -> bool:
+    return "\n" not in message.strip() and "Traceback" not in message
+
+
+def ask(server, request) -> list[dict] | str:
+    """One request over its own HTTP client: its rows, or its error's text."""
+    try:
+        return infer(server.client("http"), httpclient, *request)
+    except InferenceServerException as refused:
+        return str(refused)
+
+
+def test_a_bad_request_fails_alone_among_good_ones_in_the_same_calls(server, local):
+    """Good and bad requests sent together share Triton's model calls; each bad one gets its own one-line
+    error, each good one its exact answer (PyTriton's proxy failed the whole call)."""
+    tokens = local.tokens
+    bad = [([["1", "no-such-item"]], None, None), ([["1", "2"]], [local.max_k + 1], None), ([["1"], []], None, None)]
+    messages = ["unknown item tokens (first: 'no-such-item')", f"k={local.max_k + 1} is out of range",
+                "history 1 is empty"]
+    requests = [bad[i // 3 % 3] if i % 3 == 2 else
+                ([tokens[1 + i : 2 + i + i % 7], tokens[30 + i : 31 + i + i % 4]], [1 + i % 9, 2 + i % 5], [i % 2 == 0] * 2)
+                for i in range(60)]
+    executions = metric(server, "nv_inference_exec_count")
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda request: ask(server, request), requests))
+    calls = metric(server, "nv_inference_exec_count") - executions
+    for i, (request, got) in enumerate(zip(requests, answers)):
+        if i % 3 == 2:
+            assert isinstance(got, str) and messages[i // 3 % 3] in got and one_line(got), got
+        else:
+            assert not isinstance(got, str), got
+            assert same(got, runtime(local, *request)), (request, got)
+    assert calls < len(requests), calls  # calls were shared, so bad requests sat beside good ones
+
+
+def test_requests_of_different_widths_share_calls(server, local):
+    """histories is ragged: single-history requests of 48 widths, none padded to another's, still share
+    model calls."""
+    tokens = local.tokens
+    requests = [([tokens[1 + width : 1 + 2 * width]], [5], [True]) for width in range(1, 49)]
+    executions = metric(server, "nv_inference_exec_count")
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda request: ask(server, request), requests))
+    calls = metric(server, "nv_inference_exec_count") - executions
+    for request, got in zip(requests, answers):
+        assert not isinstance(got, str) and same(got, runtime(local, *request)), (request, got)
+    assert calls < len(requests), calls  # a call held two requests, hence two widths
+
+
 def bad_requests(local: Recommender) -> list[tuple[dict, str]]:
     one = pad([["1", "2"]])
     return [
@@ -247,6 +297,7 @@ def test_bad_requests_get_triton_errors_and_the_server_keeps_answering(server, l
         with pytest.raises(InferenceServerException) as refused:
             infer(client, module, None, tensors=tensors)
         assert message in str(refused.value), (tensors, str(refused.value)[-600:])
+        assert one_line(str(refused.value))
     assert infer(client, module, good, [4, 2]) == before
     assert server.process.poll() is None
 
@@ -305,19 +356,94 @@ def test_options_of_the_other_engine_are_refused(tmp_path):
     assert_one_line_error(result, "--grpc-port applies to --engine triton only")
 
 
-def test_the_server_gets_this_interpreters_libpython_first():
-    """The Python backend's stub loads libpython by name: where this interpreter's own is not in a system
-    folder (pyenv, as on the project's machines), its folder goes first on the server's LD_LIBRARY_PATH."""
+def test_the_server_gets_this_interpreters_libpython_python_and_package_first():
+    """The Python backend's stub loads libpython by name and finds its site-packages through ``python3`` on
+    PATH: where this interpreter's own library is not in a system folder (pyenv, as on the project's machines),
+    its folder goes first on LD_LIBRARY_PATH (the wheel's libraries last), its bin first on PATH, and the
+    folder this recbole_llm comes from first on PYTHONPATH."""
     import sysconfig
 
+    import recbole_llm
     from recbole_llm.serving.triton import python_library_folder, server_environment
 
-    environ = {"LD_LIBRARY_PATH": "/opt/a:/opt/b"}
-    folder = server_environment(environ)
-    assert folder == python_library_folder()
-    if folder is None:  # a system interpreter: the loader finds its library anyway
-        assert environ == {"LD_LIBRARY_PATH": "/opt/a:/opt/b"}
-        return
-    assert Path(folder, sysconfig.get_config_var("INSTSONAME")).is_file()
-    assert environ["LD_LIBRARY_PATH"] == os.pathsep.join([folder, "/opt/a", "/opt/b"])
-    assert server_environment(environ) == folder and environ["LD_LIBRARY_PATH"].count(folder) == 1
+    folder = python_library_folder()
+    environ = {"LD_LIBRARY_PATH": f"/opt/a:/opt/b:{folder or '/opt/a'}", "PATH": "/usr/bin", "OTHER": "kept"}
+    env = server_environment(environ, "/wheel/libs")
+    assert environ["PATH"] == "/usr/bin" and env["OTHER"] == "kept"  # a copy
+    head = [folder] if folder else []
+    assert env["LD_LIBRARY_PATH"] == os.pathsep.join([*head, "/opt/a", "/opt/b", "/wheel/libs"])
+    if folder is not None:
+        assert Path(folder, sysconfig.get_config_var("INSTSONAME")).is_file()
+    assert env["PATH"] == os.pathsep.join([str(Path(sys.exec_prefix) / "bin"), "/usr/bin"])
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(recbole_llm.__file__).resolve().parents[1])
+    assert server_environment(env, "/wheel/libs") == env  # nothing twice
+
+
+def test_the_model_answers_each_request_on_its_own_in_one_rank_call(local, monkeypatch):
+    """The backend's logic without Triton: the good requests' rows ranked in one call, each bad request
+    answered by its own error."""
+    from recbole_llm.serving.requests import Limits, RequestError
+    from recbole_llm.serving.triton_model import answer
+
+    ranked = []
+    rank = local.rank
+    monkeypatch.setattr(local, "rank", lambda encoded, ks, *rest: ranked.append(list(ks)) or rank(encoded, ks, *rest))
+    tokens = local.tokens
+    histories = [[tokens[1:4], tokens[7:8]], [tokens[9:30]]]
+    requests = [{"histories": pad(histories[0]), "k": np.array([[3], [5]], dtype=np.int32)},
+                {"histories": pad([["1", "no-such-item"]])},
+                {"histories": pad(histories[1], width=40), "exclude_seen": np.array([[False]])},
+                {"histories": pad([["1"]]), "k": np.array([[0]], dtype=np.int32)}]
+    limits = Limits(max_batch=MAX_BATCH, max_history=MAX_HISTORY)
+    results = answer(requests, local, limits)
+    assert ranked == [[3, 5, 10]]  # the good requests' three rows, in one call
+    assert isinstance(results[1], RequestError) and "no-such-item" in str(results[1])
+    assert isinstance(results[3], RequestError) and "k=0 is out of range" in str(results[3])
+    first, second = results[0], results[2]
+    assert first["items"].shape == first["scores"].shape == (2, 5) and first["unknown_tokens"].shape == (2, 1)
+    assert first["items"][0, 3] == b"" and first["scores"][0, 3] == -np.inf  # row 0 asked for 3 of the 5
+    want = runtime(local, histories[0], [3, 5], [local.exclude_seen] * 2)
+    assert [[t.decode() for t in row if t] for row in first["items"]] == [w.items for w in want]
+    (want,) = runtime(local, histories[1], [10], [False])
+    assert [t.decode() for t in second["items"][0]] == want.items
+    assert np.allclose(second["scores"][0], want.scores, rtol=0, atol=1e-5)
+    ranked.clear()
+    (alone,) = answer(requests[3:], local, limits)  # no good request: no model call
+    assert isinstance(alone, RequestError) and ranked == []
+
+
+def test_the_model_config_is_tritons_and_quotes_any_path():
+    """config.pbtxt parses against Triton's own schema; a parameter keeps quotes, backslashes, control
+    characters and non-ASCII (an artifact's path may hold any)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from recbole_llm.serving.triton import model_config
+
+    path = 'odd "folder" \\ with\nnewline, tab\t and é'
+    text = model_config(7, {"artifact": path, "retrieval": "exact"})
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert config.max_batch_size == 7 and config.backend == "python" and config.HasField("dynamic_batching")
+    assert config.parameters["artifact"].string_value == path
+    histories, k, exclude_seen = config.input
+    assert histories.allow_ragged_batch and k.optional and exclude_seen.optional
+
+
+def test_a_model_that_fails_to_load_in_triton_is_one_line_and_nothing_is_left(tmp_path, monkeypatch):
+    """The artifact loaded in the command's process but Triton's stub could not load the model: one line
+    (the stub's exception, without its traceback), tritonserver and the stub gone."""
+    from recbole_llm.errors import RecboleLLMError
+    from recbole_llm.serving.triton import model_config, run_triton, triton_files, write_repository
+
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)
+    files = triton_files()
+    broken = ("from recbole_llm.errors import ArtifactError\n\n\nclass TritonPythonModel:\n"
+              "    def initialize(self, args):\n        raise ArtifactError('model.onnx vanished\\nsecond line')\n")
+    write_repository(tmp_path, files, model_config(4, {"artifact": "x"}), broken)
+    with pytest.raises(RecboleLLMError) as failed:
+        run_triton(files, tmp_path, "127.0.0.1", {"http": free_port(), "grpc": free_port(), "metrics": free_port()}, 5)
+    message = str(failed.value)
+    assert "Triton did not start" in message and "ArtifactError: model.onnx vanished" in message, message
+    assert one_line(message) and "second line" not in message, message
+    assert processes_marked(mark) == []

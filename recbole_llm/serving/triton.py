@@ -1,84 +1,106 @@
 """Triton Inference Server over an exported artifact: ``recbole-llm serve ARTIFACT --engine triton``.
 
-PyTriton (``pip install "recbole_llm[triton]"``: nvidia-pytriton) carries a real ``tritonserver`` with Triton's
-Python backend; it needs neither Docker nor a GPU. The artifact is loaded here by the project's runtime
-(:class:`~recbole_llm.serving.runtime.Recommender`, ONNX Runtime and numpy) and bound to Triton as the model
-``recommend``, with Triton's dynamic batching on; Triton answers KServe v2 requests over HTTP and gRPC and
-serves its own health, readiness, model metadata and Prometheus metrics. PyTriton is imported only here, and
-only when a server starts, so everything else works without it.
+The nvidia-pytriton wheel (``pip install "recbole_llm[triton]"``) carries a real ``tritonserver``, Triton's
+Python backend and a backend stub built for each Python version; they need neither Docker nor a GPU. We use
+those files, not PyTriton's ``bind`` proxy (which answers errors per model call, so one bad request failed
+every request batched with it, and cannot mark an input ragged). At start this module:
 
-The model's tensors (Triton's batch dimension first: one row per history, at most ``--max-batch`` rows per
-request and per model call)::
+1. checks the ports, and loads the artifact here (:class:`~recbole_llm.serving.runtime.Recommender`), so that a
+   bad one is one line before anything starts; the copy is dropped again;
+2. writes, into a temporary folder removed at exit, a backend folder (``backends/python``: links to the wheel's
+   ``libtriton_python.so``, ``triton_python_backend_utils.py`` and the stub for this interpreter's version,
+   as PyTriton 0.7 lays them out) and a model repository: ``recommend/config.pbtxt`` (the Python backend,
+   dynamic batching, ``histories`` ragged, the artifact and options as ``parameters``) and
+   ``recommend/1/model.py``, which hands Triton's utilities to
+   :class:`~recbole_llm.serving.triton_model.RecommendModel` (the model and its tensors are described there);
+3. runs ``tritonserver`` as a child process (its own session, SIGTERM'd by the kernel if this process dies),
+   waits for ``/v2/health/ready`` (the model loaded: strict readiness), forwards SIGTERM and SIGINT to it
+   (Triton drains for up to ``--shutdown-timeout`` seconds) and returns its exit status.
 
-    inputs   histories       BYTES [rows, n]  raw item tokens, UTF-8, oldest first; a tensor is rectangular, so
-                                              shorter histories end in empty strings (padding: "" is never an item)
-             k               INT32 [rows, 1]  optional: items per answer (default 10, as the HTTP service)
-             exclude_seen    BOOL  [rows, 1]  optional: drop the history's items (default: the artifact's)
-    outputs  items           BYTES [rows, K]  the top raw item tokens, best first; K is the request's largest k,
-                                              and a row with fewer items (its k is smaller, or fewer were left
-                                              after exclusions) ends in empty strings
-             scores          FP32  [rows, K]  their scores; -inf beside an empty string
-             unknown_tokens  INT32 [rows, 1]  tokens of the history the model does not know (skipped)
-
-Requests are checked by the HTTP service's own functions (:func:`~recbole_llm.serving.requests.check_histories`,
-:func:`~recbole_llm.serving.requests.make_job`: the same bounds on batch, history length and k, the same
-messages); Triton itself refuses a wrong dtype, a wrong shape or a batch over ``--max-batch``.
-
-Batching: Triton's dynamic batcher gives the bound function every request waiting when the model is free
-(no added delay), as the HTTP service's batcher does; the function answers them all with one
-:meth:`~recbole_llm.serving.runtime.Recommender.rank` call, which takes k and exclude_seen per row, so no
-request is split by its k (PyTriton's ``@batch`` would concatenate the requests, which needs one history
-width; ``@group_by_values`` would run one model call per distinct k). Each request gets back its own rows.
-Triton batches together only requests whose tensors have the same shape beyond the batch dimension, and
-PyTriton 0.7 cannot mark an input ragged: clients that pad histories to one width (e.g. 50) share calls most.
-
-Errors: PyTriton answers errors per model call, not per request, so a bad request (unknown tokens under
-``--unknown-tokens error``, k out of range, an empty history, a history over ``--max-history``) fails the
-requests Triton batched with it too; its error message names the problem in one line, inside PyTriton's
-traceback text. The server keeps answering.
-
-The Python backend's stub process loads the interpreter's shared libpython by name; an interpreter built
-outside the system (pyenv, a source build) would get the system's library of another patch release, and
-model loading fails (``'_thread.RLock' object has no attribute '_recursion_count'``). :func:`server_environment`
-puts this interpreter's own library folder first on the server's ``LD_LIBRARY_PATH``.
+The stub is an embedded interpreter that finds its standard library and site-packages by looking for
+``python3`` on ``PATH``, and loads ``libpython`` by name: :func:`server_environment` puts this interpreter's
+``bin`` first on ``PATH`` (as PyTriton does), its own libpython folder first on ``LD_LIBRARY_PATH`` (an
+interpreter built outside the system, pyenv or a source build, would otherwise get the system's library of
+another patch release and fail with ``'_thread.RLock' object has no attribute '_recursion_count'``), the
+wheel's bundled libraries last on it, and the folder this ``recbole_llm`` was imported from first on
+``PYTHONPATH``, so the stub runs the same package.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
+import re
 import signal
+import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
-from collections.abc import MutableMapping, Sequence
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from recbole_llm.errors import RecboleLLMError, first_line, shown
-from recbole_llm.serving.records import Encoded, Recommendation
-from recbole_llm.serving.requests import DEFAULT_K, Limits, RequestError, check_histories, make_job
+from recbole_llm.errors import RecboleLLMError, first_line
+from recbole_llm.serving.requests import Limits
 from recbole_llm.serving.runtime import UNKNOWN_TOKEN_POLICIES, Recommender
 from recbole_llm.serving.server import check_can_listen
 
-MODEL_NAME = "recommend"
-INPUTS = ("histories", "k", "exclude_seen")
-OUTPUTS = ("items", "scores", "unknown_tokens")
-PADDING = b""  # pads histories in and answers out; never an item token
+MODEL_NAME = "recommend"  # the model's name in Triton (its folder in the repository)
 # folders the dynamic loader searches without being told: a libpython there is the one the stub finds anyway
 SYSTEM_LIBRARY_FOLDERS = {"/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib"}
 INSTALL = "pip install 'recbole_llm[triton]' (nvidia-pytriton: Linux x86_64 or arm64 with glibc 2.35 or newer)"
+READY_TIMEOUT = 300.0  # seconds for Triton to start and load the model (the stub loads the artifact again)
+LOG_LINES = 200  # Triton's last log lines kept, for the one-line error when it fails
+# the Python backend's shared memory per model instance, as PyTriton 0.7 sets it (the backend's 64 MB default
+# does not fit Docker's default /dev/shm); it grows by the second figure when a request needs more
+SHM_DEFAULT_BYTES, SHM_GROWTH_BYTES = 4 << 20, 1 << 20
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+MODEL_FILE = '''"""Written by recbole-llm serve --engine triton: Triton's Python backend loads this file in its stub."""
+import triton_python_backend_utils
+
+from recbole_llm.serving.triton_model import RecommendModel
 
 
-def require_pytriton() -> None:
-    """Raises RecboleLLMError in one line, naming the install, where PyTriton cannot be imported."""
-    import importlib
+class TritonPythonModel(RecommendModel):
+    utils = triton_python_backend_utils
+'''
 
+
+@dataclass(frozen=True)
+class TritonFiles:
+    """What the nvidia-pytriton wheel ships and a server needs."""
+
+    server: Path  # tritonserver
+    backend: Path  # the Python backend's folder: libtriton_python.so, triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub built for this interpreter's Python version
+    libraries: Path  # the shared libraries tritonserver links against (nvidia_pytriton.libs)
+
+
+def triton_files() -> TritonFiles:
+    """Locate the wheel's files with PyTriton's own helpers (their layout is PyTriton 0.7's). Raises
+    RecboleLLMError in one line, naming the install, where PyTriton cannot be imported or a file is missing
+    (a Python version the wheel has no stub for)."""
     try:
-        importlib.import_module("pytriton.triton")
+        from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
     except ImportError as error:
         raise RecboleLLMError(f"--engine triton needs PyTriton ({first_line(error)}): {INSTALL}") from None
+    root = get_root_module_path() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    files = TritonFiles(server=root / "bin" / "tritonserver", backend=root / "backends" / "python",
+                        stub=Path(get_stub_path(version)), libraries=Path(get_libs_path()))
+    for path in (files.server, files.backend / "libtriton_python.so", files.stub, files.libraries):
+        if not path.exists():
+            raise RecboleLLMError(f"PyTriton's {path.name} is missing ({path}); this nvidia-pytriton has no Triton "
+                                  f"for Python {version} here: {INSTALL}")
+    return files
 
 
 def python_library_folder() -> str | None:
@@ -94,85 +116,206 @@ def python_library_folder() -> str | None:
     return folder if os.path.isfile(os.path.join(folder, name)) else None
 
 
-def server_environment(environ: MutableMapping[str, str]) -> str | None:
-    """Put :func:`python_library_folder` first on ``environ``'s ``LD_LIBRARY_PATH`` (PyTriton starts
-    tritonserver, and Triton the Python backend's stub, with this process's environment); returns the folder
-    added, or None where nothing was needed."""
-    folder = python_library_folder()
-    if folder is None:
-        return None
-    paths = [path for path in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if path]
-    if paths[:1] != [folder]:
-        environ["LD_LIBRARY_PATH"] = os.pathsep.join([folder, *[path for path in paths if path != folder]])
-    return folder
+def _first_on(value: str | None, first: str | None, last: str | None = None) -> str:
+    """A ``os.pathsep`` list with ``first`` at its head and ``last`` at its tail, each once."""
+    paths = [path for path in (value or "").split(os.pathsep) if path and path not in (first, last)]
+    return os.pathsep.join([*([first] if first else []), *paths, *([last] if last else [])])
 
 
-class TritonRecommender:
-    """The callable PyTriton binds: a list of Triton requests (``{input name: numpy array}``) in, one answer
-    (``{output name: numpy array}``) per request out, all rows in one model call."""
+def server_environment(environ: Mapping[str, str], libraries: str | Path) -> dict[str, str]:
+    """tritonserver's environment (its stub inherits it): ``environ`` with this interpreter's libpython folder
+    (:func:`python_library_folder`, where needed) first and ``libraries`` (the wheel's) last on
+    ``LD_LIBRARY_PATH``, this interpreter's ``bin`` first on ``PATH``, and the folder holding this
+    ``recbole_llm`` first on ``PYTHONPATH``."""
+    package_folder = str(Path(__file__).resolve().parents[2])  # recbole_llm/serving/triton.py
+    env = dict(environ)
+    env["LD_LIBRARY_PATH"] = _first_on(env.get("LD_LIBRARY_PATH"), python_library_folder(), str(libraries))
+    env["PATH"] = _first_on(env.get("PATH"), str(Path(sys.exec_prefix) / "bin"))
+    env["PYTHONPATH"] = _first_on(env.get("PYTHONPATH"), package_folder)
+    return env
 
-    def __init__(self, recommender: Recommender, limits: Limits):
-        self.recommender = recommender
-        self.limits = limits
-        self.calls = 0  # model calls so far (Triton's statistics count its own executions too)
 
-    def job(self, request) -> object:
-        """One request's rows as a :class:`~recbole_llm.serving.batching.Job`; RequestError naming the problem."""
-        histories = request["histories"]
-        rows = len(histories)
-        decoded = [self._history(row, values) for row, values in enumerate(histories)]
-        check_histories(decoded, self.limits)
-        ks = [int(k) for k in request["k"].reshape(rows)] if "k" in request else [DEFAULT_K] * rows
-        if "exclude_seen" in request:
-            seen = [bool(value) for value in request["exclude_seen"].reshape(rows)]
-        else:
-            seen = [bool(self.recommender.exclude_seen)] * rows
-        return make_job(decoded, ks, seen, False, self.recommender, self.limits)
+def pbtxt_string(text: str) -> str:
+    """``text`` as a protobuf text-format string literal: UTF-8, every byte outside printable ASCII (and the
+    quote and backslash) as an octal escape."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\{b:03o}"
+                         for b in text.encode("utf-8")) + '"'
 
-    @staticmethod
-    def _history(row: int, values: np.ndarray) -> list[str]:
-        tokens = []
-        for position, value in enumerate(values):
-            raw = bytes(value)
-            if raw == PADDING:
-                continue
+
+def model_config(max_batch: int, parameters: Mapping[str, str]) -> str:
+    """config.pbtxt of the model ``recommend``: Triton's Python backend, one CPU instance, dynamic batching
+    with no added delay (requests waiting when the model is free share a call, as in the HTTP service), at
+    most ``max_batch`` rows per request and per call; ``histories`` ragged, so requests of different widths
+    share calls; ``parameters`` as string parameters."""
+    entries = ",\n".join(f"  {{ key: {pbtxt_string(key)} value: {{ string_value: {pbtxt_string(value)} }} }}"
+                         for key, value in parameters.items())
+    return f"""name: "{MODEL_NAME}"
+backend: "python"
+max_batch_size: {max_batch}
+dynamic_batching {{ max_queue_delay_microseconds: 0 }}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+input [
+  {{ name: "histories" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true }},
+  {{ name: "k" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "exclude_seen" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+]
+output [
+  {{ name: "items" data_type: TYPE_STRING dims: [ -1 ] }},
+  {{ name: "scores" data_type: TYPE_FP32 dims: [ -1 ] }},
+  {{ name: "unknown_tokens" data_type: TYPE_INT32 dims: [ 1 ] }}
+]
+parameters [
+{entries}
+]
+"""
+
+
+def write_repository(folder: Path, files: TritonFiles, config: str, model_file: str = MODEL_FILE) -> None:
+    """``folder/backends/python`` (links to the wheel's backend and this Python's stub, the layout the backend
+    expects: it runs the stub found beside libtriton_python.so) and ``folder/models/recommend``
+    (``config.pbtxt``, ``1/model.py``)."""
+    backend = folder / "backends" / "python"
+    backend.mkdir(parents=True)
+    for source in (*files.backend.iterdir(), files.stub):
+        if source.is_file():
+            (backend / source.name).symlink_to(source)
+    model = folder / "models" / MODEL_NAME
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(config, encoding="utf-8")
+    (model / "1" / "model.py").write_text(model_file, encoding="utf-8")
+
+
+def triton_command(files: TritonFiles, folder: Path, host: str, ports: Mapping[str, int],
+                   exit_timeout: int) -> list[str]:
+    """tritonserver's command line over :func:`write_repository`'s ``folder``: the model loaded at start
+    (a model that fails to load stops the server), its config taken as written (no auto-complete), every
+    endpoint on ``host``, Triton's info log off (warnings and errors kept)."""
+    prefix = f"recbole_llm_{os.getpid()}_"  # the backend adds its own unique suffix
+    return [str(files.server), f"--model-repository={folder / 'models'}",
+            f"--backend-directory={folder / 'backends'}", "--model-control-mode=none", "--strict-readiness=true",
+            "--exit-on-error=true", "--disable-auto-complete-config", f"--exit-timeout-secs={exit_timeout}",
+            f"--http-address={host}", f"--http-port={ports['http']}", f"--grpc-address={host}",
+            f"--grpc-port={ports['grpc']}", f"--metrics-address={host}", f"--metrics-port={ports['metrics']}",
+            "--allow-gpu-metrics=false", "--log-verbose=0", "--log-info=false",
+            f"--backend-config=python,shm-region-prefix-name={prefix}",
+            f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}"]
+
+
+def triton_error(lines: list[str]) -> str:
+    """The one line that says why Triton failed, from its log: the model's load error (the exception the
+    stub raised, without its traceback), else Triton's last ``error:`` line, else its last error entry."""
+    for line in lines:
+        found = re.search(r"failed to load '[^']*' version \d+: (?:\w+: )?(.*)", line)
+        if found:
+            return found.group(1).split("\\n")[0].rstrip('"').strip()
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1][len("error:"):].strip()
+    entries = [re.sub(r"^E\d{4} [^\]]*\] ", "", line).strip('"') for line in lines if re.match(r"E\d{4} ", line)]
+    return entries[-1].split("\\n")[0] if entries else "no error in its log"
+
+
+class TritonLog:
+    """Reads tritonserver's output (stdout and stderr, one pipe) on a thread: keeps the last lines, and once
+    ``forward`` is set echoes Triton's error entries to this process's stderr."""
+
+    def __init__(self, stream):
+        self.lines: deque[str] = deque(maxlen=LOG_LINES)
+        self.forward = False
+        self.thread = threading.Thread(target=self._read, args=(stream,), name="triton-log", daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+            if self.forward and re.match(r"E\d{4} ", line):
+                print(f"recbole-llm serve: Triton: {line.rstrip()}", file=sys.stderr, flush=True)
+
+    def error(self) -> str:
+        self.thread.join(timeout=5)  # the process is gone: read to the pipe's end
+        return triton_error(list(self.lines))
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """preexec_fn for tritonserver: the kernel sends it SIGTERM when ``parent`` (this process) dies, however."""
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
+
+    def arrange() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took hold
+            os._exit(1)
+
+    return arrange
+
+
+def _local(host: str) -> str:
+    """Where this process reaches a server listening on ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if ":" in host:
+        return "[::1]" if host == "::" else f"[{host}]"
+    return host
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def run_triton(files: TritonFiles, folder: Path, host: str, ports: Mapping[str, int], exit_timeout: int,
+               on_ready: Callable[[], None] = lambda: None) -> int:
+    """Run tritonserver over ``folder`` (:func:`write_repository`) until SIGTERM or SIGINT, which are forwarded
+    to it; returns its exit status (0: it drained and stopped cleanly; 128 + n if signal n killed it). Raises
+    RecboleLLMError in one line, with tritonserver stopped, where it exits by itself (a model that fails to
+    load, a port taken meanwhile) or is not ready within READY_TIMEOUT seconds."""
+    stop = threading.Event()
+    process: subprocess.Popen | None = None
+
+    def forward(number, frame) -> None:
+        stop.set()
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # Triton stops the same way on either signal
+
+    handlers = {number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        process = subprocess.Popen(
+            triton_command(files, folder, host, ports, exit_timeout), env=server_environment(os.environ,
+                                                                                             files.libraries),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            errors="replace", start_new_session=True, preexec_fn=_die_with(os.getpid()))
+        log = TritonLog(process.stdout)
+        if stop.is_set():  # a signal came while it started
+            process.send_signal(signal.SIGTERM)
+        url = f"http://{_local(host)}:{ports['http']}/v2/health/ready"
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not stop.is_set() and process.poll() is None and not _ready(url):
+            if time.monotonic() > deadline:
+                raise RecboleLLMError(f"Triton was not ready within {READY_TIMEOUT:.0f} s; its last error: "
+                                      f"{log.error()}")
+            time.sleep(0.2)
+        if not stop.is_set():
+            if process.poll() is not None:
+                raise RecboleLLMError(f"Triton did not start (status {process.returncode}): {log.error()}")
+            log.forward = True
+            on_ready()
+        status = process.wait()
+        if not stop.is_set():
+            raise RecboleLLMError(f"Triton stopped by itself (status {status}): {log.error()}; start it again")
+        return status if status >= 0 else 128 - status
+    finally:
+        if process is not None and process.poll() is None:  # an error on our side: never leave it running
+            process.send_signal(signal.SIGTERM)
             try:
-                tokens.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise RequestError(422, f"history {row}, position {position}: item token {shown(repr(raw))} is not "
-                                        "UTF-8; send item tokens as UTF-8 bytes") from None
-        return tokens
-
-    def __call__(self, requests: Sequence) -> list[dict[str, np.ndarray]]:
-        """Every request waiting, answered in one model call. Raises RecboleLLMError for the first bad request
-        (PyTriton then fails the whole call: errors are per call)."""
-        jobs = []
-        for request in requests:
-            try:
-                jobs.append(self.job(request))
-            except RequestError as refused:
-                raise RecboleLLMError(str(refused)) from None
-        answers = self.recommender.rank(Encoded.join([job.encoded for job in jobs]),
-                                        [k for job in jobs for k in job.ks],
-                                        [e for job in jobs for e in job.exclude])
-        self.calls += 1
-        responses, start = [], 0
-        for job in jobs:
-            responses.append(tensors(answers[start : start + len(job.ks)], max(job.ks)))
-            start += len(job.ks)
-        return responses
-
-
-def tensors(answers: Sequence[Recommendation], width: int) -> dict[str, np.ndarray]:
-    """One request's answers as its output tensors: items BYTES and scores FP32 [rows, width], padded with
-    empty strings and -inf; unknown_tokens INT32 [rows, 1]."""
-    items = np.full((len(answers), width), PADDING, dtype=object)
-    scores = np.full((len(answers), width), -np.inf, dtype=np.float32)
-    for row, answer in enumerate(answers):
-        items[row, : len(answer.items)] = [token.encode("utf-8") for token in answer.items]
-        scores[row, : len(answer.scores)] = answer.scores
-    unknown = np.array([[answer.unknown_tokens] for answer in answers], dtype=np.int32).reshape(len(answers), 1)
-    return {"items": items, "scores": scores, "unknown_tokens": unknown}
+                process.wait(timeout=exit_timeout + 5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 def check_ports(host: str, ports: dict[str, int]) -> None:
@@ -199,62 +342,34 @@ def serve_triton(
     unknown_tokens: str = "skip",
     intra_op_threads: int | None = None,
     retrieval: str = "exact",
-) -> None:
+) -> int:
     """Serve ``artifact`` with Triton until SIGTERM or SIGINT (then Triton drains for up to
-    ``limits.shutdown_timeout`` seconds, stops, and this returns). Raises RecboleLLMError in one line, with
-    nothing left running, for missing PyTriton, a port that is taken or given twice, an artifact that does not
-    load, or a server that does not start or stops by itself."""
+    ``limits.shutdown_timeout`` seconds and stops); returns tritonserver's exit status, 0 on a clean stop.
+    Raises RecboleLLMError in one line, with nothing left running, for missing PyTriton, a port that is taken
+    or given twice, an artifact that does not load (here, or in Triton), or a server that does not start or
+    stops by itself."""
     limits = limits or Limits()
     limits.check()
     if unknown_tokens not in UNKNOWN_TOKEN_POLICIES:
         raise RecboleLLMError(f"--unknown-tokens '{unknown_tokens}' is not a policy; use skip or error")
-    require_pytriton()
+    files = triton_files()
     check_ports(host, {"--port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
+    artifact = Path(artifact).resolve()
     recommender = Recommender(artifact, unknown_tokens=unknown_tokens, intra_op_threads=intra_op_threads,
-                              retrieval=retrieval)
-    added = server_environment(os.environ)
+                              retrieval=retrieval)  # a bad artifact fails here, in one line, before Triton starts
+    providers = ", ".join(recommender.session.get_providers())
+    del recommender  # Triton's stub loads its own
+    gc.collect()
+    parameters = {"artifact": str(artifact), "unknown_tokens": unknown_tokens,
+                  "intra_op_threads": "" if intra_op_threads is None else str(intra_op_threads),
+                  "retrieval": retrieval, "max_batch": str(limits.max_batch), "max_history": str(limits.max_history)}
 
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
-
-    config = TritonConfig(
-        http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-        metrics_address=host, metrics_port=metrics_port, allow_gpu_metrics=False,
-        exit_timeout_secs=max(1, math.ceil(limits.shutdown_timeout)), strict_readiness=True, exit_on_error=True,
-    )
-    stop = threading.Event()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stop.set())
-    triton = Triton(config=config)
-    try:
-        triton.bind(
-            model_name=MODEL_NAME,
-            infer_func=TritonRecommender(recommender, limits),
-            inputs=[Tensor(name="histories", dtype=np.bytes_, shape=(-1,)),
-                    Tensor(name="k", dtype=np.int32, shape=(1,), optional=True),
-                    Tensor(name="exclude_seen", dtype=np.bool_, shape=(1,), optional=True)],
-            outputs=[Tensor(name="items", dtype=np.bytes_, shape=(-1,)),
-                     Tensor(name="scores", dtype=np.float32, shape=(-1,)),
-                     Tensor(name="unknown_tokens", dtype=np.int32, shape=(1,))],
-            config=ModelConfig(max_batch_size=limits.max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=0)),
-            strict=True,
-        )
-        try:
-            triton.run()  # starts tritonserver, loads the model, waits until it is ready
-        except Exception as error:  # noqa: BLE001 - PyTriton's and the client's errors share no base
-            hint = ("" if added else "; if Triton's log says '_recursion_count', the Python backend loaded another "
-                    "libpython: put this interpreter's lib folder (python -c \"import sysconfig; "
-                    "print(sysconfig.get_config_var('LIBDIR'))\") on LD_LIBRARY_PATH")
-            raise RecboleLLMError(f"Triton did not start serving '{artifact}' ({first_line(error)}){hint}") from None
-        if stop.is_set():
-            return
-        providers = ", ".join(recommender.session.get_providers())
+    def announce() -> None:
         print(f"recbole-llm serve: {artifact} on Triton as model '{MODEL_NAME}' ({providers}): HTTP {host}:{http_port}, "
               f"gRPC {host}:{grpc_port}, metrics http://{host}:{metrics_port}/metrics; SIGINT or SIGTERM stops it",
               file=sys.stderr, flush=True)
-        while not stop.wait(1.0):
-            if not triton.is_alive():
-                raise RecboleLLMError("Triton stopped by itself (its server or the Python backend exited); "
-                                      "start it again")
-    finally:
-        triton.stop()  # stops tritonserver (its stub with it) and removes PyTriton's workspace
+
+    with tempfile.TemporaryDirectory(prefix="recbole-llm-triton-") as folder:
+        write_repository(Path(folder), files, model_config(limits.max_batch, parameters))
+        return run_triton(files, Path(folder), host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port},
+                          max(1, math.ceil(limits.shutdown_timeout)), announce)
