@@ -14,8 +14,8 @@ resident memory after warm-up and at the end, and model calls per request. The s
 ``--triton`` compares the engines instead (``load_test_triton.{json,md}``): the FastAPI service and
 ``recbole-llm serve --engine triton`` (needs ``pip install -e ".[triton]"``), each in its own process, under the
 same requests and clients; Triton's clients are tritonclient HTTP clients sending the KServe v2 tensors, the
-histories of a request padded to 50 (the pool's longest) so that Triton's dynamic batcher can batch requests
-together. Server memory is the RSS of the server's process tree (tritonserver and the Python backend's stub
+histories of a request padded to its own longest (the model's histories input is ragged: Triton batches
+requests of any widths together). Server memory is the RSS of the server's process tree (tritonserver and the Python backend's stub
 included).
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SCRATCH, provenance, write_results  # noqa: E402
+from _common import SCRATCH, provenance, write_results  # noqa: E402
 
 DEFAULT_ARTIFACT = SCRATCH / "inference_cpu" / "ort-optimized"
 WARMUP_REQUESTS = 200
@@ -131,9 +131,8 @@ class HttpExchange:
 
 
 class TritonExchange:
-    """Triton's client: tritonclient over HTTP (KServe v2), the request's histories padded to one width."""
-
-    WIDTH = 50  # the pool's longest history: every request has one shape, so Triton can batch any of them
+    """Triton's client: tritonclient over HTTP (KServe v2), a request's histories padded to its longest (the
+    input is ragged: requests of different widths share model calls)."""
 
     def __init__(self, port: int, pool: list[dict]):
         import tritonclient.http as httpclient
@@ -148,7 +147,8 @@ class TritonExchange:
     def send(self, client, index: int) -> tuple[int, object]:
         request = self.pool[index]
         rows = len(request["histories"])
-        histories = np.full((rows, self.WIDTH), b"", dtype=object)
+        width = max(len(history) for history in request["histories"])
+        histories = np.full((rows, width), b"", dtype=object)
         for row, history in enumerate(request["histories"]):
             histories[row, : len(history)] = [token.encode() for token in history]
         tensors = {"histories": (histories, "BYTES"),
@@ -404,8 +404,9 @@ def compare_engines(args, report: dict, pool: list[dict], expected: list[list[di
         f"connections; the same {args.requests} requests (1-3 histories of 1-50 items, k 1-20, exclude_seen on or "
         "off) after 200 warm-up requests; every answer compared with the runtime called directly (the same items, "
         "scores within 1e-5). FastAPI: `recbole-llm serve` (JSON, its batcher); Triton: `recbole-llm serve "
-        "--engine triton` (PyTriton's tritonserver, dynamic batching), tritonclient HTTP clients sending KServe v2 "
-        "tensors, histories padded to 50. Memory: RSS of the server's process tree (Triton: the command, "
+        "--engine triton` (our Python-backend model in the tritonserver PyTriton's wheel ships, dynamic batching, "
+        "histories ragged), tritonclient HTTP clients sending KServe v2 tensors, each request's histories padded to "
+        "its longest. Memory: RSS of the server's process tree (Triton: the command, "
         "tritonserver and the Python backend's stub).",
         "",
         "| engine | requests | errors | wrong answers | throughput | p50 | p99 | max | requests per model call | "
