@@ -6,6 +6,7 @@
                        [--data_path=DIR] [--key=value ...]
     recbole-llm add-items DIR items.tsv [--output DIR2]
     recbole-llm serve DIR [--host 127.0.0.1] [--port 8000] [--unknown-tokens skip|error] ...
+    recbole-llm serve DIR --engine triton [--port 8000] [--grpc-port 8001] [--metrics-port 8002] ...
     recbole-llm models
 
 ``run`` is RecBole's own ``run_recbole``: every ``--key=value`` goes to RecBole's ``Config`` exactly as
@@ -38,6 +39,8 @@ commands:
                [--max-batch 256] [--max-history 10000] [--max-body-bytes 1048576] [--no-batching]
                [--max-explained 256] [--threads N] [--body-timeout 10] [--keep-alive-timeout 5]
                [--shutdown-timeout 10] [--allow-item-updates] [--max-new-items 1000] [--retrieval exact|ann]
+           recbole-llm serve DIR --engine triton [--port 8000] [--grpc-port 8001] [--metrics-port 8002]
+               (Triton Inference Server from PyTriton's wheel; needs: pip install "recbole_llm[triton]")
   models   list the models 'run' accepts (the plugin's, then RecBole's)
 
 'serve' and 'add-items' run in a serving install (export/requirements-serve.txt: no torch, no RecBole); the
@@ -184,6 +187,15 @@ def _export(args: Sequence[str]) -> int:
     return 0
 
 
+ENGINES = ("fastapi", "triton")
+# serve's options that one engine has and the other has not: given with the other engine, they are refused
+FASTAPI_ONLY = {"--max-body-bytes": "max_body_bytes", "--body-timeout": "body_timeout",
+                "--keep-alive-timeout": "keep_alive_timeout", "--max-explained": "max_explained",
+                "--no-batching": "no_batching", "--allow-item-updates": "allow_item_updates",
+                "--max-new-items": "max_new_items"}
+TRITON_ONLY = {"--grpc-port": "grpc_port", "--metrics-port": "metrics_port"}
+
+
 def _serve(args: Sequence[str]) -> int:
     from recbole_llm.serving.requests import Limits  # the defaults live there, once (numpy only, no fastapi)
 
@@ -218,11 +230,16 @@ def _serve(args: Sequence[str]) -> int:
                         help=f"items one POST /items may add (default {default.max_new_items})")
     parser.add_argument("--retrieval", default="exact", choices=("exact", "ann"),
                         help="exact (default: every item scored) or ann (faiss IVF over an --item-index artifact)")
+    parser.add_argument("--engine", default="fastapi", choices=ENGINES,
+                        help="fastapi (default: the JSON service) or triton: Triton Inference Server (the one PyTriton's wheel ships), "
+                             "KServe v2 over HTTP (--port) and gRPC (needs: pip install 'recbole_llm[triton]')")
+    parser.add_argument("--grpc-port", type=int, default=None, help="--engine triton: gRPC port (default 8001)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="--engine triton: Prometheus metrics port (default 8002)")
     parser.error = lambda message: sys.exit(_fail(f"{message} (see: recbole-llm serve --help)"))  # one line
     known = parser.parse_args(args)
 
     from recbole_llm.errors import RecboleLLMError
-    from recbole_llm.serving.http import serve
 
     if not 1 <= known.port <= 65535:
         return _fail(f"--port {known.port} is not a TCP port; use 1 to 65535")
@@ -232,10 +249,28 @@ def _serve(args: Sequence[str]) -> int:
                     max_explained=known.max_explained, max_new_items=known.max_new_items,
                     body_timeout=known.body_timeout, keep_alive_timeout=known.keep_alive_timeout,
                     shutdown_timeout=known.shutdown_timeout)
+    if known.engine == "triton":
+        given = [option for option, name in FASTAPI_ONLY.items() if getattr(known, name) != parser.get_default(name)]
+        if given:
+            return _fail(f"{given[0]} applies to the FastAPI service only; leave it out with --engine triton")
+    else:
+        given = [option for option, name in TRITON_ONLY.items() if getattr(known, name) is not None]
+        if given:
+            return _fail(f"{given[0]} applies to --engine triton only")
     try:
         limits.check()
-        serve(known.artifact, known.host, known.port, limits, known.unknown_tokens, not known.no_batching,
-              known.threads, known.allow_item_updates, known.retrieval)
+        if known.engine == "triton":
+            from recbole_llm.serving.triton import serve_triton
+
+            return serve_triton(known.artifact, known.host, known.port,
+                                8001 if known.grpc_port is None else known.grpc_port,
+                                8002 if known.metrics_port is None else known.metrics_port, limits,
+                                known.unknown_tokens, known.threads, known.retrieval)  # tritonserver's exit status
+        else:
+            from recbole_llm.serving.http import serve
+
+            serve(known.artifact, known.host, known.port, limits, known.unknown_tokens, not known.no_batching,
+                  known.threads, known.allow_item_updates, known.retrieval)
     except RecboleLLMError as error:
         return _fail(str(error))
     return 0

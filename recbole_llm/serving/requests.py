@@ -26,6 +26,7 @@ from recbole_llm.serving.tokens import valid_unicode
 
 FIELDS = {"histories", "k", "exclude_seen", "explain"}
 MAX_DEPTH = 8  # arrays and objects nested in a body; a request nests 3: {"histories": [["242", ...]]}
+DEFAULT_K = 10  # items per answer when a request does not say: the service's, and Triton's
 MAX_INT_DIGITS = 20  # an integer item token or k: 64-bit ids fit, longer ones are sent as strings
 EFFECTS_PER_ROW = 100  # effects an explained answer may report per model row --max-explained allows (k <= 100
 # on average over the items read): the answer's size, bounded by the same flag
@@ -146,11 +147,26 @@ def parse_request(body: bytes, recommender, limits: Limits) -> Job:
     if "histories" not in payload:
         raise RequestError(422, "missing field 'histories': a list of histories, each a list of item tokens")
     histories = payload["histories"]
-    k = payload.get("k", 10)
+    k = payload.get("k", DEFAULT_K)
     exclude_seen = payload.get("exclude_seen", recommender.exclude_seen)  # the artifact's default
     explain = payload.get("explain", False)
     if not isinstance(histories, list) or not histories:
         raise RequestError(422, "'histories' must be a non-empty list of histories (lists of item tokens)")
+    check_histories(histories, limits)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise RequestError(422, f"'k' must be an integer, not {type(k).__name__}")
+    if not isinstance(exclude_seen, bool):
+        raise RequestError(422, f"'exclude_seen' must be true or false, not {type(exclude_seen).__name__}")
+    if not isinstance(explain, bool):
+        raise RequestError(422, f"'explain' must be true or false, not {type(explain).__name__}")
+    rows = len(histories)
+    return make_job(histories, [k] * rows, [exclude_seen] * rows, explain, recommender, limits)
+
+
+def check_histories(histories: list, limits: Limits) -> None:
+    """The service's bounds on histories, for every protocol (JSON over HTTP, Triton's tensors): at most
+    ``limits.max_batch`` histories (413), each a list (422) of at most ``limits.max_history`` tokens (413), each
+    token a string of valid Unicode or an integer (422). Raises RequestError naming the first problem."""
     if len(histories) > limits.max_batch:
         raise RequestError(413, f"{len(histories)} histories in one request; the limit is {limits.max_batch}")
     for row, history in enumerate(histories):
@@ -167,20 +183,24 @@ def parse_request(body: bytes, recommender, limits: Limits) -> Job:
                 raise RequestError(
                     422, f"history {row}, position {position}: item token '{shown(token)}' holds a lone UTF-16 "
                     "surrogate; send valid Unicode")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise RequestError(422, f"'k' must be an integer, not {type(k).__name__}")
-    if not isinstance(exclude_seen, bool):
-        raise RequestError(422, f"'exclude_seen' must be true or false, not {type(exclude_seen).__name__}")
-    if not isinstance(explain, bool):
-        raise RequestError(422, f"'explain' must be true or false, not {type(explain).__name__}")
+
+
+def make_job(histories: list, ks: list[int], exclude_seen: list[bool], explain: bool, recommender,
+             limits: Limits) -> Job:
+    """Histories that passed :func:`check_histories`, encoded by ``recommender`` (a
+    :class:`~recbole_llm.serving.runtime.Recommender`) into a :class:`Job`, with one ``k`` and one
+    ``exclude_seen`` per history (integers and booleans). Each k must be within the artifact's range, each history
+    must hold a known item (and no unknown one under ``unknown_tokens="error"``), and an explained request must
+    fit ``limits.max_explained``; raises RequestError (422, or 413 for the explain bound) naming the first problem."""
     try:
-        recommender.check_k(k)
+        for k in dict.fromkeys(ks):  # each distinct k once, in order
+            recommender.check_k(k)
         recommender.check_explain(explain)
         encoded = recommender.encode(histories)  # it maps int tokens by str()
     except RecboleLLMError as error:
         raise RequestError(422, str(error)) from None
     rows = len(histories)
-    job = Job(encoded, [k] * rows, [exclude_seen] * rows, [explain] * rows)
+    job = Job(encoded, list(ks), list(exclude_seen), [explain] * rows)
     if explain:  # what the model and the answer will really cost, counted before any of it is spent
         rows = recommender.explain_rows(encoded, job.explain)
         if rows > limits.max_explained:
@@ -189,6 +209,7 @@ def parse_request(body: bytes, recommender, limits: Limits) -> Job:
                                     "fewer or shorter histories, or start the service with a larger --max-explained")
         effects = recommender.explain_effects(encoded, job.ks, job.explain)
         if effects > EFFECTS_PER_ROW * limits.max_explained:
+            k = max(ks)
             raise RequestError(413, f"explaining this request reports {effects} effects (k={k} recommended items x "
                                     f"the items the model reads, per history); the limit is "
                                     f"{EFFECTS_PER_ROW * limits.max_explained} ({EFFECTS_PER_ROW} x --max-explained): "
