@@ -14,7 +14,6 @@ a run begun with ``init_from`` is resumed by adding ``--resume_from=<its -latest
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Callable
 
@@ -39,14 +38,6 @@ def _meaning(key: str, value: Any) -> Any:
     if key in ("pre_encoder", "item_repr") and isinstance(value, str):
         return value.lower()
     return "none" if key == "pre_encoder" and value is None else value
-
-
-def _digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_init_from(final: dict, model: str | None, load: Callable[[str], dict]) -> dict | None:
@@ -120,8 +111,8 @@ def initialise(model: Any, config: Any, dataset: Any, load: Callable[[str], dict
             raise
         raise explained from None
     lineage.record_parent(config, {
-        "checkpoint": os.path.basename(path), "sha256": _digest(path), "dataset": trained_config["dataset"],
-        "files": lineage.stored(trained_config)["files"], "items": len(before) - 1,
+        "checkpoint": os.path.basename(path), "sha256": lineage.file_digest(path),
+        "dataset": trained_config["dataset"], "files": lineage.stored(trained_config)["files"], "items": len(before) - 1,
         "from": lineage.parent(trained_config),
     })
     new, dropped = len(now) - 1 - carried, len(before) - 1 - carried

@@ -23,7 +23,8 @@ ATTRIBUTE = "recbole_llm_world"  # the Config attribute; one place for the name
 PARENT_ATTRIBUTE = "recbole_llm_parent"
 
 
-def _digest(path: str) -> str:
+def file_digest(path: str) -> str:
+    """SHA-256 of the file at ``path``, hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -39,7 +40,7 @@ def describe(dataset: Any) -> dict:
     for suffix in ("inter", "item", "user"):
         path = os.path.join(folder, f"{dataset.dataset_name}.{suffix}")
         if os.path.isfile(path):
-            files[suffix] = _digest(path)
+            files[suffix] = file_digest(path)
     maps = {}
     for key in ("ITEM_ID_FIELD", "USER_ID_FIELD"):
         field = config[key]
