@@ -111,16 +111,24 @@ def test_items_keep_their_vectors_by_token_new_ones_start_fresh_from_text_gone_o
 def test_a_run_from_init_from_trains_and_its_artifact_records_the_lineage(serving_artifacts, grown, tmp_path,
                                                                          caplog):
     """run_recbole with init_from trains on the grown data (the summary logged), and export writes the
-    checkpoint it started from into metadata.json."""
+    checkpoint it started from into metadata.json; resumed with resume_from (the same command), init_from is not
+    read again and the lineage stays."""
     from recbole_llm.export import ExportOptions, export_checkpoint
 
     checkpoint = serving_artifacts["catalogue_checkpoint"]
     with caplog.at_level(logging.INFO):
         train_checkpoint(tmp_path / "run", "BERTRec", "ml-grown", grown_config(
             grown, tmp_path / "run", checkpoint, state="info"))
-    child = best_checkpoint(tmp_path / "run" / "saved")
     assert f"init_from {Path(checkpoint).name}: " in caplog.text and "carried by token" in caplog.text
-    artifact = export_checkpoint(child, tmp_path / "artifact", ExportOptions(item_index=True)).path
+    # the run resumed (same command and resume_from): init_from is not read again, the lineage stays
+    (latest,) = (tmp_path / "run" / "saved").glob("*-latest.pth")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train_checkpoint(tmp_path / "run", "BERTRec", "ml-grown", grown_config(
+            grown, tmp_path / "run", checkpoint, state="info", epochs=2, resume_from=str(latest)))
+    assert "carried by token" not in caplog.text and "Resume" in caplog.text
+    child = best_checkpoint(tmp_path / "run" / "saved")
+    artifact = export_checkpoint(child, tmp_path / "artifact", ExportOptions()).path
     lineage = json.loads((artifact / "metadata.json").read_text())["lineage"]
     assert lineage["sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
     assert lineage["dataset"] == "ml-tiny" and lineage["items"] > 0

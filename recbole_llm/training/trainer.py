@@ -34,6 +34,7 @@ from tqdm import tqdm
 from recbole_llm.training import distributed
 from recbole_llm.training.augment import SequenceAugmenter
 from recbole_llm.checkpoint.loading import load_checkpoint, read_once
+from recbole_llm.checkpoint import lineage
 from recbole_llm.checkpoint.format import atomic_save
 from recbole_llm.errors import ConfigError, RecboleLLMError
 from recbole_llm.model.contract import PluginModel
@@ -235,6 +236,9 @@ class PluginTrainer(Trainer):
         with read_once(resume_file, map_location=self.device) as state:  # RecBole's resume reads this same dict
             super().resume_checkpoint(resume_file)
         self._resumed_state = state
+        started_from = lineage.parent(state["config"])
+        if started_from is not None:  # a run begun with init_from: its checkpoints keep naming where it started
+            lineage.record_parent(self.config, started_from)
         if "best_model_file" in state:  # a latest checkpoint: keep writing the run's two files
             # named after the file resumed from (<stem>-latest.pth -> <stem>.pth), never by the checkpoint
             stem, extension = os.path.splitext(os.path.abspath(resume_file))
