@@ -128,6 +128,14 @@ def test_a_run_from_init_from_trains_and_its_artifact_records_the_lineage(servin
             grown, tmp_path / "run", checkpoint, state="info", epochs=2, resume_from=str(latest)))
     assert "carried by token" not in caplog.text and "Resume" in caplog.text
     child = best_checkpoint(tmp_path / "run" / "saved")
+    # resumed again once finished: nothing to train, and the best checkpoint is left as it is (RecBole would
+    # save the model as "epoch -1" over it)
+    best = child.read_bytes()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train_checkpoint(tmp_path / "run", "BERTRec", "ml-grown", grown_config(
+            grown, tmp_path / "run", checkpoint, state="info", epochs=2, resume_from=str(latest)))
+    assert "nothing to train" in caplog.text and child.read_bytes() == best
     artifact = export_checkpoint(child, tmp_path / "artifact", ExportOptions()).path
     lineage = json.loads((artifact / "metadata.json").read_text())["lineage"]
     assert lineage["sha256"] == hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
@@ -154,7 +162,8 @@ def run_cli(*args: str, cwd: Path) -> tuple[int, str]:
 @pytest.mark.slow
 def test_what_cannot_carry_over_is_refused_in_one_line_and_nothing_is_written(serving_artifacts, grown, tmp_path):
     """A missing file, a RecBole model, another plugin model, another item representation or text, a
-    checkpoint of a model the plugin does not own, data with no item in common: exit 2, one line, no checkpoint."""
+    checkpoint of a model the plugin does not own, data with no item in common, another width, adapters scaled
+    otherwise: exit 2, one line, no checkpoint."""
     checkpoint = serving_artifacts["catalogue_checkpoint"]
     base = {"data_path": grown, "dataset": "ml-grown", "epochs": 1, "backbone_layers": 1, "item_text_max_tokens": 16,
             "MAX_ITEM_LIST_LENGTH": 12, "item_repr": "id+text", "item_text_fields": "['movie_title','class']",
@@ -183,6 +192,14 @@ def test_what_cannot_carry_over_is_refused_in_one_line_and_nothing_is_written(se
         (args(item_text_fields="['movie_title']"), "item_text_fields=", "set --item_text_fields"),
         (args(init_from=sasrec), "is a SASRec checkpoint, a model the plugin does not own", ""),
         (args(data_path=foreign), "shares no item with 'ml-grown'", ""),
+    ]
+    lora = {"model": "BERTLoRA", "dataset": "ml-grown", "data_path": grown, "epochs": 1,
+            "pretrained_model_name_or_path": None, "hidden_size": 32, "inner_size": 64, "n_layers": 1,
+            "MAX_ITEM_LIST_LENGTH": 12, "init_from": serving_artifacts["checkpoint"]}  # as conftest's SERVING_MODEL
+    cases += [
+        ([f"--{k}={v}" for k, v in {**lora, "hidden_size": 64}.items()], "does not fit the model built here: ",
+         "set the widths and adapters it was trained with"),
+        ([f"--{k}={v}" for k, v in {**lora, "lora_alpha": 64}.items()], "lora_alpha=16, this run has lora_alpha=64", ""),
     ]
     for i, (given, fragment, more) in enumerate(cases):
         folder = tmp_path / f"case{i}"

@@ -15,7 +15,8 @@ from recbole_llm.model import catalog
 
 
 # The trainer's counters in a checkpoint (RecBole's resume reads them): type and range.
-_COUNTERS = {"epoch": (0, 10**7), "cur_step": (0, 10**7), "global_step": (0, 10**12)}
+# epoch -1: what RecBole 1.2.1's fit saves when a resumed run has no epoch left
+_COUNTERS = {"epoch": (-1, 10**7), "cur_step": (0, 10**7), "global_step": (0, 10**12)}
 
 
 def _check_counters(loaded: dict) -> None:

@@ -21,12 +21,14 @@ import torch
 
 from recbole_llm.checkpoint import lineage
 from recbole_llm.checkpoint.checks import explain_unfitting_weights
-from recbole_llm.errors import CheckpointError, ConfigError, DataError
+from recbole_llm.errors import CheckpointError, ConfigError, DataError, RecboleLLMError, first_line, shown
 from recbole_llm.model.catalog import PLUGIN_MODELS
 
 # What must be as in the checkpoint for its weights to mean the same here (shapes are checked on loading).
 SAME_KEYS = ("pretrained_model_name_or_path", "backbone_layers", "item_repr", "item_text_fields",
-             "text_projection", "text_token_bag", "pre_encoder", "id_max_norm")
+             "text_projection", "text_token_bag", "pre_encoder", "id_max_norm",
+             # the adapters' meaning where their shapes do not show it (peft's names)
+             "peft_type", "target_modules", "lora_alpha", "adapter_act")
 
 
 def _meaning(key: str, value: Any) -> Any:
@@ -102,14 +104,29 @@ def initialise(model: Any, config: Any, dataset: Any, load: Callable[[str], dict
         raise DataError(f"init_from '{path}' shares no item with '{config['dataset']}' at {config['data_path']} "
                         f"({len(before) - 1} items there, {len(now) - 1} here): it was trained on other data; "
                         "start from scratch")
-    state = model.carry_over(checkpoint["state_dict"], source)
+    weights = checkpoint["state_dict"]
+    own = model.state_dict()
+    for name, tensor in weights.items():  # widths and adapters: one line before any row is copied
+        here = own.get(name)
+        if not isinstance(tensor, torch.Tensor) or here is None:
+            continue
+        rows = name in model.ITEM_ROWS  # per item: their number may differ, nothing else
+        if (tensor.shape[1:] if rows else tensor.shape) != (here.shape[1:] if rows else here.shape):
+            raise CheckpointError(
+                f"init_from '{path}' does not fit the model built here: {name} is {list(tensor.shape)} there, "
+                f"{list(here.shape)} here; set the widths and adapters it was trained with, or start from scratch")
+    state = model.carry_over(weights, source)
     try:
         model.load_state_dict(state)
-    except RuntimeError as error:
-        explained = explain_unfitting_weights(error, path)
-        if explained is None:
+    except RuntimeError as error:  # other layers or modules: torch's many lines, the first detail kept
+        if explain_unfitting_weights(error, path) is None:
             raise
-        raise explained from None
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        raise CheckpointError(
+            f"init_from '{path}' does not fit the model built here ({shown(details[0] if details else '', 200)}); "
+            "set the model's settings as it was trained (the data may differ), or start from scratch") from None
+    except RecboleLLMError as error:  # a frozen-backbone model's own check (backbone hash, missing adapters)
+        raise CheckpointError(f"init_from '{path}': {first_line(error)}") from None
     lineage.record_parent(config, {
         "checkpoint": os.path.basename(path), "sha256": lineage.file_digest(path),
         "dataset": trained_config["dataset"], "files": lineage.stored(trained_config)["files"], "items": len(before) - 1,

@@ -427,6 +427,9 @@ class BERTRec(SequentialRecommender):
         """Every weight: the whole model is fine-tuned."""
         return self.state_dict()
 
+    # state-dict entries with a row per item (or per catalogue text token): init_from maps them by token
+    ITEM_ROWS = ("item_embedding.weight", "item_trained", "token_bag.token_rows", "token_bag.embedding.weight")
+
     def carry_over(self, state: dict[str, torch.Tensor], item_source: torch.Tensor) -> dict[str, torch.Tensor]:
         """A checkpoint's state dict (of this model class, trained on other data) fitted to this model's items
         (``init_from``): ``item_source`` ``[n_items]`` gives each item here its row in the checkpoint, -1 for

@@ -177,6 +177,12 @@ class PluginTrainer(Trainer):
             self.logger.info(initialise(self.model, self.config, train_data._dataset, load_checkpoint))
         if self._resumed_state is not None:
             self._restore_random_state(self._resumed_state.get("random_state"))
+            if self.start_epoch >= self.epochs:
+                # RecBole's fit would save the model as "epoch -1" over the run's best checkpoint: a finished run
+                # resumed has nothing to train, and its best model stays as it is
+                self.logger.info(f"resume_from: the run finished its {self.epochs} epochs; nothing to train (raise "
+                                 "--epochs to train on)")
+                return self.best_valid_score, self.best_valid_result
 
         def after_validation(epoch_idx, valid_score):
             if saved and self.save_latest:
