@@ -190,7 +190,7 @@ def triton_command(files: TritonFiles, folder: Path, host: str, ports: Mapping[s
     """tritonserver's command line over :func:`write_repository`'s ``folder``: the model loaded at start
     (a model that fails to load stops the server), its config taken as written (no auto-complete), every
     endpoint on ``host``, Triton's info log off (warnings and errors kept)."""
-    prefix = f"recbole_llm_{os.getpid()}_"  # the backend adds its own unique suffix
+    prefix = shm_prefix()  # the backend adds its own unique suffix
     return [str(files.server), f"--model-repository={folder / 'models'}",
             f"--backend-directory={folder / 'backends'}", "--model-control-mode=none", "--strict-readiness=true",
             "--exit-on-error=true", "--disable-auto-complete-config", f"--exit-timeout-secs={exit_timeout}",
@@ -266,6 +266,34 @@ def _ready(url: str) -> bool:
         return False
 
 
+def shm_prefix(pid: int | None = None) -> str:
+    """The shared-memory region prefix of this process's Triton (its stubs carry it on their command line)."""
+    return f"recbole_llm_{os.getpid() if pid is None else pid}_"
+
+
+def remove_leftovers(prefix: str) -> int:
+    """Kill the Python-backend stubs whose command line names shared memory ``prefix`` and remove its regions;
+    returns how many stubs were killed. Triton stopping past its exit timeout (requests still running) can leave
+    a stub behind, reparented to init and deaf to SIGTERM, holding its model and region."""
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if any(argument.startswith(prefix.encode()) for argument in arguments[1:]):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    for region in Path("/dev/shm").glob(prefix + "*"):
+        region.unlink(missing_ok=True)
+    return killed
+
+
 def run_triton(files: TritonFiles, folder: Path, host: str, ports: Mapping[str, int], exit_timeout: int,
                on_ready: Callable[[], None] = lambda: None) -> int:
     """Run tritonserver over ``folder`` (:func:`write_repository`) until SIGTERM or SIGINT, which are forwarded
@@ -314,6 +342,9 @@ def run_triton(files: TritonFiles, folder: Path, host: str, ports: Mapping[str, 
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if process is not None and remove_leftovers(shm_prefix()):
+            print("recbole-llm serve: a Triton Python-backend stub outlived the server (stopped past "
+                  "--shutdown-timeout); killed", file=sys.stderr, flush=True)
         for number, handler in handlers.items():
             signal.signal(number, handler)
 
@@ -329,7 +360,10 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
             if ports[option] == ports[other]:
                 raise RecboleLLMError(f"{option} and {other} are both {ports[option]}; Triton needs a port for each")
     for option, port in ports.items():
-        check_can_listen(host, port)
+        try:
+            check_can_listen(host, port)
+        except RecboleLLMError as error:  # it names --port, the FastAPI service's only one
+            raise RecboleLLMError(str(error).replace("another --port", f"another {option}")) from None
 
 
 def serve_triton(
