@@ -433,15 +433,18 @@ class BERTRec(SequentialRecommender):
     def carry_over(self, state: dict[str, torch.Tensor], item_source: torch.Tensor) -> dict[str, torch.Tensor]:
         """A checkpoint's state dict (of this model class, trained on other data) fitted to this model's items
         (``init_from``): ``item_source`` ``[n_items]`` gives each item here its row in the checkpoint, -1 for
-        items new here (and padding). New items keep this model's fresh rows; a trained item stays trained
+        items new here (and padding). New items keep this model's fresh rows (with item text: zero, so that they
+        start as their text alone, as add-items has them, not with a random ID part); a trained item stays trained
         (its capped ID correction counts) even without interactions in the new training split; the token bag's
         rows follow the tokenizer's ids. Everything else is returned as it is (shapes checked on loading).
         """
         state, own = dict(state), self.state_dict()
         known = item_source >= 0
         if "item_embedding.weight" in state:
-            rows = own["item_embedding.weight"].clone()  # new items: as a fresh model starts them
+            rows = own["item_embedding.weight"].clone()
             rows[known] = state["item_embedding.weight"][item_source[known]].to(rows.dtype)
+            if "text" in self.item_repr:  # new items start as their text alone (as add-items has them), with an
+                rows[~known] = 0  # ID part that trains from zero rather than a random one beside trained items'
             state["item_embedding.weight"] = rows
         if "item_trained" in own:
             trained = own["item_trained"].clone()
