@@ -157,14 +157,14 @@ def _interrupt(args: list[str], ready, timeout: float = 240) -> subprocess.Compl
         assert process.poll() is None, "finished before it could be interrupted"
         # RecBole's set_color (recbole/utils/logger.py:49) runs a bare `except:` on every log line, which swallows a
         # KeyboardInterrupt that lands inside it; as a user would, press Ctrl-C again if the first went unheard
-        for _ in range(3):
+        for _ in range(12):  # a loaded machine can take long to unwind: keep pressing, as a user would
             process.send_signal(signal.SIGINT)
             try:
                 process.wait(timeout=10)
                 break
             except subprocess.TimeoutExpired:
                 continue
-        process.wait(timeout=120)
+        process.wait(timeout=60)
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(args, process.returncode, out.read(), err.read())
