@@ -145,8 +145,11 @@ def _interrupt(args: list[str], ready, timeout: float = 240) -> subprocess.Compl
     import time
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # SIGINT's default disposition, as at a terminal: a shell that starts the tests in the background (nohup
+        # ... &) leaves SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt
         process = subprocess.Popen([sys.executable, "-m", "recbole_llm", *args], stdout=out, stderr=err,
-                                   stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                   stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + timeout
         while process.poll() is None and time.monotonic() < deadline:
             out.seek(0)
@@ -157,14 +160,14 @@ def _interrupt(args: list[str], ready, timeout: float = 240) -> subprocess.Compl
         assert process.poll() is None, "finished before it could be interrupted"
         # RecBole's set_color (recbole/utils/logger.py:49) runs a bare `except:` on every log line, which swallows a
         # KeyboardInterrupt that lands inside it; as a user would, press Ctrl-C again if the first went unheard
-        for _ in range(12):  # a loaded machine can take long to unwind: keep pressing, as a user would
+        for _ in range(3):
             process.send_signal(signal.SIGINT)
             try:
                 process.wait(timeout=10)
                 break
             except subprocess.TimeoutExpired:
                 continue
-        process.wait(timeout=60)
+        process.wait(timeout=120)
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(args, process.returncode, out.read(), err.read())
