@@ -25,14 +25,19 @@ from recbole_llm.errors import CheckpointError, ConfigError, DataError, RecboleL
 from recbole_llm.model.catalog import PLUGIN_MODELS
 
 # What must be as in the checkpoint for its weights to mean the same here (shapes are checked on loading).
-SAME_KEYS = ("pretrained_model_name_or_path", "backbone_layers", "item_repr", "item_text_fields",
+SAME_KEYS = ("pretrained_model_name_or_path", "backbone_layers", "text_model_name_or_path", "item_repr", "item_text_fields",
              "text_projection", "text_token_bag", "pre_encoder", "id_max_norm",
              # the adapters' meaning where their shapes do not show it (peft's names)
              "peft_type", "target_modules", "lora_alpha", "adapter_act")
 
 
 def _meaning(key: str, value: Any) -> Any:
-    """A key's value as the model reads it: checkpoints from before a key hold None for its default."""
+    """A key's value as the model reads it: checkpoints from before a key hold None for its default; a bundled
+    model's hub id and its installed folder are the same model."""
+    if key in ("pretrained_model_name_or_path", "text_model_name_or_path") and isinstance(value, str):
+        from recbole_llm.model.backbone import resolve_pretrained
+
+        return os.path.realpath(resolve_pretrained(value)) if os.path.isdir(resolve_pretrained(value)) else value
     if key == "text_token_bag":
         return bool(value)
     if key == "text_projection":
@@ -72,6 +77,8 @@ def check_init_from(final: dict, model: str | None, load: Callable[[str], dict])
                               "or start from scratch")
     for key in SAME_KEYS:
         then, now = trained[key], final.get(key)
+        if key == "text_model_name_or_path":  # null: the sequence encoder's own (as before the key)
+            then, now = then or trained["pretrained_model_name_or_path"], now or final.get("pretrained_model_name_or_path")
         if _meaning(key, then) != _meaning(key, now):
             raise CheckpointError(
                 f"init_from '{path}' was trained with {key}={then!r}, this run has {key}={now!r}: its weights "

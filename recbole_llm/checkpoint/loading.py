@@ -112,13 +112,14 @@ def _check_values(final: dict, overrides: dict) -> None:
         raise CheckpointError("refusing a checkpoint whose config's MODEL_TYPE, device or state is not one RecBole "
                               "writes; load only checkpoints saved by RecBole or recbole_llm")
     check_config_values(final)
-    name = final.get("pretrained_model_name_or_path")
-    if final["model"] in catalog.PLUGIN_MODELS and isinstance(name, str) \
-            and "pretrained_model_name_or_path" not in overrides and not os.path.isdir(resolve_pretrained(name)):
-        raise CheckpointError(
-            f"the checkpoint's encoder {name!r:.80} is neither a folder here nor bundled with an installed package, "
-            "and a checkpoint never makes recbole_llm download one: pass --pretrained_model_name_or_path=DIR "
-            "(a local copy of it)")
+    for key, what in (("pretrained_model_name_or_path", "encoder"), ("text_model_name_or_path", "text model")):
+        name = final.get(key)
+        if final["model"] in catalog.PLUGIN_MODELS and isinstance(name, str) \
+                and key not in overrides and not os.path.isdir(resolve_pretrained(name)):
+            raise CheckpointError(
+                f"the checkpoint's {what} {name!r:.80} is neither a folder here nor bundled with an installed "
+                f"package, and a checkpoint never makes recbole_llm download one: pass --{key}=DIR (a local copy "
+                "of it)")
 
 
 def check_exists(path: str | os.PathLike) -> None:

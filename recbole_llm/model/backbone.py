@@ -57,7 +57,7 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_pretrained_config(name_or_path: str):
+def _load_pretrained_config(name_or_path: str, key: str = "pretrained_model_name_or_path"):
     from transformers import AutoConfig
 
     resolved = resolve_pretrained(name_or_path)
@@ -66,12 +66,19 @@ def _load_pretrained_config(name_or_path: str):
             return resolved, AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as error:
         where = "is not a directory" if not os.path.isdir(resolved) else "has no usable config.json"
+        fallback = "or null for a randomly initialised BERT" if key == "pretrained_model_name_or_path" else \
+            "or null for the sequence encoder's own pretrained model"
         raise ConfigError(
-            f"pretrained_model_name_or_path '{name_or_path}' {where} and could not be loaded from the "
+            f"{key} '{name_or_path}' {where} and could not be loaded from the "
             f"Hugging Face hub ({type(error).__name__}); pass a local folder with config.json and weights, "
-            f"a reachable hub id, '{DEFAULT_PRETRAINED}' (installed with the package), or null for a "
-            "randomly initialised BERT"
+            f"a reachable hub id, '{DEFAULT_PRETRAINED}' (installed with the package), {fallback}"
         ) from None
+
+
+def pretrained_config(name_or_path: str, key: str = "pretrained_model_name_or_path"):
+    """The Hugging Face config (``config.json``) of a pretrained encoder, hub id or folder (bundled ids resolve
+    offline). Raises ConfigError naming ``key`` when it cannot be loaded."""
+    return _load_pretrained_config(name_or_path, key)[1]
 
 
 def most_recent(item_seq: torch.Tensor, item_seq_len: torch.Tensor, max_length: int):
@@ -148,7 +155,8 @@ def check_encoder_settings(config: Any) -> None:
 
 
 def load_text_encoder(name_or_path: str):
-    """The whole pretrained encoder (every layer, no dropout, frozen) that embeds item text.
+    """The whole pretrained encoder (every layer, no dropout, frozen) that embeds item text
+    (``text_model_name_or_path``, or the sequence encoder's pretrained model).
 
     Separate from the sequence encoder, which ``backbone_layers`` may cut and adapters change: item text is
     embedded by the sentence encoder as it was pretrained (Hou et al., "Towards Universal Sequence
@@ -156,7 +164,7 @@ def load_text_encoder(name_or_path: str):
     """
     from transformers import AutoModel
 
-    resolved, _ = _load_pretrained_config(name_or_path)
+    resolved, _ = _load_pretrained_config(name_or_path, "text_model_name_or_path")
     with _quiet_transformers():
         encoder = AutoModel.from_pretrained(resolved)
     encoder.eval().requires_grad_(False)
