@@ -197,7 +197,8 @@ def test_what_cannot_carry_over_is_refused_in_one_line_and_nothing_is_written(se
     AutoTokenizer.from_pretrained(resolve_pretrained(base["text_model_name_or_path"])).save_pretrained(other_text)
     cases = [
         (args(init_from=tmp_path / "nothing.pth"), "init_from '", "is not a file"),
-        (args(text_model_name_or_path=other_text), "was trained with text_model_name_or_path=", "set --text_model"),
+        (args(text_model_name_or_path=other_text), "embedded item text with another text model",
+         "set --text_model_name_or_path"),
         (args(model="SASRec"), "init_from starts a plugin model", "SASRec is RecBole's"),
         (args(model="BERTLoRA"), "holds a BERTRec, this run builds a BERTLoRA", ""),
         (args(item_repr="text", id_max_norm=None), "item_repr='id+text'", "item_repr='text'"),
@@ -235,8 +236,39 @@ def test_resume_from_wins_over_init_from_and_a_bad_value_is_one_line():
 
 def test_a_bundled_model_and_its_installed_folder_are_the_same_model():
     from recbole_llm.checkpoint.init_from import _meaning
+    from recbole_llm.model.backbone import canonical_model, resolve_pretrained
+
+    name, key = CATALOGUE_MODEL["text_model_name_or_path"], "pretrained_model_name_or_path"
+    assert canonical_model(name) == canonical_model(resolve_pretrained(name) + "/") != canonical_model("other/model")
+    assert _meaning(key, name) == _meaning(key, resolve_pretrained(name)) != _meaning(key, "other/model")
+
+
+@pytest.mark.slow
+def test_the_text_model_is_known_by_its_weights_not_its_folder(serving_artifacts, grown, tmp_path):
+    """A checkpoint's text model moved to another folder is the same model: init_from (checked before any data
+    is read), evaluate and export take it. Another model of any width is refused in one line, by its weights."""
+    import shutil
+
+    from recbole_llm.checkpoint.init_from import check_init_from
+    from recbole_llm.checkpoint.loading import load_checkpoint
+    from recbole_llm.export.pipeline import load_for_export
     from recbole_llm.model.backbone import resolve_pretrained
 
-    name = CATALOGUE_MODEL["text_model_name_or_path"]
-    for key in ("pretrained_model_name_or_path", "text_model_name_or_path"):
-        assert _meaning(key, name) == _meaning(key, resolve_pretrained(name) + "/") != _meaning(key, "other/model")
+    checkpoint = serving_artifacts["catalogue_checkpoint"]
+    moved = tmp_path / "moved-minilm"
+    shutil.copytree(resolve_pretrained(CATALOGUE_MODEL["text_model_name_or_path"]), moved)
+    final = Config(model="BERTRec", dataset="ml-grown", config_dict=grown_config(
+        grown, tmp_path, checkpoint, text_model_name_or_path=str(moved))).final_config_dict
+    assert check_init_from(final, "BERTRec", load_checkpoint)["config"]["dataset"] == "ml-tiny"
+    _, model, _, _ = load_for_export(checkpoint, {"text_model_name_or_path": str(moved)})
+    assert model.text_model_name_or_path == str(moved)
+
+    other = tmp_path / "other"  # as wide as the MiniLM (384), other weights
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=384, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+              ).save_pretrained(other)
+    AutoTokenizer.from_pretrained(moved).save_pretrained(other)
+    with pytest.raises(RecboleLLMError, match=r"item texts were embedded by another text model than '.*other' "
+                                              r"\(its weights differ\): set text_model_name_or_path"):
+        load_for_export(checkpoint, {"text_model_name_or_path": str(other)})

@@ -210,13 +210,49 @@ def test_token_bag_vectors_are_shared_by_token_and_reach_items_known_only_by_tex
         ({"text_model_name_or_path": " "}, "text_model_name_or_path=' ' must be a hub id or a folder"),
         ({"text_model_name_or_path": 384}, "text_model_name_or_path=384 must be a hub id or a folder"),
         ({"text_model_name_or_path": "/no/such/encoder"}, "text_model_name_or_path '/no/such/encoder' is not a dir"),
-        ({"text_model_name_or_path": "/no/such/encoder", "text_encoder": "trained"},
+        ({"text_model_name_or_path": "/no/such/encoder", "text_encoder": "Trained"},
          "text_encoder=trained runs item text through the sequence encoder.*text_encoder: frozen"),
+        ({"item_repr": "id", "text_model_name_or_path": DEFAULT_PRETRAINED},
+         "embeds item text, but item_repr='id' has none"),
+        ({"item_text_max_tokens": 600}, "item_text_max_tokens=600 exceeds the 512 positions"),
     ],
 )
 def test_bad_anchor_settings_are_refused_when_the_config_is_built(text_root, tmp_path, overrides, fragment):
     with pytest.raises(RecboleLLMError, match=fragment):
         Config(model="BERTRec", dataset="ml-text", config_dict=text_config(text_root, tmp_path, **overrides))
+
+
+def test_a_text_model_that_cannot_embed_text_is_refused_when_the_config_is_built(text_root, tmp_path):
+    """Folders transformers would load with a 5-token tokenizer, no weights, too few positions, or a vocabulary
+    smaller than the tokenizer's; an encoder-decoder: one line each, naming the key, before any data is read."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, T5Config
+
+    from recbole_llm.model.backbone import resolve_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(DEFAULT_PRETRAINED))
+
+    def folder(name: str, weights: bool = True, tokens: bool = True, **sizes):
+        path = tmp_path / name
+        config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, **sizes)
+        BertModel(config).save_pretrained(path) if weights else config.save_pretrained(path)
+        if tokens:
+            tokenizer.save_pretrained(path)
+        return str(path)
+
+    T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32).save_pretrained(tmp_path / "t5")
+    cases = [
+        (folder("no-tokenizer", tokens=False), "has no tokenizer (tokenizer.json or vocab.txt"),
+        (folder("no-weights", weights=False), "has no weights (model.safetensors"),
+        (folder("few-positions", max_position_embeddings=8), "item_text_max_tokens=16 exceeds the 8 positions of "
+                                                             "text_model_name_or_path"),
+        (folder("small-vocab", vocab_size=100), "its tokenizer has 30522 tokens, its embedding table 100"),
+        (str(tmp_path / "t5"), "is a t5 model, not a text encoder"),
+    ]
+    for path, fragment in cases:
+        with pytest.raises(RecboleLLMError, match="text_model_name_or_path") as refused:
+            Config(model="BERTRec", dataset="ml-text", config_dict=text_config(
+                text_root, tmp_path, text_model_name_or_path=path, item_repr="id+text"))
+        assert fragment in str(refused.value) and "\n" not in str(refused.value), (path, str(refused.value))
 
 
 @pytest.mark.parametrize(

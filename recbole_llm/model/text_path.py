@@ -16,8 +16,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recbole_llm.errors import CheckpointError
 from recbole_llm.model.backbone import load_text_encoder, pretrained_config, resolve_pretrained
+from recbole_llm.model.frozen import tensor_sha256
 from recbole_llm.model.item_text import TokenBag, item_texts, mean_pool, text_vectors, tokenize_items
+
+# the state-dict entry naming (SHA-256 of its weights) the frozen text model that embedded the item texts
+TEXT_MODEL_HASH = "text_model_sha256"
+
+
+def weights_digest(module: nn.Module) -> bytes:
+    """The SHA-256 (32 bytes) of a module's weights, names and bytes: which text model embedded the item texts."""
+    return bytes.fromhex(tensor_sha256(sorted(module.state_dict().items())))
+
+
+def text_model_digest(name_or_path: str) -> bytes:
+    """:func:`weights_digest` of the text model ``name_or_path`` as the frozen text path loads it."""
+    return weights_digest(load_text_encoder(name_or_path))
 
 
 def projection_start(vectors: torch.Tensor, hidden: int, scale: float) -> torch.Tensor:
@@ -90,6 +105,9 @@ class ItemTextPath:
             text_tower = load_text_encoder(self.text_model_name_or_path)
             with torch.no_grad():
                 pooled = self._pool_texts(text_tower, batch_size=256)
+            # Which weights embedded the texts, saved with the model: a checkpoint is refused on another text model
+            # of the same shape (a moved folder that holds other weights would otherwise score every item wrongly).
+            self.register_buffer(TEXT_MODEL_HASH, torch.tensor(list(weights_digest(text_tower)), dtype=torch.uint8))
             del text_tower
             self.register_buffer("text_pooled", pooled, persistent=False)
             # The catalogue's mean that centres text vectors is part of the model (saved with it): a model
@@ -107,9 +125,17 @@ class ItemTextPath:
         return text_vectors(self.text_pooled, self.text_centre)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + TEXT_MODEL_HASH)
+        if TEXT_MODEL_HASH in self._buffers and saved is not None and not torch.equal(
+                saved.to(torch.uint8), self._buffers[TEXT_MODEL_HASH]):
+            raise CheckpointError(
+                f"the checkpoint's item texts were embedded by another text model than "
+                f"'{self.text_model_name_or_path}' (its weights differ): set text_model_name_or_path (or, without "
+                "it, pretrained_model_name_or_path) to the model it was trained with")
         # Checkpoints written before these buffers were saved: the values their data gives. A capped model's
-        # item_trained mask; the frozen text path's centre (the catalogue's mean, as these were trained with).
-        for name in ("item_trained", "text_centre"):
+        # item_trained mask; the frozen text path's centre (the catalogue's mean, as these were trained with); no
+        # text model digest (nothing to check).
+        for name in ("item_trained", "text_centre", TEXT_MODEL_HASH):
             key = prefix + name
             if name in self._buffers and name not in self._non_persistent_buffers_set and key not in state_dict:
                 state_dict[key] = self._buffers[name]
