@@ -305,7 +305,8 @@ def write_item_index(model: nn.Module, table, staging: Path, options: ExportOpti
     reports.append(validate.validate_text_tower(tower, tower_path, model.text_input_ids, model.text_attention_mask,
                                                 model.item_has_text, options.max_abs_diff))
     keys["text_tower"] = {"file": TEXT_TOWER_FILE, "tokenizer": TOKENIZER_FILE,
-                          "max_tokens": max_tokens, "item_text_fields": list(model.item_text_fields)}
+                          "max_tokens": max_tokens, "item_text_fields": list(model.item_text_fields),
+                          "text_model": str(model.text_model_name_or_path)}
     return keys
 
 
