@@ -158,7 +158,10 @@ SERVING_TOP_K = 5
 # BERTRec with item text (the bundled MiniLM, its first layer for the sequence): an item-index artifact whose
 # text tower adds items
 CATALOGUE_MODEL = {
-    "backbone_layers": 1, "item_repr": "id+text", "item_text_fields": ["movie_title", "class"],
+    # a small random sequence encoder over the whole (384-wide) sentence encoder's item text: decoupled widths
+    "pretrained_model_name_or_path": None, "n_layers": 1, "n_heads": 2, "hidden_size": 32, "inner_size": 64,
+    "text_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
+    "item_repr": "id+text", "item_text_fields": ["movie_title", "class"],
     "text_projection": "frozen", "id_max_norm": 0.5,  # text-anchored items (Let It Go), new items in their space
     "item_text_max_tokens": 16, "MAX_ITEM_LIST_LENGTH": 12, "epochs": 1, "train_batch_size": 512,
     "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "class"]},

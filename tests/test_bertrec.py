@@ -12,6 +12,7 @@ from recbole.utils import get_model, get_trainer, init_seed
 from conftest import LEARNING_DATASET, bundled
 from recbole_llm import RecboleLLMError
 from recbole_llm.export.graph import ScoringGraph
+from recbole_llm.model.backbone import DEFAULT_PRETRAINED
 
 
 def train(config_dict: dict, epochs: int, dataset: str = "ml-slice"):
@@ -32,7 +33,11 @@ def train(config_dict: dict, epochs: int, dataset: str = "ml-slice"):
 @pytest.mark.parametrize(
     ("variant", "epochs"),
     [
-        pytest.param({"loss_type": "CE", "train_batch_size": 512}, 3, id="CE"),
+        # decoupled widths: the small random encoder over the 384-wide sentence encoder's item text (projected)
+        pytest.param({"loss_type": "CE", "train_batch_size": 512, "item_repr": "id+text",
+                      "text_model_name_or_path": DEFAULT_PRETRAINED, "item_text_fields": ["movie_title", "class"],
+                      "load_col": {"inter": ["user_id", "item_id", "timestamp"],
+                                   "item": ["item_id", "movie_title", "class"]}}, 3, id="CE-text"),
         # one row per window of 20: ~1/10 of the prefix rows, so smaller batches for as many steps; with the LSTM
         # pre-encoder, as the benchmarks' best setting (one training run for both, the suite's time is budgeted)
         pytest.param({"loss_type": "CE", "train_positions": "all", "train_batch_size": 16, "learning_rate": 0.002,

@@ -52,7 +52,7 @@ def test_new_items_score_as_the_pytorch_model_scores_them(serving_artifacts, pyt
     assert set(NEW) <= set(got)
 
     model = pytorch_model
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(model.pretrained_model_name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(model.text_model_name_or_path))
     texts = [NEW["new-1"], ", ".join(STAR_WARS.values()), NEW["new-3"]]  # as item_texts joins fields
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=model.item_text_max_tokens,
                         return_tensors="pt")

@@ -165,7 +165,9 @@ def test_what_cannot_carry_over_is_refused_in_one_line_and_nothing_is_written(se
     checkpoint of a model the plugin does not own, data with no item in common, another width, adapters scaled
     otherwise: exit 2, one line, no checkpoint."""
     checkpoint = serving_artifacts["catalogue_checkpoint"]
-    base = {"data_path": grown, "dataset": "ml-grown", "epochs": 1, "backbone_layers": 1, "item_text_max_tokens": 16,
+    base = {"data_path": grown, "dataset": "ml-grown", "epochs": 1, "item_text_max_tokens": 16,
+            "pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32, "inner_size": 64,
+            "text_model_name_or_path": CATALOGUE_MODEL["text_model_name_or_path"],
             "MAX_ITEM_LIST_LENGTH": 12, "item_repr": "id+text", "item_text_fields": "['movie_title','class']",
             "text_projection": "frozen", "id_max_norm": 0.5, "init_from": checkpoint,
             "load_col": "{'inter':['user_id','item_id','timestamp'],'item':['item_id','movie_title','class']}"}
@@ -184,8 +186,19 @@ def test_what_cannot_carry_over_is_refused_in_one_line_and_nothing_is_written(se
         header, *rows = path.read_text().splitlines()
         rows = ["\t".join(f"x{v}" if i == column else v for i, v in enumerate(r.split("\t"))) for r in rows]
         path.write_text("\n".join([header, *rows]) + "\n")
+    # another sentence encoder for the item text (a tiny one, saved here with the same tokenizer)
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from recbole_llm.model.backbone import resolve_pretrained
+
+    other_text = tmp_path / "other-text-model"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(other_text)
+    AutoTokenizer.from_pretrained(resolve_pretrained(base["text_model_name_or_path"])).save_pretrained(other_text)
     cases = [
         (args(init_from=tmp_path / "nothing.pth"), "init_from '", "is not a file"),
+        (args(text_model_name_or_path=other_text), "embedded item text with another text model",
+         "set --text_model_name_or_path"),
         (args(model="SASRec"), "init_from starts a plugin model", "SASRec is RecBole's"),
         (args(model="BERTLoRA"), "holds a BERTRec, this run builds a BERTLoRA", ""),
         (args(item_repr="text", id_max_norm=None), "item_repr='id+text'", "item_repr='text'"),
@@ -219,3 +232,43 @@ def test_resume_from_wins_over_init_from_and_a_bad_value_is_one_line():
     assert check_init_from({"init_from": None}, "BERTRec", load_checkpoint) is None
     with pytest.raises(RecboleLLMError, match=r"init_from=5 is not a path"):
         check_init_from({"init_from": 5}, "BERTRec", load_checkpoint)
+
+
+def test_a_bundled_model_and_its_installed_folder_are_the_same_model():
+    from recbole_llm.checkpoint.init_from import _meaning
+    from recbole_llm.model.backbone import canonical_model, resolve_pretrained
+
+    name, key = CATALOGUE_MODEL["text_model_name_or_path"], "pretrained_model_name_or_path"
+    assert canonical_model(name) == canonical_model(resolve_pretrained(name) + "/") != canonical_model("other/model")
+    assert _meaning(key, name) == _meaning(key, resolve_pretrained(name)) != _meaning(key, "other/model")
+
+
+@pytest.mark.slow
+def test_the_text_model_is_known_by_its_weights_not_its_folder(serving_artifacts, grown, tmp_path):
+    """A checkpoint's text model moved to another folder is the same model: init_from (checked before any data
+    is read), evaluate and export take it. Another model of any width is refused in one line, by its weights."""
+    import shutil
+
+    from recbole_llm.checkpoint.init_from import check_init_from
+    from recbole_llm.checkpoint.loading import load_checkpoint
+    from recbole_llm.export.pipeline import load_for_export
+    from recbole_llm.model.backbone import resolve_pretrained
+
+    checkpoint = serving_artifacts["catalogue_checkpoint"]
+    moved = tmp_path / "moved-minilm"
+    shutil.copytree(resolve_pretrained(CATALOGUE_MODEL["text_model_name_or_path"]), moved)
+    final = Config(model="BERTRec", dataset="ml-grown", config_dict=grown_config(
+        grown, tmp_path, checkpoint, text_model_name_or_path=str(moved))).final_config_dict
+    assert check_init_from(final, "BERTRec", load_checkpoint)["config"]["dataset"] == "ml-tiny"
+    _, model, _, _ = load_for_export(checkpoint, {"text_model_name_or_path": str(moved)})
+    assert model.text_model_name_or_path == str(moved)
+
+    other = tmp_path / "other"  # as wide as the MiniLM (384), other weights
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=384, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+              ).save_pretrained(other)
+    AutoTokenizer.from_pretrained(moved).save_pretrained(other)
+    with pytest.raises(RecboleLLMError, match=r"item texts were embedded by another text model than '.*other' "
+                                              r"\(its weights differ\): set text_model_name_or_path"):
+        load_for_export(checkpoint, {"text_model_name_or_path": str(other)})

@@ -15,6 +15,7 @@ from recbole.utils import get_model, get_trainer, init_seed
 
 from conftest import best_checkpoint, write_ml100k_slice
 from recbole_llm import RecboleLLMError
+from recbole_llm.model.backbone import DEFAULT_PRETRAINED
 from recbole_llm.training.metrics import F1, TailNDCG, TailRecall
 
 NEW_ITEM = "99999"  # in the item file only: never in an interaction
@@ -204,11 +205,54 @@ def test_token_bag_vectors_are_shared_by_token_and_reach_items_known_only_by_tex
         ({"item_repr": "id+text", "id_max_norm": float("inf")}, "id_max_norm=inf must be a number above 0"),
         ({"item_repr": "id", "text_token_bag": True}, "text_token_bag=True learns vectors of item text tokens"),
         ({"item_repr": "id+text", "text_token_bag": "yes"}, "text_token_bag='yes' is not a boolean"),
+        # the text model: named, loadable, there at all, and the sequence encoder's own where texts run through it
+        ({"pretrained_model_name_or_path": None}, "the sequence encoder is random .* --text_model_name_or_path=sent"),
+        ({"text_model_name_or_path": " "}, "text_model_name_or_path=' ' must be a hub id or a folder"),
+        ({"text_model_name_or_path": 384}, "text_model_name_or_path=384 must be a hub id or a folder"),
+        ({"text_model_name_or_path": "/no/such/encoder"}, "text_model_name_or_path '/no/such/encoder' is not a dir"),
+        ({"text_model_name_or_path": "/no/such/encoder", "text_encoder": "Trained"},
+         "text_encoder=trained runs item text through the sequence encoder.*text_encoder: frozen"),
+        ({"item_repr": "id", "text_model_name_or_path": DEFAULT_PRETRAINED},
+         "embeds item text, but item_repr='id' has none"),
+        ({"item_text_max_tokens": 600}, "item_text_max_tokens=600 exceeds the 512 positions"),
     ],
 )
 def test_bad_anchor_settings_are_refused_when_the_config_is_built(text_root, tmp_path, overrides, fragment):
     with pytest.raises(RecboleLLMError, match=fragment):
         Config(model="BERTRec", dataset="ml-text", config_dict=text_config(text_root, tmp_path, **overrides))
+
+
+def test_a_text_model_that_cannot_embed_text_is_refused_when_the_config_is_built(text_root, tmp_path):
+    """Folders transformers would load with a 5-token tokenizer, no weights, too few positions, or a vocabulary
+    smaller than the tokenizer's; an encoder-decoder: one line each, naming the key, before any data is read."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, T5Config
+
+    from recbole_llm.model.backbone import resolve_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(DEFAULT_PRETRAINED))
+
+    def folder(name: str, weights: bool = True, tokens: bool = True, **sizes):
+        path = tmp_path / name
+        config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, **sizes)
+        BertModel(config).save_pretrained(path) if weights else config.save_pretrained(path)
+        if tokens:
+            tokenizer.save_pretrained(path)
+        return str(path)
+
+    T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32).save_pretrained(tmp_path / "t5")
+    cases = [
+        (folder("no-tokenizer", tokens=False), "has no tokenizer (tokenizer.json or vocab.txt"),
+        (folder("no-weights", weights=False), "has no weights (model.safetensors"),
+        (folder("few-positions", max_position_embeddings=8), "item_text_max_tokens=16 exceeds the 8 positions of "
+                                                             "text_model_name_or_path"),
+        (folder("small-vocab", vocab_size=100), "its tokenizer has 30522 tokens, its embedding table 100"),
+        (str(tmp_path / "t5"), "is a t5 model, not a text encoder"),
+    ]
+    for path, fragment in cases:
+        with pytest.raises(RecboleLLMError, match="text_model_name_or_path") as refused:
+            Config(model="BERTRec", dataset="ml-text", config_dict=text_config(
+                text_root, tmp_path, text_model_name_or_path=path, item_repr="id+text"))
+        assert fragment in str(refused.value) and "\n" not in str(refused.value), (path, str(refused.value))
 
 
 @pytest.mark.parametrize(
@@ -217,7 +261,6 @@ def test_bad_anchor_settings_are_refused_when_the_config_is_built(text_root, tmp
         ({"item_text_fields": ["no_such_field"]}, "item text field 'no_such_field' is not a loaded item feature"),
         ({"item_text_fields": ["timestamp"]}, "item text field 'timestamp' is not a loaded item feature"),
         ({"load_col": {"inter": ["user_id", "item_id", "timestamp"]}}, "need an item file"),
-        ({"pretrained_model_name_or_path": None}, "needs a pretrained encoder"),
         ({"item_repr": "image"}, "item_repr='image' is not supported"),
     ],
 )
@@ -260,10 +303,14 @@ def test_tail_metrics_equal_the_hand_computed_values():
 
 @pytest.mark.slow
 def test_text_mode_model_exports_with_its_item_table_baked_in(text_root, tmp_path):
+    """A text model exports with its item table baked in; one saved before text_model_name_or_path existed (the
+    coupled layout: item text through the sequence encoder's own pretrained model) still loads, evaluates and
+    exports its text tower (validated against PyTorch on every item's text)."""
     import json
 
-    from recbole.quick_start import run_recbole
+    from recbole.quick_start import load_data_and_model, run_recbole
 
+    from recbole_llm.checkpoint.format import atomic_save, load
     from recbole_llm.export import ExportOptions, export_checkpoint
 
     run_recbole(model="BERTLoRA", dataset="ml-text", config_dict=text_config(
@@ -273,6 +320,24 @@ def test_text_mode_model_exports_with_its_item_table_baked_in(text_root, tmp_pat
     metadata = json.loads((artifact / "metadata.json").read_text())
     assert metadata["item_repr"] == "id+text" and metadata["validation"][0]["passed"]
     assert NEW_ITEM in metadata["item_tokens"]  # the cold-start item is servable
+
+    state = load(checkpoint)
+    del state["config"].final_config_dict["text_model_name_or_path"]
+    old = tmp_path / "coupled.pth"
+    atomic_save(state, old)
+    results = []
+    for path in (checkpoint, old):  # the same model either way: the same test metrics
+        config, model, _, train_data, _, test_data = load_data_and_model(str(path))
+        assert model.text_model_name_or_path == config["pretrained_model_name_or_path"]
+        assert model.text_projection.weight.shape == (384, 384)
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+        trainer.eval_collector.data_collect(train_data)  # the tail metrics' item counts, as fit collects them
+        results.append(trainer.evaluate(test_data, load_best_model=False, show_progress=False))
+    assert results[0] == results[1] and results[0]["recall@10"] > 0
+    index = export_checkpoint(old, tmp_path / "coupled", ExportOptions(item_index=True)).path
+    metadata = json.loads((index / "metadata.json").read_text())
+    assert metadata["text_tower"]["text_model"] == DEFAULT_PRETRAINED  # the coupled layout: the encoder's own
+    assert all(report["passed"] for report in metadata["validation"])
 
 
 @pytest.mark.slow
@@ -293,3 +358,20 @@ def test_frozen_text_comes_from_the_whole_pretrained_encoder(text_root, tmp_path
     cut_vectors = text_vectors(cut, cut[1:].mean(dim=0))
     cosine = (cut_vectors[1:] * one.text_embeddings[1:]).sum(-1)
     assert cosine.mean() < 0.9, cosine.mean()  # the first layer alone embeds text differently
+
+    # decoupled widths: a 16-wide random sequence encoder takes the same 384-wide text vectors, projected; the
+    # projection starts from their principal directions (orthogonal rows), at the norm ID embeddings start with
+    small = build(text_config(text_root, tmp_path, pretrained_model_name_or_path=None, n_layers=1, n_heads=2,
+                              hidden_size=16, inner_size=32, text_model_name_or_path=DEFAULT_PRETRAINED))[2]
+    assert small.encoder.config.hidden_size == 16 and small.text_projection.weight.shape == (16, 384)
+    assert torch.equal(small.text_embeddings, one.text_embeddings)
+    weight = small.text_projection.weight.detach()
+    gram = weight @ weight.T
+    assert torch.allclose(gram, gram.diagonal().diag(), atol=1e-6 * gram.max())  # orthogonal directions
+    vectors = small.text_embeddings[1:][small.item_has_text[1:]]
+    scale = small.initializer_range * 16**0.5
+    assert torch.isclose((vectors @ weight.T).norm(dim=-1).pow(2).mean().sqrt(), torch.tensor(scale), rtol=1e-4)
+    centred = vectors - vectors.mean(dim=0)  # the first direction carries the most variance
+    variances = (centred @ (weight / weight.norm(dim=-1, keepdim=True)).T).var(dim=0)
+    assert (variances[:-1] >= variances[1:] - 1e-7).all() and variances[0] > 2 * variances[-1]
+    assert small.item_table().shape == (small.n_items, 16)

@@ -68,7 +68,9 @@ def metadata_schema() -> dict[str, Any]:
                 "description": "item text to item vectors, for items added after training",
                 "properties": {"file": {"const": TEXT_TOWER_FILE}, "tokenizer": {"const": TOKENIZER_FILE},
                                "max_tokens": {**integer, "minimum": 1, "maximum": MAX_TEXT_TOKENS},
-                               "item_text_fields": names},
+                               "item_text_fields": names,
+                               "text_model": {"type": "string", "description": "the sentence encoder the tower "
+                                              "embeds text with (hub id or folder at export)"}},
             },
             "repeat_rate": {
                 "type": ["number", "null"], "minimum": 0, "maximum": 1,

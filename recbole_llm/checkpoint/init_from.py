@@ -25,6 +25,7 @@ from recbole_llm.errors import CheckpointError, ConfigError, DataError, RecboleL
 from recbole_llm.model.catalog import PLUGIN_MODELS
 
 # What must be as in the checkpoint for its weights to mean the same here (shapes are checked on loading).
+# The text model that embedded item texts is compared by its weights (_check_text_model), not here by name.
 SAME_KEYS = ("pretrained_model_name_or_path", "backbone_layers", "item_repr", "item_text_fields",
              "text_projection", "text_token_bag", "pre_encoder", "id_max_norm",
              # the adapters' meaning where their shapes do not show it (peft's names)
@@ -32,7 +33,12 @@ SAME_KEYS = ("pretrained_model_name_or_path", "backbone_layers", "item_repr", "i
 
 
 def _meaning(key: str, value: Any) -> Any:
-    """A key's value as the model reads it: checkpoints from before a key hold None for its default."""
+    """A key's value as the model reads it: checkpoints from before a key hold None for its default; a bundled
+    model's hub id and its installed folder are the same model."""
+    if key == "pretrained_model_name_or_path" and isinstance(value, str):
+        from recbole_llm.model.backbone import canonical_model
+
+        return canonical_model(value)
     if key == "text_token_bag":
         return bool(value)
     if key == "text_projection":
@@ -61,7 +67,10 @@ def check_init_from(final: dict, model: str | None, load: Callable[[str], dict])
                           "from scratch (remove init_from)")
     if not os.path.isfile(path):
         raise CheckpointError(f"init_from '{path}' is not a file: pass a .pth checkpoint a plugin model saved")
-    checkpoint = load(path)  # the allow-listed loader: refusals are one line
+    from recbole_llm.checkpoint.loading import names_compared_only
+
+    with names_compared_only():  # this run's settings load the models; the checkpoint's names are only compared
+        checkpoint = load(path)  # the allow-listed loader: refusals are one line
     trained = checkpoint["config"]
     name = trained["model"]
     if name not in PLUGIN_MODELS:
@@ -76,10 +85,36 @@ def check_init_from(final: dict, model: str | None, load: Callable[[str], dict])
             raise CheckpointError(
                 f"init_from '{path}' was trained with {key}={then!r}, this run has {key}={now!r}: its weights "
                 f"would mean something else here; set --{key} as it was trained, or start from scratch")
+    _check_text_model(path, checkpoint, final)
     if lineage.stored(trained) is None:
         raise CheckpointError(f"init_from '{path}' records no item tokens (saved before recbole_llm kept them): "
                               "its rows cannot be matched to items; start from scratch")
     return checkpoint
+
+
+def _check_text_model(path: str, checkpoint: dict, final: dict) -> None:
+    """The text model that embedded the checkpoint's item texts is this run's: the same weights (their SHA-256,
+    saved with the frozen text path; a model moved to another folder is the same model), or, for checkpoints
+    saved before the digest, the same model by name. Raises CheckpointError."""
+    from recbole_llm.model.backbone import canonical_model
+    from recbole_llm.model.text_path import TEXT_MODEL_HASH, text_model_digest
+
+    item_repr = final.get("item_repr")
+    if not (isinstance(item_repr, str) and "text" in item_repr.lower()):
+        return
+    trained = checkpoint["config"]
+    then = trained["text_model_name_or_path"] or trained["pretrained_model_name_or_path"]  # null: the coupled layout
+    now = final.get("text_model_name_or_path") or final.get("pretrained_model_name_or_path")
+    saved = checkpoint["state_dict"].get(TEXT_MODEL_HASH)
+    if saved is None:
+        same = isinstance(then, str) and isinstance(now, str) and canonical_model(then) == canonical_model(now)
+    else:
+        same = isinstance(now, str) and bytes(saved.to(torch.uint8).tolist()) == text_model_digest(now)
+    if not same:
+        raise CheckpointError(
+            f"init_from '{path}' embedded item text with another text model ({then!r}) than this run's {now!r}: "
+            "its item vectors would mean something else here; set --text_model_name_or_path to the model it was "
+            "trained with, or start from scratch")
 
 
 def initialise(model: Any, config: Any, dataset: Any, load: Callable[[str], dict]) -> str:

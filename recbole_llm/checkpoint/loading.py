@@ -99,6 +99,23 @@ def _made_safe(loaded: Any, f: Any) -> Any:
     return loaded
 
 
+# Set while init_from loads a checkpoint: the run's own settings build and load every model, the checkpoint's
+# model names are only compared with them, so a name that is not a folder here is no reason to refuse it.
+_NAMES_COMPARED_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("recbole_llm_names_compared_only",
+                                                                           default=False)
+
+
+@contextlib.contextmanager
+def names_compared_only() -> Iterator[None]:
+    """While active, a loaded checkpoint's model names (``pretrained_model_name_or_path``,
+    ``text_model_name_or_path``) need not be folders here: the caller loads no model by them (init_from)."""
+    token = _NAMES_COMPARED_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _NAMES_COMPARED_ONLY.reset(token)
+
+
 def _check_values(final: dict, overrides: dict) -> None:
     """The checks a run's Config gets, on a checkpoint's; and no encoder fetched because a checkpoint names it."""
     import torch
@@ -112,13 +129,17 @@ def _check_values(final: dict, overrides: dict) -> None:
         raise CheckpointError("refusing a checkpoint whose config's MODEL_TYPE, device or state is not one RecBole "
                               "writes; load only checkpoints saved by RecBole or recbole_llm")
     check_config_values(final)
-    name = final.get("pretrained_model_name_or_path")
-    if final["model"] in catalog.PLUGIN_MODELS and isinstance(name, str) \
-            and "pretrained_model_name_or_path" not in overrides and not os.path.isdir(resolve_pretrained(name)):
-        raise CheckpointError(
-            f"the checkpoint's encoder {name!r:.80} is neither a folder here nor bundled with an installed package, "
-            "and a checkpoint never makes recbole_llm download one: pass --pretrained_model_name_or_path=DIR "
-            "(a local copy of it)")
+    if _NAMES_COMPARED_ONLY.get() or final["model"] not in catalog.PLUGIN_MODELS:
+        return
+    item_repr = final.get("item_repr")
+    has_text = isinstance(item_repr, str) and "text" in item_repr.lower()
+    for key, what in (("pretrained_model_name_or_path", "encoder"), ("text_model_name_or_path", "text model")):
+        name = final.get(key) if key != "text_model_name_or_path" or has_text else None  # read only for item text
+        if isinstance(name, str) and key not in overrides and not os.path.isdir(resolve_pretrained(name)):
+            raise CheckpointError(
+                f"the checkpoint's {what} {name!r:.80} is neither a folder here nor bundled with an installed "
+                f"package, and a checkpoint never makes recbole_llm download one: pass --{key}=DIR (a local copy "
+                "of it)")
 
 
 def check_exists(path: str | os.PathLike) -> None:

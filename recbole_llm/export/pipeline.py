@@ -291,10 +291,10 @@ def write_item_index(model: nn.Module, table, staging: Path, options: ExportOpti
     from recbole_llm.model.backbone import resolve_pretrained
 
     max_tokens = int(model.item_text_max_tokens)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(model.pretrained_model_name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(model.text_model_name_or_path))
     if not tokenizer.is_fast:
         raise RecboleLLMError(f"--item-index with item text needs a fast (Rust) tokenizer with a tokenizer.json; "
-                              f"'{model.pretrained_model_name_or_path}' has none: export without --item-index")
+                              f"'{model.text_model_name_or_path}' has none: export without --item-index")
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
     # what the model's own tokenization did (item_text.tokenize_items), so the runtime needs no transformers
     backend.enable_truncation(max_length=max_tokens)
@@ -305,7 +305,8 @@ def write_item_index(model: nn.Module, table, staging: Path, options: ExportOpti
     reports.append(validate.validate_text_tower(tower, tower_path, model.text_input_ids, model.text_attention_mask,
                                                 model.item_has_text, options.max_abs_diff))
     keys["text_tower"] = {"file": TEXT_TOWER_FILE, "tokenizer": TOKENIZER_FILE,
-                          "max_tokens": max_tokens, "item_text_fields": list(model.item_text_fields)}
+                          "max_tokens": max_tokens, "item_text_fields": list(model.item_text_fields),
+                          "text_model": str(model.text_model_name_or_path)}
     return keys
 
 

@@ -57,7 +57,7 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_pretrained_config(name_or_path: str):
+def _load_pretrained_config(name_or_path: str, key: str = "pretrained_model_name_or_path"):
     from transformers import AutoConfig
 
     resolved = resolve_pretrained(name_or_path)
@@ -66,12 +66,19 @@ def _load_pretrained_config(name_or_path: str):
             return resolved, AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as error:
         where = "is not a directory" if not os.path.isdir(resolved) else "has no usable config.json"
+        fallback = "or null for a randomly initialised BERT" if key == "pretrained_model_name_or_path" else \
+            "or null for the sequence encoder's own pretrained model"
         raise ConfigError(
-            f"pretrained_model_name_or_path '{name_or_path}' {where} and could not be loaded from the "
+            f"{key} '{name_or_path}' {where} and could not be loaded from the "
             f"Hugging Face hub ({type(error).__name__}); pass a local folder with config.json and weights, "
-            f"a reachable hub id, '{DEFAULT_PRETRAINED}' (installed with the package), or null for a "
-            "randomly initialised BERT"
+            f"a reachable hub id, '{DEFAULT_PRETRAINED}' (installed with the package), {fallback}"
         ) from None
+
+
+def pretrained_config(name_or_path: str, key: str = "pretrained_model_name_or_path"):
+    """The Hugging Face config (``config.json``) of a pretrained encoder, hub id or folder (bundled ids resolve
+    offline). Raises ConfigError naming ``key`` when it cannot be loaded."""
+    return _load_pretrained_config(name_or_path, key)[1]
 
 
 def most_recent(item_seq: torch.Tensor, item_seq_len: torch.Tensor, max_length: int):
@@ -147,8 +154,59 @@ def check_encoder_settings(config: Any) -> None:
         )
 
 
+def canonical_model(name_or_path: str) -> str:
+    """One name per model: a local folder (a bundled hub id resolves to its installed folder) as its real path,
+    anything else as given. ``sentence-transformers/all-MiniLM-L6-v2`` and its installed folder are one model."""
+    resolved = resolve_pretrained(name_or_path)
+    return os.path.realpath(resolved) if os.path.isdir(resolved) else name_or_path
+
+
+# files a local model folder needs: weights (transformers' names) and a tokenizer
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_text_encoder(name_or_path: str, max_tokens: Any, key: str = "text_model_name_or_path") -> None:
+    """What embedding item text with ``name_or_path`` needs, checked before any data is read: an encoder-only
+    model with a ``hidden_size``, weights and a tokenizer (a local folder's files; transformers would otherwise
+    build a 5-token tokenizer and embed every title as unknown tokens), a padding token, no more token ids than
+    its embedding table, and ``item_text_max_tokens`` within its positions. Raises ConfigError naming ``key``."""
+    from transformers import AutoTokenizer
+
+    resolved, config = _load_pretrained_config(name_or_path, key)
+    fix = f"pass a BERT-family sentence encoder's folder or '{DEFAULT_PRETRAINED}'"
+    width = getattr(config, "hidden_size", None)
+    if getattr(config, "is_encoder_decoder", False) or not isinstance(width, int):
+        raise ConfigError(f"{key} '{name_or_path}' is a {config.model_type} model, not a text encoder with a "
+                          f"hidden_size (BERT-family): {fix}")
+    if os.path.isdir(resolved):
+        files = set(os.listdir(resolved))
+        for wanted, what in ((_WEIGHT_FILES, "weights"), (_TOKENIZER_FILES, "tokenizer")):
+            if not files & set(wanted):
+                raise ConfigError(f"{key} '{name_or_path}' has no {what} ({' or '.join(wanted[:3])}): save the whole "
+                                  f"model there (save_pretrained of the model and its tokenizer), or {fix}")
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and isinstance(max_tokens, int) and max_tokens > positions:
+        raise ConfigError(f"item_text_max_tokens={max_tokens} exceeds the {positions} positions of {key} "
+                          f"'{name_or_path}'; set item_text_max_tokens to at most {positions}")
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key} '{name_or_path}': its tokenizer does not load ({type(error).__name__}); {fix}") \
+            from None
+    vocab = getattr(config, "vocab_size", None)
+    if tokenizer.pad_token is None:
+        raise ConfigError(f"{key} '{name_or_path}': its tokenizer has no padding token, which item texts of "
+                          f"different lengths need; {fix}")
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ConfigError(f"{key} '{name_or_path}': its tokenizer has {len(tokenizer)} tokens, its embedding "
+                          f"table {vocab}: they are not one model's; {fix}")
+
+
 def load_text_encoder(name_or_path: str):
-    """The whole pretrained encoder (every layer, no dropout, frozen) that embeds item text.
+    """The whole pretrained encoder (every layer, no dropout, frozen) that embeds item text
+    (``text_model_name_or_path``, or the sequence encoder's pretrained model).
 
     Separate from the sequence encoder, which ``backbone_layers`` may cut and adapters change: item text is
     embedded by the sentence encoder as it was pretrained (Hou et al., "Towards Universal Sequence
@@ -156,7 +214,7 @@ def load_text_encoder(name_or_path: str):
     """
     from transformers import AutoModel
 
-    resolved, _ = _load_pretrained_config(name_or_path)
+    resolved, _ = _load_pretrained_config(name_or_path, "text_model_name_or_path")
     with _quiet_transformers():
         encoder = AutoModel.from_pretrained(resolved)
     encoder.eval().requires_grad_(False)

@@ -25,7 +25,9 @@ mean-pooled embedding of the item's text from ``item_text_fields``, projected; i
 the interactions get real scores, zero-shot) or ``id+text`` (their sum). ``text_encoder: frozen`` encodes
 the texts once with the pretrained encoder and caches them (fast); ``trained`` runs them through the same
 encoder, adapters included, at every step (slower, adapts to the catalogue). Items without text fall back
-to their ID embedding.
+to their ID embedding. With ``text_model_name_or_path`` the frozen texts come from another sentence encoder
+than the sequence encoder, of any width (a small random sequence encoder over a 384-wide sentence encoder's
+text, projected: :mod:`recbole_llm.model.text_path`).
 
 Text-anchored items (``id+text`` with ``id_max_norm``), after Fedorov et al., "Let It Go? Not Quite:
 Addressing Item Cold Start in Sequential Recommendations with Content-Based Initialization", RecSys 2025:
@@ -46,9 +48,9 @@ from recbole.model.loss import BPRLoss
 from torch import nn
 
 from recbole_llm.errors import ConfigError
-from recbole_llm.model.backbone import build_encoder, load_text_encoder, most_recent, resolve_pretrained
-from recbole_llm.model.item_text import (TEXT_PROJECTIONS, anchor_settings, bounded, item_texts, mean_pool,
-                                         text_vectors, tokenize_items, TokenBag)
+from recbole_llm.model.backbone import build_encoder, most_recent
+from recbole_llm.model.item_text import TEXT_PROJECTIONS, TokenBag, anchor_settings, bounded, text_model
+from recbole_llm.model.text_path import ItemTextPath
 from recbole_llm.model.positions import TRAIN_POSITIONS, window_stride
 from recbole_llm.settings import choice, integer, listed, names, number
 
@@ -58,7 +60,7 @@ ITEM_REPRS = ("id", "text", "id+text")
 TEXT_ENCODERS = ("frozen", "trained")
 
 
-class BERTRec(SequentialRecommender):
+class BERTRec(ItemTextPath, SequentialRecommender):
     r"""A BERT-family encoder over item sequences, fully fine-tuned, with weight-tied item scoring.
 
     Implements :class:`recbole_llm.model.contract.PluginModel`, the contract the plugin's trainer, export and
@@ -139,98 +141,15 @@ class BERTRec(SequentialRecommender):
         self.item_text_max_tokens = integer("item_text_max_tokens", config["item_text_max_tokens"], example=32)
         fields = config["item_text_fields"]
         self.item_text_fields: list[str] = names("item_text_fields", fields, "[movie_title, class]")
-        if "text" in self.item_repr:
-            if not self.item_text_fields:
-                raise ConfigError(
-                    f"item_text_fields={fields!r} but item_repr={self.item_repr!r} needs item text: set "
-                    "item_text_fields, e.g. [movie_title, class] on ml-100k"
-                )
-            if self.pretrained_model_name_or_path is None:
-                raise ConfigError(
-                    f"pretrained_model_name_or_path=None but item_repr={self.item_repr!r} needs a pretrained "
-                    "encoder and its tokenizer; set pretrained_model_name_or_path"
-                )
+        if "text" in self.item_repr and not self.item_text_fields:
+            raise ConfigError(
+                f"item_text_fields={fields!r} but item_repr={self.item_repr!r} needs item text: set "
+                "item_text_fields, e.g. [movie_title, class] on ml-100k"
+            )
+        # the sentence encoder that embeds item text (null: the sequence encoder's pretrained model)
+        self.text_model_name_or_path: str | None = text_model(config)
         # the ID part of id+text: capped relative to the text vector, dropped in training (text-anchored items)
         self.id_max_norm, self.id_dropout_prob, self.text_token_bag = anchor_settings(config)
-
-    def _build_item_text(self, dataset) -> None:
-        """Tokenize every item's text once; with a frozen text encoder, encode it once too."""
-        from transformers import AutoTokenizer
-
-        texts = item_texts(dataset, self.item_text_fields)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.pretrained_model_name_or_path))
-        input_ids, attention_mask, self.items_without_text = tokenize_items(
-            texts, tokenizer, self.item_text_max_tokens
-        )
-        has_text = torch.tensor([bool(text.strip()) for text in texts])
-        # items with interactions in the training split: only they have a trained ID correction
-        trained = torch.zeros(len(texts), dtype=torch.bool)
-        for field in (dataset.iid_field, self.ITEM_SEQ):
-            if field in dataset.inter_feat:
-                trained[dataset.inter_feat[field].flatten()] = True
-        trained[0] = False
-        # derived from the dataset and the backbone at construction: not part of checkpoints
-        self.register_buffer("text_input_ids", input_ids, persistent=False)
-        self.register_buffer("text_attention_mask", attention_mask, persistent=False)
-        self.register_buffer("item_has_text", has_text, persistent=False)
-        # Capped: which items had a trained ID is part of the model (saved with it), not re-read from whatever
-        # data a later evaluate or export finds: an item that gained interactions since keeps being its text.
-        self.register_buffer("item_trained", trained, persistent=self.id_max_norm is not None)
-        self.text_projection = nn.Linear(self.hidden_size, self.hidden_size)
-        with torch.no_grad():
-            # starts as the (normalised) text embedding at the norm ID embeddings start with
-            scale = self.initializer_range * self.hidden_size**0.5
-            self.text_projection.weight.copy_(scale * torch.eye(self.hidden_size))
-            self.text_projection.bias.zero_()
-        self.token_bag = TokenBag(input_ids, tokenizer.all_special_ids, len(tokenizer), self.hidden_size) \
-            if self.text_token_bag else None
-        if self.text_projection_mode == "frozen":
-            # Let It Go's frozen content embedding: a trained projection over ~10^3 items' 384-wide text vectors
-            # can fit each training item apart (an ID table in disguise) and then maps new texts poorly
-            self.text_projection.requires_grad_(False)
-        if self.text_encoder_mode == "frozen":
-            # The whole pretrained sentence encoder, every layer, whatever backbone_layers cut from the
-            # sequence encoder: item text is embedded once, so its depth costs nothing per step.
-            text_tower = load_text_encoder(self.pretrained_model_name_or_path)
-            with torch.no_grad():
-                pooled = self._pool_texts(text_tower, batch_size=256)
-            del text_tower
-            self.register_buffer("text_pooled", pooled, persistent=False)
-            # The catalogue's mean that centres text vectors is part of the model (saved with it): a model
-            # started from this one on a grown catalogue (init_from) keeps its items' vectors exactly.
-            self.register_buffer("text_centre", pooled[1:].mean(dim=0))
-
-    @property
-    def text_embeddings(self) -> torch.Tensor:
-        """``text_encoder: frozen``: every item's text vector, centred by ``text_centre`` and normalised,
-        ``[n_items, hidden]``."""
-        return text_vectors(self.text_pooled, self.text_centre)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before these buffers were saved: the values their data gives. A capped model's
-        # item_trained mask; the frozen text path's centre (the catalogue's mean, as these were trained with).
-        for name in ("item_trained", "text_centre"):
-            key = prefix + name
-            if name in self._buffers and name not in self._non_persistent_buffers_set and key not in state_dict:
-                state_dict[key] = self._buffers[name]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _pool_texts(self, encoder: nn.Module, batch_size: int | None = None) -> torch.Tensor:
-        """Mean-pooled states of every item's text through ``encoder``, ``[n_items, hidden]``."""
-        batch_size = batch_size or len(self.text_input_ids)
-        parts = []
-        for start in range(0, len(self.text_input_ids), batch_size):
-            ids = self.text_input_ids[start : start + batch_size]
-            mask = self.text_attention_mask[start : start + batch_size]
-            hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            parts.append(mean_pool(hidden, mask))
-        return torch.cat(parts)
-
-    def _encode_texts(self) -> torch.Tensor:
-        """``text_encoder: trained``: every item's text through the sequence encoder (adapters included),
-        centred and normalised, ``[n_items, hidden]``, with gradients."""
-        pooled = self._pool_texts(self.run_encoder)
-        return text_vectors(pooled, pooled[1:].mean(dim=0))
 
     def item_table(self) -> torch.Tensor:
         """Every item's representation, ``[n_items, hidden]`` (row 0 is padding)."""
@@ -331,6 +250,9 @@ class BERTRec(SequentialRecommender):
         lines = [f"{type(self).__name__}: {self.pretrained_model_name_or_path or 'random encoder'} "
                  f"({encoder.num_hidden_layers} layer{'s' * (encoder.num_hidden_layers != 1)}, hidden {encoder.hidden_size}), item_repr {self.item_repr}, "
                  f"pre_encoder {self.pre_encoder_type}, train_positions {self.train_positions}, loss {self.loss_type}"]
+        if "text" in self.item_repr:  # where item text comes from, and the widths the projection joins
+            lines[0] += (f", item text: {self.text_model_name_or_path} {self.text_encoder_mode} "
+                         f"({self.text_width} -> {self.hidden_size})")
         lines += [f"  {name}: {type(child).__name__}, {counted(child)}" for name, child in self.named_children()
                   if any(True for _ in child.parameters())]
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -405,24 +327,6 @@ class BERTRec(SequentialRecommender):
         (items added after training have rows there, and histories may hold them). Traceable."""
         return self.forward(item_seq, item_length, item_table)
 
-    def text_tower(self) -> nn.Module | None:
-        """A module mapping item text (``input_ids``, ``attention_mask`` int64 ``[items, item_text_max_tokens]``,
-        from this model's tokenizer) to item vectors ``[items, hidden]``: the row an item that was never trained
-        gets from its text alone (its ID embedding, untrained, counts as zero). None without item text.
-
-        ``text_encoder: frozen``: the whole pretrained encoder, centred by the catalogue's mean as at training;
-        ``trained``: the sequence encoder (adapters included), centred by the current catalogue's mean.
-        """
-        if "text" not in self.item_repr:
-            return None
-        if self.text_encoder_mode == "frozen":
-            encoder, centre = load_text_encoder(self.pretrained_model_name_or_path), self.text_centre
-        else:
-            with torch.no_grad():
-                centre = self._pool_texts(self.run_encoder, batch_size=256)[1:].mean(dim=0)
-            encoder = _RunEncoder(self)
-        return ItemTextTower(encoder, centre.detach().clone(), self.text_projection, self.token_bag).eval()
-
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight: the whole model is fine-tuned."""
         return self.state_dict()
@@ -467,32 +371,3 @@ class BERTRec(SequentialRecommender):
     def merge_adapters(self) -> bool:
         """No adapters: nothing merges."""
         return False
-
-
-class _RunEncoder(nn.Module):
-    """``model.run_encoder`` as a module (adapters included), for a text tower of ``text_encoder: trained``."""
-
-    def __init__(self, model: BERTRec):
-        super().__init__()
-        self.model = model
-
-    def forward(self, **inputs):
-        return self.model.run_encoder(**inputs)
-
-
-class ItemTextTower(nn.Module):
-    """Item text to item vectors: mean-pooled encoder states, centred, normalised, projected
-    (:meth:`BERTRec.text_tower`)."""
-
-    def __init__(self, encoder: nn.Module, centre: torch.Tensor, projection: nn.Linear,
-                 token_bag: TokenBag | None = None):
-        super().__init__()
-        self.encoder, self.projection, self.token_bag = encoder, projection, token_bag
-        self.register_buffer("centre", centre)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        vectors = self.projection(text_vectors(mean_pool(hidden, attention_mask), self.centre))
-        if self.token_bag is not None:
-            vectors = vectors + self.token_bag(input_ids)
-        return vectors

@@ -15,6 +15,7 @@ from torch import nn
 from recbole.utils import FeatureSource, FeatureType
 
 from recbole_llm.errors import ConfigError, RecboleLLMError
+from recbole_llm.model.backbone import DEFAULT_PRETRAINED, canonical_model, check_text_encoder
 from recbole_llm.settings import choice, number
 
 TEXT_TYPES = (FeatureType.TOKEN, FeatureType.TOKEN_SEQ)
@@ -60,6 +61,42 @@ def anchor_settings(config) -> tuple[float | None, float, bool]:
             "item_text_fields (e.g. [movie_title, class] on ml-100k), or item_repr: id"
         )
     return cap, dropout, bag
+
+
+def text_model(config) -> str | None:
+    """The sentence encoder that embeds item text: ``text_model_name_or_path``, or (null) the sequence encoder's
+    ``pretrained_model_name_or_path``; None when neither is set. Checked when the Config is built (before any
+    data is read) and by the model: one-line ConfigError naming the key and a valid value for a value that is not
+    a name, the key set without item text, no pretrained model at all for item text (a random sequence encoder
+    without a text model), ``text_encoder: trained`` (texts run through the sequence encoder) with another text
+    model, and a text model that cannot embed text (:func:`check_text_encoder`). Its width may differ from the
+    sequence encoder's: a linear map joins them.
+    """
+    read = config.get if isinstance(config, dict) else config.__getitem__  # RecBole's Config: None when unset
+    name, sequence = read("text_model_name_or_path"), read("pretrained_model_name_or_path")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ConfigError(f"text_model_name_or_path={name!r} must be a hub id or a folder of a sentence encoder, or "
+                          f"null for the sequence encoder's own: e.g. --text_model_name_or_path={DEFAULT_PRETRAINED}")
+    model = sequence if name is None else name  # checkpoints from before the key: the coupled layout
+    item_repr = read("item_repr")
+    if not (isinstance(item_repr, str) and "text" in item_repr.lower()):
+        if name is not None:
+            raise ConfigError(f"text_model_name_or_path={name!r} embeds item text, but item_repr={item_repr!r} has "
+                              "none: set item_repr: id+text (or text) with item_text_fields, or leave "
+                              "text_model_name_or_path unset")
+        return model  # no item text: nothing reads it
+    if model is None:
+        raise ConfigError(
+            f"item_repr={item_repr!r} embeds item text with a pretrained sentence encoder, but the sequence encoder "
+            f"is random (pretrained_model_name_or_path: null): set --text_model_name_or_path={DEFAULT_PRETRAINED}")
+    if str(read("text_encoder")).lower() == "trained" and (
+            not isinstance(sequence, str) or canonical_model(model) != canonical_model(sequence)):
+        raise ConfigError(
+            f"text_encoder=trained runs item text through the sequence encoder, but text_model_name_or_path={name!r} "
+            "names another model: set text_encoder: frozen, or text_model_name_or_path: null")
+    check_text_encoder(model, read("item_text_max_tokens"),
+                       "text_model_name_or_path" if name is not None else "pretrained_model_name_or_path")
+    return model
 
 
 def bounded(vectors: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:

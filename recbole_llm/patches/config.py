@@ -65,12 +65,13 @@ def wrap_set_default_parameters(original):
         check_config_values(final, self.model)
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
             from recbole_llm.model.backbone import check_encoder_settings
-            from recbole_llm.model.item_text import anchor_settings
+            from recbole_llm.model.item_text import anchor_settings, text_model
 
             from recbole_llm.model.positions import training_rows
 
             check_encoder_settings(final)
             anchor_settings(final)
+            text_model(final)
             training_rows(final)  # the dataset cuts its training rows by these once the data is loaded
         if final.get("init_from") is not None:  # before any data is read or log written: one line, exit 2
             from recbole_llm.checkpoint.init_from import check_init_from
