@@ -70,14 +70,14 @@ def test_items_keep_their_vectors_by_token_new_ones_start_fresh_from_text_gone_o
     lineage names the checkpoint's digest."""
     from recbole_llm.checkpoint import lineage
     from recbole_llm.checkpoint.init_from import initialise
-    from recbole_llm.checkpoint.loading import load_checkpoint
+    from recbole_llm.checkpoint.loading import load_for_comparison
     from recbole_llm.export.pipeline import load_for_export
 
     checkpoint = serving_artifacts["catalogue_checkpoint"]
     _, old, old_data, _ = load_for_export(checkpoint)
     config, dataset, model = build(grown_config(grown, tmp_path, checkpoint))
     fresh = model.item_embedding.weight.detach().clone()
-    summary = initialise(model, config, dataset, load_checkpoint)
+    summary = initialise(model, config, dataset, load_for_comparison)
     before = [str(t) for t in old_data.field2id_token["item_id"]]
     now = [str(t) for t in dataset.field2id_token["item_id"]]
     both, new, gone = set(before[1:]) & set(now[1:]), set(now[1:]) - set(before), set(before[1:]) - set(now)
@@ -225,13 +225,13 @@ def test_what_cannot_carry_over_is_refused_in_one_line_and_nothing_is_written(se
 
 def test_resume_from_wins_over_init_from_and_a_bad_value_is_one_line():
     from recbole_llm.checkpoint.init_from import check_init_from
-    from recbole_llm.checkpoint.loading import load_checkpoint
+    from recbole_llm.checkpoint.loading import load_for_comparison
 
     resumed = {"init_from": "gone.pth", "resume_from": "saved/x-latest.pth"}
-    assert check_init_from(resumed, "BERTRec", load_checkpoint) is None
-    assert check_init_from({"init_from": None}, "BERTRec", load_checkpoint) is None
+    assert check_init_from(resumed, "BERTRec", load_for_comparison) is None
+    assert check_init_from({"init_from": None}, "BERTRec", load_for_comparison) is None
     with pytest.raises(RecboleLLMError, match=r"init_from=5 is not a path"):
-        check_init_from({"init_from": 5}, "BERTRec", load_checkpoint)
+        check_init_from({"init_from": 5}, "BERTRec", load_for_comparison)
 
 
 def test_a_bundled_model_and_its_installed_folder_are_the_same_model():
@@ -250,16 +250,23 @@ def test_the_text_model_is_known_by_its_weights_not_its_folder(serving_artifacts
     import shutil
 
     from recbole_llm.checkpoint.init_from import check_init_from
-    from recbole_llm.checkpoint.loading import load_checkpoint
+    from recbole_llm.checkpoint.loading import load_for_comparison
     from recbole_llm.export.pipeline import load_for_export
     from recbole_llm.model.backbone import resolve_pretrained
 
-    checkpoint = serving_artifacts["catalogue_checkpoint"]
+    from recbole_llm.checkpoint.format import atomic_save, load
+
     moved = tmp_path / "moved-minilm"
     shutil.copytree(resolve_pretrained(CATALOGUE_MODEL["text_model_name_or_path"]), moved)
+    state = load(serving_artifacts["catalogue_checkpoint"])  # trained with a text model whose folder is gone now
+    state["config"].final_config_dict["text_model_name_or_path"] = str(tmp_path / "gone-minilm")
+    checkpoint = tmp_path / "trained-elsewhere.pth"
+    atomic_save(state, checkpoint)
+    with pytest.raises(RecboleLLMError, match=r"the checkpoint's text model '.*gone-minilm' is neither a folder here"):
+        load_for_export(checkpoint)  # evaluate and export load by its name: a name that is no folder is refused
     final = Config(model="BERTRec", dataset="ml-grown", config_dict=grown_config(
         grown, tmp_path, checkpoint, text_model_name_or_path=str(moved))).final_config_dict
-    assert check_init_from(final, "BERTRec", load_checkpoint)["config"]["dataset"] == "ml-tiny"
+    assert check_init_from(final, "BERTRec", load_for_comparison)["config"]["dataset"] == "ml-tiny"
     _, model, _, _ = load_for_export(checkpoint, {"text_model_name_or_path": str(moved)})
     assert model.text_model_name_or_path == str(moved)
 

@@ -52,7 +52,8 @@ def check_init_from(final: dict, model: str | None, load: Callable[[str], dict])
     """The checkpoint ``init_from`` names, loaded safely and checked against this run's config before any data
     is read: one-line errors for a missing or refused file, a model RecBole owns, another model class, or
     another encoder or item representation. None when ``init_from`` is unset. ``load``: the allow-listed
-    loader (:func:`recbole_llm.checkpoint.loading.load_checkpoint`), passed in by the caller.
+    loader for a checkpoint whose model names are only compared
+    (:func:`recbole_llm.checkpoint.loading.load_for_comparison`), passed in by the caller.
 
     Raises ConfigError or CheckpointError (the allow-listed loader's refusals).
     """
@@ -67,10 +68,7 @@ def check_init_from(final: dict, model: str | None, load: Callable[[str], dict])
                           "from scratch (remove init_from)")
     if not os.path.isfile(path):
         raise CheckpointError(f"init_from '{path}' is not a file: pass a .pth checkpoint a plugin model saved")
-    from recbole_llm.checkpoint.loading import names_compared_only
-
-    with names_compared_only():  # this run's settings load the models; the checkpoint's names are only compared
-        checkpoint = load(path)  # the allow-listed loader: refusals are one line
+    checkpoint = load(path)  # the allow-listed loader: refusals are one line
     trained = checkpoint["config"]
     name = trained["model"]
     if name not in PLUGIN_MODELS:
@@ -96,8 +94,7 @@ def _check_text_model(path: str, checkpoint: dict, final: dict) -> None:
     """The text model that embedded the checkpoint's item texts is this run's: the same weights (their SHA-256,
     saved with the frozen text path; a model moved to another folder is the same model), or, for checkpoints
     saved before the digest, the same model by name. Raises CheckpointError."""
-    from recbole_llm.model.backbone import canonical_model
-    from recbole_llm.model.text_path import TEXT_MODEL_HASH, text_model_digest
+    from recbole_llm.model.backbone import TEXT_MODEL_HASH, canonical_model, text_model_digest
 
     item_repr = final.get("item_repr")
     if not (isinstance(item_repr, str) and "text" in item_repr.lower()):

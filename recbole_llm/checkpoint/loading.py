@@ -116,6 +116,13 @@ def names_compared_only() -> Iterator[None]:
         _NAMES_COMPARED_ONLY.reset(token)
 
 
+def load_for_comparison(path: str | os.PathLike) -> dict:
+    """:func:`load_checkpoint` for init_from: this run's own settings build and load every model, so the
+    checkpoint's model names are only compared with them, not required to be folders here."""
+    with names_compared_only():
+        return load_checkpoint(path)
+
+
 def _check_values(final: dict, overrides: dict) -> None:
     """The checks a run's Config gets, on a checkpoint's; and no encoder fetched because a checkpoint names it."""
     import torch

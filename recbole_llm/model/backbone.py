@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from recbole_llm.errors import ConfigError
+from recbole_llm.model.frozen import tensor_sha256
 from recbole_llm.settings import integer, number
 
 DEFAULT_PRETRAINED = "sentence-transformers/all-MiniLM-L6-v2"
@@ -219,6 +220,20 @@ def load_text_encoder(name_or_path: str):
         encoder = AutoModel.from_pretrained(resolved)
     encoder.eval().requires_grad_(False)
     return encoder
+
+
+# the state-dict entry naming (SHA-256 of its weights) the frozen text model that embedded the item texts
+TEXT_MODEL_HASH = "text_model_sha256"
+
+
+def weights_digest(module) -> bytes:
+    """The SHA-256 (32 bytes) of a module's weights, names and bytes: which text model embedded the item texts."""
+    return bytes.fromhex(tensor_sha256(sorted(module.state_dict().items())))
+
+
+def text_model_digest(name_or_path: str) -> bytes:
+    """:func:`weights_digest` of the text model ``name_or_path`` as :func:`load_text_encoder` loads it."""
+    return weights_digest(load_text_encoder(name_or_path))
 
 
 def build_encoder(config: Any):

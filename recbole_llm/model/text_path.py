@@ -17,23 +17,9 @@ import torch
 from torch import nn
 
 from recbole_llm.errors import CheckpointError
-from recbole_llm.model.backbone import load_text_encoder, pretrained_config, resolve_pretrained
-from recbole_llm.model.frozen import tensor_sha256
+from recbole_llm.model.backbone import (TEXT_MODEL_HASH, load_text_encoder, pretrained_config, resolve_pretrained,
+                                        weights_digest)
 from recbole_llm.model.item_text import TokenBag, item_texts, mean_pool, text_vectors, tokenize_items
-
-# the state-dict entry naming (SHA-256 of its weights) the frozen text model that embedded the item texts
-TEXT_MODEL_HASH = "text_model_sha256"
-
-
-def weights_digest(module: nn.Module) -> bytes:
-    """The SHA-256 (32 bytes) of a module's weights, names and bytes: which text model embedded the item texts."""
-    return bytes.fromhex(tensor_sha256(sorted(module.state_dict().items())))
-
-
-def text_model_digest(name_or_path: str) -> bytes:
-    """:func:`weights_digest` of the text model ``name_or_path`` as the frozen text path loads it."""
-    return weights_digest(load_text_encoder(name_or_path))
-
 
 def projection_start(vectors: torch.Tensor, hidden: int, scale: float) -> torch.Tensor:
     """The text projection's starting weight ``[hidden, text_width]`` for unit text vectors ``[n, text_width]``.

@@ -75,9 +75,9 @@ def wrap_set_default_parameters(original):
             training_rows(final)  # the dataset cuts its training rows by these once the data is loaded
         if final.get("init_from") is not None:  # before any data is read or log written: one line, exit 2
             from recbole_llm.checkpoint.init_from import check_init_from
-            from recbole_llm.checkpoint.loading import load_checkpoint
+            from recbole_llm.checkpoint.loading import load_for_comparison
 
-            check_init_from(final, self.model, load_checkpoint)
+            check_init_from(final, self.model, load_for_comparison)
         if "show_progress" not in self.external_config_dict and not sys.stderr.isatty():
             # RecBole's overall.yaml turns tqdm's bars on: redirected to a log they make one line of tens of
             # thousands of characters. Unless the user asked, bars show on a terminal only.

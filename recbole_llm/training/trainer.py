@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from recbole_llm.training import distributed
 from recbole_llm.training.augment import SequenceAugmenter
-from recbole_llm.checkpoint.loading import load_checkpoint, read_once
+from recbole_llm.checkpoint.loading import load_for_comparison, read_once
 from recbole_llm.checkpoint import lineage
 from recbole_llm.checkpoint.format import atomic_save
 from recbole_llm.errors import ConfigError, RecboleLLMError
@@ -174,7 +174,7 @@ class PluginTrainer(Trainer):
         elif self.config["init_from"] and self._resumed_state is None:
             from recbole_llm.checkpoint.init_from import initialise
 
-            self.logger.info(initialise(self.model, self.config, train_data._dataset, load_checkpoint))
+            self.logger.info(initialise(self.model, self.config, train_data._dataset, load_for_comparison))
         if self._resumed_state is not None:
             self._restore_random_state(self._resumed_state.get("random_state"))
             if self.start_epoch >= self.epochs:
