@@ -166,6 +166,7 @@ def initialise(model: Any, config: Any, dataset: Any, load: Callable[[str], dict
     })
     new, dropped = len(now) - 1 - carried, len(before) - 1 - carried
     start = "from their text" if "text" in (model.item_repr or "") else "as a fresh model starts them"
-    weights = sum(1 for name in state if not name.startswith(("item_embedding", "item_trained", "token_bag")))
-    return (f"init_from {os.path.basename(path)}: {weights} weight tensors carried over (encoder, adapters, "
-            f"projections); items: {carried} carried by token, {new} new ({start}), {dropped} dropped")
+    weights = [name for name in state if not name.startswith(("item_embedding", "item_trained", "token_bag"))]
+    parts = sorted({name.split(".")[0] for name in weights if "." in name})  # the modules: encoder, projections ...
+    return (f"init_from {os.path.basename(path)}: {len(weights)} weight tensors carried over ({', '.join(parts)}); "
+            f"items: {carried} carried by token, {new} new ({start}), {dropped} dropped")

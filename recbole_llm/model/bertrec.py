@@ -141,12 +141,8 @@ class BERTRec(ItemTextPath, SequentialRecommender):
         self.item_text_max_tokens = integer("item_text_max_tokens", config["item_text_max_tokens"], example=32)
         fields = config["item_text_fields"]
         self.item_text_fields: list[str] = names("item_text_fields", fields, "[movie_title, class]")
-        if "text" in self.item_repr and not self.item_text_fields:
-            raise ConfigError(
-                f"item_text_fields={fields!r} but item_repr={self.item_repr!r} needs item text: set "
-                "item_text_fields, e.g. [movie_title, class] on ml-100k"
-            )
-        # the sentence encoder that embeds item text (null: the sequence encoder's pretrained model)
+        # the sentence encoder that embeds item text (null: the sequence encoder's pretrained model); item text
+        # without item_text_fields is refused there
         self.text_model_name_or_path: str | None = text_model(config)
         # the ID part of id+text: capped relative to the text vector, dropped in training (text-anchored items)
         self.id_max_norm, self.id_dropout_prob, self.text_token_bag = anchor_settings(config)

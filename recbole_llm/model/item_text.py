@@ -67,7 +67,7 @@ def text_model(config) -> str | None:
     """The sentence encoder that embeds item text: ``text_model_name_or_path``, or (null) the sequence encoder's
     ``pretrained_model_name_or_path``; None when neither is set. Checked when the Config is built (before any
     data is read) and by the model: one-line ConfigError naming the key and a valid value for a value that is not
-    a name, the key set without item text, no pretrained model at all for item text (a random sequence encoder
+    a name, the key set without item text, item text without item_text_fields, no pretrained model at all for item text (a random sequence encoder
     without a text model), ``text_encoder: trained`` (texts run through the sequence encoder) with another text
     model, and a text model that cannot embed text (:func:`check_text_encoder`). Its width may differ from the
     sequence encoder's: a linear map joins them.
@@ -85,6 +85,10 @@ def text_model(config) -> str | None:
                               "none: set item_repr: id+text (or text) with item_text_fields, or leave "
                               "text_model_name_or_path unset")
         return model  # no item text: nothing reads it
+    fields = read("item_text_fields")
+    if not fields:
+        raise ConfigError(f"item_text_fields={fields!r} but item_repr={item_repr!r} needs item text: set "
+                          "item_text_fields, e.g. [movie_title, class] on ml-100k")
     if model is None:
         raise ConfigError(
             f"item_repr={item_repr!r} embeds item text with a pretrained sentence encoder, but the sequence encoder "
