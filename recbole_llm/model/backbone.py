@@ -9,6 +9,7 @@ the default loads offline on a fresh machine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from typing import Any, Iterator
@@ -231,8 +232,10 @@ def weights_digest(module) -> bytes:
     return bytes.fromhex(tensor_sha256(sorted(module.state_dict().items())))
 
 
+@functools.lru_cache(maxsize=4)
 def text_model_digest(name_or_path: str) -> bytes:
-    """:func:`weights_digest` of the text model ``name_or_path`` as :func:`load_text_encoder` loads it."""
+    """:func:`weights_digest` of the text model ``name_or_path`` as :func:`load_text_encoder` loads it; once per
+    process and name (init_from checks it when the Config is built and again when the weights are taken)."""
     return weights_digest(load_text_encoder(name_or_path))
 
 
