@@ -31,6 +31,9 @@ from recbole_llm.model import catalog
 from recbole_llm.errors import CheckpointError
 
 FORMAT_KEY = "recbole_llm.checkpoint"  # the safetensors metadata key holding the JSON
+# SHA-256 of that JSON and every tensor's bytes: a flipped bit that still parses is caught on load.
+# Files written before it have none and load as they are.
+DIGEST_KEY = "recbole_llm.checkpoint.sha256"
 FORMAT_VERSION = 1
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on a header
 # The JSON beside the tensors: a Config with the id maps of a few million users and items fits.
@@ -185,6 +188,21 @@ def decode_config(data: Any, tensors: dict, used: set) -> Any:
 # files
 
 
+def content_digest(text: str, tensors: dict) -> str:
+    """SHA-256 (hex) of a checkpoint's JSON ``text`` and its ``tensors`` (name -> tensor): names in order, each
+    with its dtype, shape and raw bytes, so any change to a value, a name or a layout changes it."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(text.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def to_bytes(state: dict) -> bytes:
     """``state`` (a trainer's checkpoint dict, ``config`` a RecBole ``Config``) as safetensors bytes."""
     from safetensors.torch import save
@@ -192,8 +210,8 @@ def to_bytes(state: dict) -> bytes:
     encoder = _Encoder()
     data = {key: encode_config(value, encoder) if key == "config" else encoder.encode(value, key)
             for key, value in state.items()}
-    metadata = {FORMAT_KEY: json.dumps({"version": FORMAT_VERSION, "checkpoint": data})}
-    return save(encoder.tensors, metadata=metadata)
+    text = json.dumps({"version": FORMAT_VERSION, "checkpoint": data})
+    return save(encoder.tensors, metadata={FORMAT_KEY: text, DIGEST_KEY: content_digest(text, encoder.tensors)})
 
 
 def atomic_save(state: dict, path: str | os.PathLike) -> None:
@@ -232,7 +250,8 @@ def atomic_save(state: dict, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, map_location: Any = None) -> dict:
     """A checkpoint written by :func:`atomic_save`, with tensors on ``map_location`` (a device or its name;
-    anything else: the CPU). Raises ValueError for a file that is not one (the caller words the error)."""
+    anything else: the CPU). Raises CheckpointError (one line) for a file changed since it was saved, and
+    ValueError for a file that is not one (the caller words the error)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -253,7 +272,12 @@ def load(path: str | os.PathLike, map_location: Any = None) -> dict:
     if unknown:
         raise ValueError(f"fields a trainer never writes: {sorted(unknown)[:3]}")
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
-    tensors = load_file(path, device=str(device))
+    tensors = load_file(path)  # on the CPU: checked there, then moved
+    if DIGEST_KEY in metadata and content_digest(metadata[FORMAT_KEY], tensors) != metadata[DIGEST_KEY]:
+        raise CheckpointError(f"'{path}' is damaged: its contents do not match the SHA-256 saved with them; "
+                              "copy it again or use another checkpoint")
+    if str(device) != "cpu":
+        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     used: set[str] = set()
     checkpoint = {key: decode_config(value, tensors, used) if key == "config" else _decode(value, tensors, used)
                   for key, value in header["checkpoint"].items()}
