@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -75,7 +76,9 @@ def test_lora_on_the_pretrained_encoder_trains_under_two_percent(base_config):
     encoder = sum(p.numel() for p in model.encoder.parameters())
     assert adapter / encoder <= 0.02, (adapter, encoder)
     trainable, total, _ = model.parameter_counts()
-    assert f"Trainable parameters: {trainable} of {total}" in str(model)  # what RecBole logs at start
+    # what RecBole logs at start (colours aside): the plugin's one-line-per-part summary, not the module tree
+    summary = re.sub(r"\x1b\[[0-9;]*m", "", str(model))
+    assert summary.startswith("BERTLoRA: ") and f"Trainable parameters: {trainable} of {total}" in summary
 
 
 def checkpoint_of(model_name: str, config_dict: dict, tmp_path) -> tuple[str, object]:

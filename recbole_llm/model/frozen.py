@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from torch import nn
 
 from recbole_llm.errors import RecboleLLMError
 
@@ -41,11 +40,9 @@ class FrozenBackboneMixin:
         return trainable, total, encoder
 
     def __str__(self):
+        # the plugin model's one-line-per-part summary (encoder, item text, widths), then the trained share
         trainable, total, _ = self.parameter_counts()
-        return (
-            nn.Module.__str__(self)
-            + f"\nTrainable parameters: {trainable} of {total} ({100 * trainable / total:.2f}%)"
-        )
+        return super().__str__() + f" of {total} ({100 * trainable / total:.2f}%)"
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable tensors, everything outside the encoder, and the backbone's hash."""
