@@ -304,7 +304,8 @@ def _add_items(args: Sequence[str]) -> int:
         written = recommender.save(known.output or known.artifact, replace=known.output is None)
     except RecboleLLMError as error:
         return _fail(str(error))
-    used = sorted({name for fields_of in items.values() for name in fields_of})
+    present = {name for fields_of in items.values() for name in fields_of}  # in the model's order, as it joins them
+    used = [name for name in fields or sorted(present) if name in present]
     plural = "item" if len(items) == 1 else "items"
     print(f"added {len(items)} {plural} (text from {', '.join(used)}; {len(recommender.tokens) - 1} items in all); "
           f"wrote {written}")

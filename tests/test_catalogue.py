@@ -142,7 +142,7 @@ def test_add_items_command_writes_the_update_atomically(serving_artifacts, tmp_p
 
     in_place = subprocess.run([*command, str(artifact), str(items)], capture_output=True, text=True)
     assert in_place.returncode == 0, in_place.stderr
-    assert "text from class, movie_title" in in_place.stdout
+    assert "text from movie_title, class" in in_place.stdout  # the model's field order
     assert Recommender(artifact).tokens == updated.tokens[:-2] + ["early"] + updated.tokens[-2:]
     assert not [p for p in tmp_path.glob(".catalogue.*") if not p.name.endswith(".lock")]
     again = subprocess.run([*command, str(artifact), str(items)], capture_output=True, text=True)
