@@ -484,15 +484,19 @@ def test_a_damaged_pickle_free_checkpoint_fails_in_one_line(real_checkpoint, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["tensor", "json"])
+@pytest.mark.parametrize("where", ["tensor", "value", "key"])
 def test_a_checkpoint_changed_after_saving_is_refused(real_checkpoint, tmp_path, where):
-    """A change that still parses (one bit of a weight, one digit of a counter) would load as another model."""
+    """A change that still parses (one bit of a weight, one digit of a counter) would load as another model; one
+    that breaks a field's name is called damaged too, not "not a checkpoint"."""
     data = bytearray(real_checkpoint.read_bytes())
+    at = data.index(b'epoch\\": ')  # the JSON sits escaped in safetensors' header
     if where == "tensor":
         data[-1] ^= 0x01  # the data section ends the file: a bit of the last tensor
-    else:
-        at = data.index(b'epoch\\": ') + len(b'epoch\\": ')  # the JSON sits escaped in safetensors' header
+    elif where == "value":
+        at += len(b'epoch\\": ')
         data[at:at + 1] = b"7" if data[at:at + 1] != b"7" else b"6"
+    else:
+        data[at + 4:at + 5] = b"H"  # "epocH": a field no trainer writes
     changed = tmp_path / "changed.pth"
     changed.write_bytes(bytes(data))
     with pytest.raises(RecboleLLMError, match="is damaged: its contents do not match the SHA-256") as refused:

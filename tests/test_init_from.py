@@ -272,6 +272,8 @@ def test_the_text_model_is_known_by_its_weights_not_its_folder(serving_artifacts
     with pytest.raises(RecboleLLMError, match=r"the checkpoint's item text was embedded by '.*gone-minilm', so "
                                               r"text_model_name_or_path cannot be null for it"):
         load_for_export(checkpoint, {"text_model_name_or_path": None})  # not "use the default MiniLM"
+    with pytest.raises(RecboleLLMError, match="text_model_name_or_path cannot be null for it"):
+        load_for_export(checkpoint, {"text_model_name_or_path": "None"})  # as the command line gives it
 
     other = tmp_path / "other"  # as wide as the MiniLM (384), other weights
     from transformers import AutoTokenizer, BertConfig, BertModel

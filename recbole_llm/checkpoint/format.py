@@ -199,7 +199,8 @@ def content_digest(text: str, tensors: dict) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
     return digest.hexdigest()
 
 
@@ -263,6 +264,11 @@ def load(path: str | os.PathLike, map_location: Any = None) -> dict:
         raise ValueError("a safetensors file without a recbole_llm checkpoint header")
     if len(metadata[FORMAT_KEY]) > _JSON_LIMIT:
         raise ValueError(f"a header over {_JSON_LIMIT >> 20} MiB")
+    tensors = load_file(path)  # on the CPU: checked there, then moved
+    # the digest first: a damaged file is called damaged, whichever of its parts the damage reached
+    if DIGEST_KEY in metadata and content_digest(metadata[FORMAT_KEY], tensors) != metadata[DIGEST_KEY]:
+        raise CheckpointError(f"'{path}' is damaged: its contents do not match the SHA-256 saved with them; "
+                              "copy it again or use another checkpoint")
     header = json.loads(metadata[FORMAT_KEY])
     if not isinstance(header, dict) or header.get("version") != FORMAT_VERSION \
             or not isinstance(header.get("checkpoint"), dict):
@@ -272,10 +278,6 @@ def load(path: str | os.PathLike, map_location: Any = None) -> dict:
     if unknown:
         raise ValueError(f"fields a trainer never writes: {sorted(unknown)[:3]}")
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
-    tensors = load_file(path)  # on the CPU: checked there, then moved
-    if DIGEST_KEY in metadata and content_digest(metadata[FORMAT_KEY], tensors) != metadata[DIGEST_KEY]:
-        raise CheckpointError(f"'{path}' is damaged: its contents do not match the SHA-256 saved with them; "
-                              "copy it again or use another checkpoint")
     if str(device) != "cpu":
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     used: set[str] = set()

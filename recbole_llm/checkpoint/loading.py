@@ -94,7 +94,6 @@ def _made_safe(loaded: Any, f: Any) -> Any:
         _check_counters(loaded)
         follow_this_machine(config)
         overrides = _OVERRIDES.get() or {}
-        _check_text_model_kept(config.final_config_dict, overrides)
         apply_overrides(config, overrides)
         _check_values(config.final_config_dict, overrides)
     return loaded
@@ -122,18 +121,6 @@ def load_for_comparison(path: str | os.PathLike) -> dict:
     checkpoint's model names are only compared with them, not required to be folders here."""
     with names_compared_only():
         return load_checkpoint(path)
-
-
-def _check_text_model_kept(final: dict, overrides: dict) -> None:
-    """A checkpoint's item text vectors come from the text model it names: an override may say where that model
-    is now (a folder), never null (the sequence encoder's, or none) — the checks would then suggest some
-    other model."""
-    recorded = final.get("text_model_name_or_path")
-    if "text_model_name_or_path" in overrides and overrides["text_model_name_or_path"] is None \
-            and isinstance(recorded, str):
-        raise CheckpointError(
-            f"the checkpoint's item text was embedded by {recorded!r:.80}, so text_model_name_or_path cannot be null "
-            "for it: drop the override, or pass --text_model_name_or_path=DIR (a local copy of that model)")
 
 
 def _check_values(final: dict, overrides: dict) -> None:

@@ -9,7 +9,7 @@ import contextvars
 import os
 from typing import Any, Iterator
 
-from recbole_llm.errors import CheckpointError
+from recbole_llm.errors import CheckpointError, shown
 
 
 _OVERRIDES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("recbole_llm_overrides", default=None)
@@ -42,6 +42,13 @@ def apply_overrides(config: Any, overrides: dict | None) -> None:
                                   f"{key}={config[key]!r}")
         if key == "data_path":
             value = os.path.join(os.fspath(value), config["dataset"])
+        recorded = config.final_config_dict.get(key)
+        if key == "text_model_name_or_path" and value is None and isinstance(recorded, str):
+            # its item vectors come from that model: an override may say where it is now, not drop it (the
+            # checks would then suggest some other model)
+            raise CheckpointError(f"the checkpoint's item text was embedded by '{shown(recorded, 120)}', so "
+                                  "text_model_name_or_path cannot be null for it: drop the override, or pass "
+                                  "--text_model_name_or_path=DIR (a local copy of that model)")
         config.final_config_dict[key] = value
     check_config_values(config.final_config_dict)
 
