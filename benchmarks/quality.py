@@ -184,9 +184,9 @@ PROFILES["explore"] = {**PROFILES["converged"], "seeds": [2020], "workdir": "qua
 # 0.1821 at history 200), on item IDs alone and with item text from the whole all-MiniLM-L6-v2 (384 wide,
 # embedded once, projected to 64: decoupled widths), at history 200 and 50; patience 10, 3 seeds. RecBole's
 # GRU4Rec and SASRec (RecBole's tuned settings, history 50) last: their prefix rows make an epoch ~50x the
-# plugin's (each run resumes across sessions). No dropout on attention weights: torch draws a CPU random number
-# per attention weight (128 x 2 x 200 x 200 per layer and step, ~0.25 s each), and SDPA's fused CPU kernel runs
-# only without it — a step takes 1.4 s instead of 2.2 (measured side by side in one process on this machine).
+# plugin's (each run resumes across sessions). No dropout on attention weights (SASRec+ has 0.1): chosen for
+# speed, since torch draws a CPU random number per attention weight and SDPA's fused CPU kernel runs only
+# without it (the first batches: 1.4 s a step against 2.2), but a whole epoch costs ~100 CPU-s either way here.
 _ML1M = {"train_positions": "all", "train_batch_size": 128, "learning_rate": 0.001,
          "pretrained_model_name_or_path": None, "backbone_layers": None, "hidden_size": 64, "n_layers": 2,
          "n_heads": 2, "inner_size": 256, "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.0}
