@@ -4,7 +4,7 @@ An entry is a :class:`Patch`: the RecBole module or class attribute it replaces,
 the replacement from RecBole's own, and the RecBole 1.2.1 source line it answers. The bodies live with
 their topic (:mod:`recbole_llm.patches.stack`: today's stack; :mod:`recbole_llm.patches.config`,
 :mod:`recbole_llm.patches.data` and :mod:`recbole_llm.patches.evaluator`: Config, datasets and evaluation,
-with one-line errors; :mod:`recbole_llm.patches.checkpoints`:
+with one-line errors; :mod:`recbole_llm.patches.seen_items`: ``repeatable: False`` for sequential models; :mod:`recbole_llm.patches.checkpoints`:
 safe, read-once loading; :mod:`recbole_llm.patches.models`: the plugin's models and RecBole's Pop; :mod:`recbole_llm.training.distributed`:
 DDP on CPU; :mod:`recbole_llm.training.metrics`: the plugin's metrics; the export hook here); this module only
 installs them, in the order :func:`patches` lists.
@@ -94,8 +94,9 @@ def patches() -> list[Patch]:
     """
     from recbole.config.configurator import Config
     from recbole.data import utils as data_utils
-    from recbole.data.dataloader.general_dataloader import NegSampleEvalDataLoader
+    from recbole.data.dataloader.general_dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
     from recbole.data.dataset.dataset import Dataset
+    from recbole.data.dataset.sequential_dataset import SequentialDataset
     from recbole.evaluator.collector import Collector
     from recbole.evaluator.evaluator import Evaluator
     from recbole.model.abstract_recommender import AbstractRecommender, SequentialRecommender
@@ -106,7 +107,7 @@ def patches() -> list[Patch]:
     from recbole.utils import utils
 
     from recbole_llm.patches import checkpoints as checkpoint
-    from recbole_llm.patches import config, data, evaluator, stack
+    from recbole_llm.patches import config, data, evaluator, seen_items, stack
     from recbole_llm.patches import models as registry
     from recbole_llm.training import distributed, metrics
 
@@ -128,7 +129,8 @@ def patches() -> list[Patch]:
         # After the property files: the checks read the merged values (defaults from the plugin's YAMLs).
         Patch(Config, "_set_default_parameters", config.wrap_set_default_parameters,
               "recbole/config/configurator.py:327/346 Config._set_default_parameters: CE with RecBole's default "
-              "sampler fails, values fail late; CE gets no sampling, values and encoder limits checked first"),
+              "sampler fails, values fail late; CE gets no sampling, values and encoder limits checked first; "
+              "line 378 refuses repeatable: False for sequential models: accepted (seen_items masks)"),
         # One wrapper for both concerns: gloo set-up needs dist_backend, anomaly detection detect_anomaly.
         Patch(Config, "_init_device", config.wrap_init_device,
               "recbole/config/configurator.py:476/494 Config._init_device hard-codes nccl (no DDP on CPU), and "
@@ -151,6 +153,13 @@ def patches() -> list[Patch]:
               "recbole/data/utils.py:28/61 create_dataset pickle.loads <checkpoint_dir>/<dataset>-<Class>.pth if "
               "it exists: only a named dataset_save_path; and the data's ids are recorded or checked",
               also=_modules("recbole.data", "recbole.quick_start.quick_start")),
+        Patch(SequentialDataset, "data_augmentation", seen_items.wrap_data_augmentation,
+              "recbole/data/dataset/sequential_dataset.py:77 data_augmentation keeps only the last "
+              "MAX_ITEM_LIST_LENGTH items of a row's history: with repeatable: False each user's whole sequence "
+              "and each row's full history length are kept too"),
+        Patch(FullSortEvalDataLoader, "collate_fn", seen_items.wrap_full_sort_collate_fn,
+              "recbole/data/dataloader/general_dataloader.py:258/282 FullSortEvalDataLoader.collate_fn gives "
+              "sequential rows no history to mask: with repeatable: False every earlier item of the user"),
         Patch(NegSampleEvalDataLoader, "collate_fn", evaluator.wrap_eval_collate_fn,
               "recbole/data/dataloader/general_dataloader.py:150/180 NegSampleEvalDataLoader.collate_fn samples "
               "evaluation negatives from numpy's global generator, new ones at every evaluation (RecBole#2077): "

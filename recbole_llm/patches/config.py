@@ -21,6 +21,7 @@ import sys
 
 from recbole_llm.errors import ConfigError
 from recbole_llm.config import check_config_values, plain_values
+from recbole_llm.patches import seen_items
 
 
 def _check_yaml_file(path: str, loader) -> None:
@@ -82,7 +83,8 @@ def wrap_set_default_parameters(original):
             # RecBole's overall.yaml turns tqdm's bars on: redirected to a log they make one line of tens of
             # thousands of characters. Unless the user asked, bars show on a terminal only.
             final["show_progress"] = False
-        original(self)
+        with seen_items.not_repeatable_accepted(final):  # repeatable: False for sequential models too
+            original(self)
 
     return _set_default_parameters
 

@@ -1,0 +1,98 @@
+"""``repeatable: False`` for sequential models (recbole_llm.patches.seen_items): full-ranking evaluation masks
+every item the user had before the row's target, also the ones older than MAX_ITEM_LIST_LENGTH, never the
+target itself; RecBole's default (``repeatable: True``) masks nothing, as before.
+
+The expected histories come from the atomic file itself (each user's rows in time order, file order among
+equal times, as RecBole's stable sort leaves them), not from the code under test.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_model, get_trainer, init_seed
+
+WINDOW = 5  # far shorter than the slice's histories: most masked items are outside the row's item list
+
+
+def histories_from_file(data_root, name: str) -> dict[str, list[str]]:
+    """Each user's item tokens in time order, read from ``name.inter``."""
+    header, *rows = (data_root / name / f"{name}.inter").read_text().splitlines()
+    fields = [field.split(":")[0] for field in header.split("\t")]
+    records = [dict(zip(fields, row.split("\t"))) for row in rows]
+    by_user = collections.defaultdict(list)
+    for place, record in enumerate(records):
+        by_user[record["user_id"]].append((float(record["timestamp"]), place, record["item_id"]))
+    return {user: [item for *_, item in sorted(events)] for user, events in by_user.items()}
+
+
+def prepared(model: str, settings: dict):
+    config = Config(model=model, dataset="ml-tiny", config_dict=settings)
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    return config, dataset, data_preparation(config, dataset)
+
+
+def masked_by_row(loader) -> list[tuple[str, str, set[str]]]:
+    """(user token, target token, masked item tokens) for every row the loader yields."""
+    dataset = loader._dataset
+    found = []
+    for interaction, history, _, _ in loader:
+        rows, items = history
+        for row in range(len(interaction)):
+            masked = {dataset.id2token(dataset.iid_field, int(i)) for i in items[rows == row]}
+            found.append((dataset.id2token(dataset.uid_field, int(interaction[dataset.uid_field][row])),
+                          dataset.id2token(dataset.iid_field, int(interaction[dataset.iid_field][row])), masked))
+    return found
+
+
+@pytest.mark.parametrize("model", ["SASRec", "BERTRec"])
+def test_not_repeatable_masks_every_earlier_item_of_the_user_and_never_the_target(model, tiny_bert, data_root):
+    settings = {**tiny_bert, "MAX_ITEM_LIST_LENGTH": WINDOW, "repeatable": False}
+    if model == "BERTRec":  # the plugin's training windows: rows of the training split are cut, not the history
+        settings["train_positions"] = "all"
+    config, _, (_, valid, test) = prepared(model, settings)
+    assert config["repeatable"] is False
+    histories = histories_from_file(data_root, "ml-tiny")
+    longer = 0
+    for loader, back in ((valid, 2), (test, 1)):
+        rows = masked_by_row(loader)
+        assert len(rows) == len(histories)
+        for user, target, masked in rows:
+            items = histories[user]
+            assert target == items[-back]
+            assert masked == set(items[:-back]) - {target}, user
+            longer += len(items) - back > WINDOW
+    assert longer > len(histories)  # most rows' histories reach past the item list
+
+
+def test_repeatable_by_default_masks_nothing_and_masking_only_raises_ranking_metrics(tiny_bert):
+    settings = {**tiny_bert, "MAX_ITEM_LIST_LENGTH": WINDOW}
+    config, dataset, (train, _, test) = prepared("BERTRec", settings)
+    assert config["repeatable"] is True
+    _, history, _, _ = next(iter(test))
+    assert history is None
+
+    masked_config, _, (_, _, masked_test) = prepared("BERTRec", {**settings, "repeatable": False})
+    init_seed(2020, True)
+    model = get_model("BERTRec")(config, train._dataset)
+    results = {}
+    for name, (cfg, loader) in {"all": (config, test), "unseen": (masked_config, masked_test)}.items():
+        trainer = get_trainer(cfg["MODEL_TYPE"], "BERTRec")(cfg, model)
+        results[name] = trainer.evaluate(loader, load_best_model=False, show_progress=False)
+        batch = next(iter(loader))
+        _, scores, _, _ = trainer._full_sort_batch_eval(batch)
+        if name == "unseen":  # RecBole's own masking, with the plugin's index: no seen item in any top 10
+            rows, items = batch[1]
+            assert torch.isinf(scores[rows, items]).all()
+            top = scores.topk(10).indices
+            seen = torch.zeros_like(scores, dtype=torch.bool)
+            seen[rows, items] = True
+            assert not seen.gather(1, top).any()
+    # masking items that are never the target can only move the target up
+    assert results["unseen"]["ndcg@10"] >= results["all"]["ndcg@10"]
+    assert results["unseen"]["recall@10"] >= results["all"]["recall@10"]
