@@ -26,6 +26,8 @@ import contextlib
 import functools
 from typing import Iterator
 
+from recbole_llm.errors import DataError
+
 FULL_LENGTH_FIELD = "full_item_length"  # the user's items before a row's target, however many (not cut)
 
 
@@ -97,6 +99,9 @@ def wrap_full_sort_collate_fn(original):
             first = torch.repeat_interleave(starts[interaction[dataset.uid_field]] - torch.cumsum(lengths, 0)
                                             + lengths, lengths)
             seen = items[first + torch.arange(len(rows))]
+        elif not dataset.config["benchmark_filename"]:  # never silently mask less than the whole history
+            raise DataError("repeatable: False: this dataset was built without its users' whole histories (saved "
+                            "with repeatable: True?); rebuild it with repeatable: False")
         else:  # pre-split data: each row's own item list is the history it was given
             item_list = interaction[dataset.item_id_list_field]
             length = interaction[dataset.item_list_length_field]
