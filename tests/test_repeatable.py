@@ -96,3 +96,16 @@ def test_repeatable_by_default_masks_nothing_and_masking_only_raises_ranking_met
     # masking items that are never the target can only move the target up
     assert results["unseen"]["ndcg@10"] >= results["all"]["ndcg@10"]
     assert results["unseen"]["recall@10"] >= results["all"]["recall@10"]
+
+
+def test_not_repeatable_keeps_recboles_sequential_sampler_for_negatives(tiny_bert):
+    """Only full ranking's mask changes: BPR's training negatives and uni100's evaluation negatives still come
+    from RecBole's sequential sampler, not from one that leaves out every item of the user's split."""
+    from recbole.sampler import RepeatableSampler
+
+    settings = {**tiny_bert, "MAX_ITEM_LIST_LENGTH": WINDOW, "repeatable": False, "loss_type": "BPR",
+                "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1},
+                "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "uni100"}}
+    config, _, loaders = prepared("SASRec", settings)
+    assert config["repeatable"] is False
+    assert all(type(loader._sampler) is RepeatableSampler for loader in loaders)

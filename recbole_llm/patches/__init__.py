@@ -153,6 +153,10 @@ def patches() -> list[Patch]:
               "recbole/data/utils.py:28/61 create_dataset pickle.loads <checkpoint_dir>/<dataset>-<Class>.pth if "
               "it exists: only a named dataset_save_path; and the data's ids are recorded or checked",
               also=_modules("recbole.data", "recbole.quick_start.quick_start")),
+        Patch(data_utils, "create_samplers", seen_items.wrap_create_samplers,
+              "recbole/data/utils.py:333/351 create_samplers picks the non-repeatable Sampler by repeatable, which "
+              "sequential models never had: with repeatable: False they keep RecBole's RepeatableSampler",
+              also=_modules("recbole.data")),
         Patch(SequentialDataset, "data_augmentation", seen_items.wrap_data_augmentation,
               "recbole/data/dataset/sequential_dataset.py:77 data_augmentation keeps only the last "
               "MAX_ITEM_LIST_LENGTH items of a row's history: with repeatable: False each user's whole sequence "

@@ -9,7 +9,8 @@ the user already rated. Published sequential results on MovieLens mostly mask th
 Vasilev, RecSys 2023, ``filter_seen: True``; MovieLens users never rate a movie twice), which is why RecBole's
 sequential figures and theirs do not compare. With ``repeatable: False``:
 
-- the Config accepts it for sequential models (``repeatable: True``, RecBole's default, is unchanged);
+- the Config accepts it for sequential models (``repeatable: True``, RecBole's default, is unchanged), and
+  negative sampling (BPR training, ``uniN`` evaluation) stays RecBole's sequential sampler;
 - ``SequentialDataset.data_augmentation`` also records each user's whole item sequence in time order and, per
   row, :data:`FULL_LENGTH_FIELD`: how many of the user's items come before the row's target (``item_length``
   counts only the last ``MAX_ITEM_LIST_LENGTH`` of them);
@@ -38,10 +39,11 @@ def _sequential_not_repeatable(config) -> bool:
 
 
 @contextlib.contextmanager
-def not_repeatable_accepted(final: dict) -> Iterator[None]:
+def not_repeatable_accepted(final) -> Iterator[None]:
     """Around ``Config._set_default_parameters`` (:func:`recbole_llm.patches.config.wrap_set_default_parameters`,
-    the one wrapper of that method): RecBole's refusal of ``repeatable: False`` for sequential models
-    (configurator.py:378) sees True, and the value stays False."""
+    the one wrapper of that method) and ``create_samplers``: what RecBole decides by ``repeatable`` for
+    sequential models (its refusal at configurator.py:378, its sampler) sees True, and the value stays False.
+    ``final``: the Config or its dict."""
     masked = _sequential_not_repeatable(final)
     if masked:
         final["repeatable"] = True
@@ -50,6 +52,20 @@ def not_repeatable_accepted(final: dict) -> Iterator[None]:
     finally:
         if masked:
             final["repeatable"] = False
+
+
+def wrap_create_samplers(original):
+    """``create_samplers`` keeps RecBole's ``RepeatableSampler`` for sequential models with ``repeatable: False``:
+    RecBole picks the non-repeatable ``Sampler`` by the key (``data/utils.py:316``), which would leave out of
+    training negatives (BPR) and sampled evaluation (``uniN``) every item of the user's split, later ones
+    included; only full-ranking evaluation's mask changes."""
+
+    @functools.wraps(original)
+    def create_samplers(config, dataset, built_datasets):
+        with not_repeatable_accepted(config):
+            return original(config, dataset, built_datasets)
+
+    return create_samplers
 
 
 def wrap_data_augmentation(original):
