@@ -46,7 +46,7 @@ def frozen_and_trainable(model):
 @pytest.mark.parametrize("model_name", list(PEFT_VARIANTS))
 def test_backbone_stays_frozen_adapters_learn_beyond_popularity(model_name, tiny_bert, pop_ndcg):
     # every position of each window of 20 trained: on ml-100k, a few seconds an epoch for the tiny encoder
-    settings = bundled({**tiny_bert, **PEFT_VARIANTS[model_name], "epochs": 8, "learning_rate": 0.002,
+    settings = bundled({**tiny_bert, **PEFT_VARIANTS[model_name], "epochs": 5, "learning_rate": 0.002,
                         "train_positions": "all", "train_batch_size": 16})
     config, model, train_data, valid_data, test_data = build(model_name, settings, dataset=LEARNING_DATASET)
     frozen_before, adapters_before = frozen_and_trainable(model)
