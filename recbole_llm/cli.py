@@ -139,10 +139,12 @@ def _evaluate(args: Sequence[str]) -> int:
     sys.argv = sys.argv[:1]
     try:
         with config_overrides(overrides):
-            config, model, _, _, _, test_data = load_data_and_model(known.checkpoint)
+            config, model, _, train_data, _, test_data = load_data_and_model(known.checkpoint)
     except RecboleLLMError as error:
         return _fail(str(error))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    # what Trainer.fit does first: metrics that need the training data (TailNDCG's item counts) get it
+    trainer.eval_collector.data_collect(train_data)
     result = trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"])
     trainer.logger.info(set_color("test result", "yellow") + f": {result}")
     return 0

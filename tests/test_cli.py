@@ -39,6 +39,12 @@ def test_run_trains_and_prints_best_valid_and_test(data_root, tmp_path):
     evaluated = cli("evaluate", f"--checkpoint={checkpoint}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "test result" in evaluated.stdout + evaluated.stderr
+    # a checkpoint re-scored with other metrics, the plugin's tail ones (they need the training split's item
+    # counts) and seen items masked
+    evaluated = cli("evaluate", f"--checkpoint={checkpoint}", "--metrics=['NDCG','TailNDCG']", "--repeatable=False")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    log = evaluated.stdout + evaluated.stderr
+    assert "tailndcg@10" in log and "repeatable = False" in log
 
 
 @pytest.mark.slow
