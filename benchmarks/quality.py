@@ -198,7 +198,7 @@ for _length in (200, 50):
         "MAX_ITEM_LIST_LENGTH": _length})
 # repeatable: False masks each user's earlier items in evaluation (recbole_llm.patches.seen_items), as SASRec+'s
 # filter_seen does: RecBole's sequential evaluation ranks them too, which cost these runs a third of their
-# NDCG@10 against the published rows (one checkpoint: valid 0.1137 unmasked, 0.1725 masked).
+# NDCG@10 against the published rows (one checkpoint: test 0.1157 unmasked, 0.1743 masked; docs/results.md).
 PROFILES["ml-1m"] = {**PROFILES["converged"], "datasets": ["ml-1m"], "report": "quality_ml1m",
                      "config": {**PROFILES["converged"]["config"], "stopping_step": 10, "eval_batch_size": 1024,
                                 "repeatable": False},
