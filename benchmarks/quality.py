@@ -187,7 +187,10 @@ PROFILES["explore"] = {**PROFILES["converged"], "seeds": [2020], "workdir": "qua
 # plugin's (each run resumes across sessions). No dropout on attention weights (SASRec+ has 0.1): chosen for
 # speed, since torch draws a CPU random number per attention weight and SDPA's fused CPU kernel runs only
 # without it (the first batches: 1.4 s a step against 2.2), but a whole epoch costs ~100 CPU-s either way here.
-_ML1M = {"train_positions": "all", "train_batch_size": 128, "learning_rate": 0.001,
+# Batch 32, not SASRec+'s 128: an epoch costs the same (~95 CPU-s: the full softmax over every position) but
+# makes 4x the optimizer steps, and validation NDCG@10 climbs ~2.5x faster per epoch (seed 2020 on IDs: 0.1698
+# after 14 epochs, where batch 128 needed 35 to reach 0.1720), which is what lets 12 runs converge here.
+_ML1M = {"train_positions": "all", "train_batch_size": 32, "learning_rate": 0.001,
          "pretrained_model_name_or_path": None, "backbone_layers": None, "hidden_size": 64, "n_layers": 2,
          "n_heads": 2, "inner_size": 256, "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.0}
 for _length in (200, 50):
