@@ -84,6 +84,21 @@ def _sequential_order(final: dict) -> None:
         )
 
 
+def _pre_split_item_lists(final: dict) -> None:
+    """Pre-split files (``benchmark_filename``) hold each history as an ``item_id_list`` field, and RecBole maps
+    every token field to ids of its own unless ``alias_of_item_id`` names it with the item field: the histories'
+    ids would then name other items than the targets' ids, with no error. The list field must share them."""
+    if not final.get("benchmark_filename"):
+        return
+    list_field = f"{final.get('ITEM_ID_FIELD') or 'item_id'}{final.get('LIST_SUFFIX') or '_list'}"
+    aliases = final.get("alias_of_item_id") or []
+    if list_field not in (aliases if isinstance(aliases, list) else [aliases]):
+        raise ConfigError(
+            f"benchmark_filename: the pre-split files' {list_field} must share the item ids, or RecBole numbers its "
+            f"tokens apart from the items; set alias_of_item_id: [{list_field}]"
+        )
+
+
 def check_config_values(final: dict, model: str | None = None) -> None:
     """Values every run depends on, checked before RecBole reads any data: one line naming key and fix.
     ``model``: the model's name where ``final`` does not hold it yet (Config fills it in later)."""
@@ -125,6 +140,7 @@ def check_config_values(final: dict, model: str | None = None) -> None:
     if final.get("MODEL_TYPE") == ModelType.SEQUENTIAL:
         positive_int("MAX_ITEM_LIST_LENGTH")
         _sequential_order(final)
+        _pre_split_item_lists(final)
         loss = final.get("loss_type")
         if loss is not None and loss not in _SEQUENTIAL_LOSSES:
             raise ConfigError(

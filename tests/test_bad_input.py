@@ -37,6 +37,8 @@ TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32,
     ({"stopping_step": 0}, "stopping_step=0 must be a positive integer"),
     ({"metrics": ["Recall", "NDGC"]}, "metrics: unknown metric 'NDGC'; use names from: .*ndcg"),
     ({"valid_metric": "NDGC@10"}, "valid_metric='NDGC@10' names no metric"),
+    # pre-split histories numbered apart from the items: every history would name other items, silently
+    ({"benchmark_filename": ["train", "valid", "test"]}, "set alias_of_item_id: .item_id_list.$"),
 ])
 @pytest.mark.parametrize("model", ["BERTRec", "SASRec"])
 def test_config_values_are_checked_before_any_data(model, override, fragment, data_root):

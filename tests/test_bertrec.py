@@ -179,7 +179,8 @@ def test_train_window_stride_needs_all_positions_and_a_length_it_fits(tiny_bert)
                             ({"train_positions": "all", "MAX_ITEM_LIST_LENGTH": 5, "train_window_stride": 6},
                              r"from 1 to 5: .* \(MAX_ITEM_LIST_LENGTH is 5\)"),
                             ({"train_positions": "all", "train_window_stride": 2,
-                              "benchmark_filename": ["train", "valid", "test"]}, "pre-split data")]:
+                              "benchmark_filename": ["train", "valid", "test"],
+                              "alias_of_item_id": ["item_id_list"]}, "pre-split data")]:
         with pytest.raises(RecboleLLMError, match=words):  # when the Config is built, before any data is read
             Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, **override})
 

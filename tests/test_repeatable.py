@@ -109,3 +109,32 @@ def test_not_repeatable_keeps_recboles_sequential_sampler_for_negatives(tiny_ber
     config, _, loaders = prepared("SASRec", settings)
     assert config["repeatable"] is False
     assert all(type(loader._sampler) is RepeatableSampler for loader in loaders)
+
+
+def test_not_repeatable_on_pre_split_data_masks_each_rows_own_item_list(tiny_bert, data_root, tmp_path):
+    """Pre-split data (``benchmark_filename``) is not augmented, so RecBole keeps no whole history: each row's
+    own item list is what it was given and what is masked, never the row's target."""
+    histories = histories_from_file(data_root, "ml-tiny")
+    folder = tmp_path / "split" / "ml-split"
+    folder.mkdir(parents=True)
+    parts = {"train": [], "valid": [], "test": []}
+    for user, items in histories.items():
+        parts["train"] += [(user, items[:end], items[end]) for end in range(1, len(items) - 2)]
+        parts["valid"].append((user, items[:-2], items[-2]))
+        parts["test"].append((user, items[:-1], items[-1]))
+    for part, rows in parts.items():
+        lines = ["user_id:token\titem_id_list:token_seq\titem_id:token"]
+        lines += [f"{user}\t{' '.join(history)}\t{target}" for user, history, target in rows]
+        (folder / f"ml-split.{part}.inter").write_text("\n".join(lines) + "\n")
+    settings = {**tiny_bert, "data_path": str(folder.parent), "benchmark_filename": ["train", "valid", "test"],
+                "load_col": {"inter": ["user_id", "item_id_list", "item_id"]}, "alias_of_item_id": ["item_id_list"],
+                "repeatable": False}
+    config = Config(model="BERTRec", dataset="ml-split", config_dict=settings)
+    init_seed(config["seed"], config["reproducibility"])
+    _, valid, test = data_preparation(config, create_dataset(config))
+    for loader, part in ((valid, "valid"), (test, "test")):
+        expected = {user: (target, set(history) - {target}) for user, history, target in parts[part]}
+        rows = masked_by_row(loader)
+        assert len(rows) == len(expected)
+        for user, target, masked in rows:
+            assert (target, masked) == expected[user], user
