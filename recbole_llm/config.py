@@ -84,15 +84,21 @@ def _sequential_order(final: dict) -> None:
         )
 
 
+def _alias_lists(final: dict) -> None:
+    """``alias_of_*`` are lists of field names: RecBole adds them to a list (``dataset.py:527``), so a bare name
+    failed in a traceback."""
+    for key in ("alias_of_user_id", "alias_of_item_id", "alias_of_entity_id", "alias_of_relation_id"):
+        value = final.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{key}={value!r} must be a list of field names: e.g. {key}: [{key[9:]}_list]")
+
+
 def _pre_split_item_lists(final: dict) -> None:
     """Pre-split files (``benchmark_filename``) hold each history as an ``item_id_list`` field, and RecBole maps
     every token field to ids of its own unless ``alias_of_item_id`` names it with the item field: the histories'
     ids would then name other items than the targets' ids, with no error. The list field must share them."""
-    if not final.get("benchmark_filename"):
-        return
     list_field = f"{final.get('ITEM_ID_FIELD') or 'item_id'}{final.get('LIST_SUFFIX') or '_list'}"
-    aliases = final.get("alias_of_item_id") or []
-    if list_field not in (aliases if isinstance(aliases, list) else [aliases]):
+    if final.get("benchmark_filename") and list_field not in (final.get("alias_of_item_id") or []):
         raise ConfigError(
             f"benchmark_filename: the pre-split files' {list_field} must share the item ids, or RecBole numbers its "
             f"tokens apart from the items; set alias_of_item_id: [{list_field}]"
@@ -137,6 +143,7 @@ def check_config_values(final: dict, model: str | None = None) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
         raise ConfigError(f"seed={seed!r} must be an integer from 0 to 2**32 - 1: e.g. --seed=2020")
     _metric_names(final)
+    _alias_lists(final)
     if final.get("MODEL_TYPE") == ModelType.SEQUENTIAL:
         positive_int("MAX_ITEM_LIST_LENGTH")
         _sequential_order(final)

@@ -39,6 +39,7 @@ TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32,
     ({"valid_metric": "NDGC@10"}, "valid_metric='NDGC@10' names no metric"),
     # pre-split histories numbered apart from the items: every history would name other items, silently
     ({"benchmark_filename": ["train", "valid", "test"]}, "set alias_of_item_id: .item_id_list.$"),
+    ({"alias_of_item_id": "item_id_list"}, "alias_of_item_id='item_id_list' must be a list of field names"),
 ])
 @pytest.mark.parametrize("model", ["BERTRec", "SASRec"])
 def test_config_values_are_checked_before_any_data(model, override, fragment, data_root):
