@@ -6,8 +6,9 @@ their topic (:mod:`recbole_llm.patches.stack`: today's stack; :mod:`recbole_llm.
 :mod:`recbole_llm.patches.data` and :mod:`recbole_llm.patches.evaluator`: Config, datasets and evaluation,
 with one-line errors; :mod:`recbole_llm.patches.seen_items`: ``repeatable: False`` for sequential models;
 :mod:`recbole_llm.patches.checkpoints`: safe, read-once loading; :mod:`recbole_llm.patches.models`: the
-plugin's models and RecBole's Pop; :mod:`recbole_llm.training.distributed`: DDP on CPU; :mod:`recbole_llm.training.metrics`: the plugin's metrics; the export hook here); this module only
-installs them, in the order :func:`patches` lists.
+plugin's models and RecBole's Pop; :mod:`recbole_llm.training.distributed`: DDP on CPU;
+:mod:`recbole_llm.training.metrics`: the plugin's metrics; the export hook here); this module only installs
+them, in the order :func:`patches` lists.
 
 Every replacement keeps RecBole's attribute as its ``__wrapped__`` (a body calls through to it, and
 ``checkpoint.load_for_use`` reaches RecBole's own ``load_data_and_model`` that way) and is marked, so that
