@@ -11,6 +11,7 @@ torch or RecBole (CI does so); otherwise the artifacts are built here, once per 
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,37 @@ def write_ml100k_slice(folder: Path, name: str, n_users: int) -> Path:
     item_text = (source / "ml-100k.item").read_text()
     (target / f"{name}.item").write_text(item_text)
     return target
+
+
+def histories_from_file(data_root, name: str) -> dict[str, list[str]]:
+    """Each user's item tokens in time order, read from ``name.inter``."""
+    header, *rows = (data_root / name / f"{name}.inter").read_text().splitlines()
+    fields = [field.split(":")[0] for field in header.split("\t")]
+    records = [dict(zip(fields, row.split("\t"))) for row in rows]
+    by_user = collections.defaultdict(list)
+    for place, record in enumerate(records):
+        by_user[record["user_id"]].append((float(record["timestamp"]), place, record["item_id"]))
+    return {user: [item for *_, item in sorted(events)] for user, events in by_user.items()}
+
+
+def write_pre_split(folder: Path, name: str, histories: dict[str, list[str]], train_prefixes: bool) -> dict:
+    """RecBole pre-split files ``name.{train,valid,test}.inter`` (``benchmark_filename``) in ``folder/name``
+    from each user's items in time order: the last item is the test target, the one before the validation
+    target, the one before that the training target (or, with ``train_prefixes``, every earlier item).
+    Returns {part: [(user, history, target)]}."""
+    target = folder / name
+    target.mkdir(parents=True, exist_ok=True)
+    parts = {"train": [], "valid": [], "test": []}
+    for user, items in histories.items():
+        ends = range(1, len(items) - 2) if train_prefixes else [len(items) - 3]
+        parts["train"] += [(user, items[:end], items[end]) for end in ends]
+        parts["valid"].append((user, items[:-2], items[-2]))
+        parts["test"].append((user, items[:-1], items[-1]))
+    for part, rows in parts.items():
+        lines = ["user_id:token\titem_id_list:token_seq\titem_id:token"]
+        lines += [f"{user}\t{' '.join(history)}\t{item}" for user, history, item in rows]
+        (target / f"{name}.{part}.inter").write_text("\n".join(lines) + "\n")
+    return parts
 
 
 def train_checkpoint(folder: Path, model: str, dataset: str, config_dict: dict) -> Path:

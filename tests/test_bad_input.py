@@ -337,20 +337,11 @@ def test_pre_split_histories_longer_than_the_window_train_and_export_at_the_wind
     from conftest import best_checkpoint
     from recbole_llm.export import ExportOptions, export_checkpoint
 
-    histories: dict[str, list[tuple[float, str]]] = {}
-    for row in (data_root / "ml-tiny" / "ml-tiny.inter").read_text().splitlines()[1:]:
-        user, item, _, stamp = row.split("\t")
-        histories.setdefault(user, []).append((float(stamp), item))
-    folder = tmp_path / "ml-bench"
-    folder.mkdir()
-    longest = 0
-    for offset, split in ((3, "train"), (2, "valid"), (1, "test")):
-        lines = ["user_id:token\titem_id_list:token_seq\titem_id:token"]
-        for user, events in histories.items():
-            items = [item for _, item in sorted(events)]
-            lines.append(f"{user}\t{' '.join(items[:-offset])}\t{items[-offset]}")
-            longest = max(longest, len(items) - offset)
-        (folder / f"ml-bench.{split}.inter").write_text("\n".join(lines) + "\n")
+    from conftest import histories_from_file, write_pre_split
+
+    histories = histories_from_file(data_root, "ml-tiny")
+    write_pre_split(tmp_path, "ml-bench", histories, train_prefixes=False)
+    longest = max(len(items) for items in histories.values()) - 1
     assert longest > 100
     cwd = os.getcwd()
     os.chdir(tmp_path)

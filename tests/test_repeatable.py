@@ -8,7 +8,6 @@ equal times, as RecBole's stable sort leaves them), not from the code under test
 
 from __future__ import annotations
 
-import collections
 
 import pytest
 import torch
@@ -16,18 +15,9 @@ from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_model, get_trainer, init_seed
 
+from conftest import histories_from_file, write_pre_split
+
 WINDOW = 5  # far shorter than the slice's histories: most masked items are outside the row's item list
-
-
-def histories_from_file(data_root, name: str) -> dict[str, list[str]]:
-    """Each user's item tokens in time order, read from ``name.inter``."""
-    header, *rows = (data_root / name / f"{name}.inter").read_text().splitlines()
-    fields = [field.split(":")[0] for field in header.split("\t")]
-    records = [dict(zip(fields, row.split("\t"))) for row in rows]
-    by_user = collections.defaultdict(list)
-    for place, record in enumerate(records):
-        by_user[record["user_id"]].append((float(record["timestamp"]), place, record["item_id"]))
-    return {user: [item for *_, item in sorted(events)] for user, events in by_user.items()}
 
 
 def prepared(model: str, settings: dict):
@@ -116,16 +106,7 @@ def test_not_repeatable_on_pre_split_data_masks_each_rows_own_item_list(tiny_ber
     own item list is what it was given and what is masked, never the row's target."""
     histories = histories_from_file(data_root, "ml-tiny")
     folder = tmp_path / "split" / "ml-split"
-    folder.mkdir(parents=True)
-    parts = {"train": [], "valid": [], "test": []}
-    for user, items in histories.items():
-        parts["train"] += [(user, items[:end], items[end]) for end in range(1, len(items) - 2)]
-        parts["valid"].append((user, items[:-2], items[-2]))
-        parts["test"].append((user, items[:-1], items[-1]))
-    for part, rows in parts.items():
-        lines = ["user_id:token\titem_id_list:token_seq\titem_id:token"]
-        lines += [f"{user}\t{' '.join(history)}\t{target}" for user, history, target in rows]
-        (folder / f"ml-split.{part}.inter").write_text("\n".join(lines) + "\n")
+    parts = write_pre_split(folder.parent, "ml-split", histories, train_prefixes=True)
     settings = {**tiny_bert, "data_path": str(folder.parent), "benchmark_filename": ["train", "valid", "test"],
                 "load_col": {"inter": ["user_id", "item_id_list", "item_id"]}, "alias_of_item_id": ["item_id_list"],
                 "repeatable": False}
