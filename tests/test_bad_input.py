@@ -334,10 +334,8 @@ def test_pre_split_histories_longer_than_the_window_train_and_export_at_the_wind
 
     from recbole.quick_start import run_recbole
 
-    from conftest import best_checkpoint
+    from conftest import best_checkpoint, histories_from_file, write_pre_split
     from recbole_llm.export import ExportOptions, export_checkpoint
-
-    from conftest import histories_from_file, write_pre_split
 
     histories = histories_from_file(data_root, "ml-tiny")
     write_pre_split(tmp_path, "ml-bench", histories, train_prefixes=False)
