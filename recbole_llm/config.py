@@ -39,6 +39,8 @@ def plain_values(value: Any) -> Any:
 
 
 _POSITIVE_INTS = ("epochs", "train_batch_size", "eval_batch_size", "stopping_step")
+# null is no value for these (RecBole compares them with numbers)
+_REQUIRED_INTS = ("MAX_ITEM_LIST_LENGTH",)
 _SEQUENTIAL_LOSSES = ("CE", "BPR")
 # The longest history a randomly initialised encoder (pretrained_model_name_or_path: null) takes: BERT's
 # position table, as in every pretrained BERT the plugin loads. RecBole builds its prefix rows at
@@ -84,10 +86,13 @@ def _sequential_order(final: dict) -> None:
         )
 
 
+ALIAS_KEYS = ("alias_of_user_id", "alias_of_item_id", "alias_of_entity_id", "alias_of_relation_id")
+
+
 def _alias_lists(final: dict) -> None:
     """``alias_of_*`` are lists of field names: RecBole adds them to a list (``dataset.py:527``), so a bare name
     failed in a traceback."""
-    for key in ("alias_of_user_id", "alias_of_item_id", "alias_of_entity_id", "alias_of_relation_id"):
+    for key in ALIAS_KEYS:
         value = final.get(key)
         if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise ConfigError(f"{key}={value!r} must be a list of field names: e.g. {key}: [{key[9:]}_list]")
@@ -105,17 +110,63 @@ def _pre_split_item_lists(final: dict) -> None:
         )
 
 
-def check_config_values(final: dict, model: str | None = None) -> None:
+def _booleans(final: dict, defaults: dict) -> None:
+    """Keys whose default is true or false take only true or false: RecBole reads them by truth, so
+    ``repeatable: "no"`` (or ``--repeatable=no``, which its command line keeps as a string) meant yes."""
+    for key, default in defaults.items():
+        value = final.get(key, default)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false: e.g. --{key}={not default} "
+                              f"(True/False on the command line and in config_dict, true/false in YAML)")
+
+
+def _pre_split_files(final: dict) -> None:
+    """``benchmark_filename`` names the three pre-split files' suffixes, train, valid and test in that order:
+    RecBole unpacks it into three, so a bare name was read letter by letter and two names failed in a traceback."""
+    names = final.get("benchmark_filename")
+    if names is not None and not (isinstance(names, list) and len(names) == 3
+                                  and all(isinstance(name, str) and name for name in names)):
+        raise ConfigError(f"benchmark_filename={names!r} must list the three pre-split files' suffixes, train, "
+                          "valid and test in that order: e.g. benchmark_filename: [train, valid, test]")
+
+
+def check_valid_metric(final: dict) -> None:
+    """Training picks its best epoch by ``valid_metric``: it must be one of ``metrics``, at one of ``topk`` for
+    a top-k metric, or RecBole fails with ``KeyError`` after the first epoch's training."""
+    valid, metrics, topk = final.get("valid_metric"), final.get("metrics"), final.get("topk")
+    if not isinstance(valid, str):
+        return
+    from recbole.evaluator.base_metric import TopkMetric
+    from recbole.evaluator.register import metrics_dict
+
+    name, at, k = valid.lower().partition("@")
+    names = [metrics] if isinstance(metrics, str) else metrics or []
+    ks = topk if isinstance(topk, list) else [topk]
+    top_k = isinstance(metrics_dict.get(name), type) and issubclass(metrics_dict[name], TopkMetric)
+    if name not in [str(metric).lower() for metric in names] or (at or top_k) and not (k.isdigit() and int(k) in ks):
+        first = next((str(m) for m in names if issubclass(metrics_dict.get(str(m).lower(), object), TopkMetric)),
+                     None)
+        suggestion = f"{first}@{ks[0]}" if first and ks and ks[0] is not None else "NDCG@10 with NDCG in metrics"
+        raise ConfigError(f"valid_metric={valid!r} is not among metrics={names!r} at topk={topk!r}, so training "
+                          f"could not pick its best epoch: add it there, or set --valid_metric={suggestion}")
+
+
+def check_config_values(final: dict, model: str | None = None, defaults: dict | None = None) -> None:
     """Values every run depends on, checked before RecBole reads any data: one line naming key and fix.
-    ``model``: the model's name where ``final`` does not hold it yet (Config fills it in later)."""
+    ``model``: the model's name where ``final`` does not hold it yet (Config fills it in later);
+    ``defaults``: the values before the user's (RecBole's and the plugin's YAML files, or a checkpoint's
+    Config before overrides), whose true/false keys must stay true or false."""
     from recbole.utils import ModelType
 
     def positive_int(key: str) -> None:
         value = final.get(key)
-        if value is None:
+        if value is None and key not in _REQUIRED_INTS:
             return
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r} must be a positive integer: set --{key}=N with N >= 1")
+
+    if defaults:
+        _booleans(final, defaults)
 
     for key in _POSITIVE_INTS:
         positive_int(key)
@@ -144,6 +195,7 @@ def check_config_values(final: dict, model: str | None = None) -> None:
         raise ConfigError(f"seed={seed!r} must be an integer from 0 to 2**32 - 1: e.g. --seed=2020")
     _metric_names(final)
     _alias_lists(final)
+    _pre_split_files(final)
     if final.get("MODEL_TYPE") == ModelType.SEQUENTIAL:
         positive_int("MAX_ITEM_LIST_LENGTH")
         _sequential_order(final)

@@ -40,6 +40,14 @@ TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32,
     # pre-split histories numbered apart from the items: every history would name other items, silently
     ({"benchmark_filename": ["train", "valid", "test"]}, "set alias_of_item_id: .item_id_list.$"),
     ({"alias_of_item_id": "item_id_list"}, "alias_of_item_id='item_id_list' must be a list of field names"),
+    ({"benchmark_filename": "train", "alias_of_item_id": ["item_id_list"]},
+     "benchmark_filename='train' must list the three pre-split files' suffixes"),
+    # read by truth: "no" meant yes (a string on the command line, --repeatable=no)
+    ({"repeatable": "no"}, "repeatable='no' must be true or false: e.g. --repeatable=False"),
+    ({"reproducibility": 0}, "reproducibility=0 must be true or false"),
+    # valid_metric RecBole looked up after the first epoch's training
+    ({"metrics": ["Recall"]}, "valid_metric='MRR@10' is not among metrics=.'Recall'. .*--valid_metric=Recall@10$"),
+    ({"valid_metric": "NDCG@50"}, "valid_metric='NDCG@50' is not among metrics"),
 ])
 @pytest.mark.parametrize("model", ["BERTRec", "SASRec"])
 def test_config_values_are_checked_before_any_data(model, override, fragment, data_root):
@@ -407,6 +415,74 @@ def test_command_line_usage_errors_are_one_line(data_root, trained):
     for bad in ("--eval_batch_size=0", "--topk=0"):  # settings for a checkpoint go through the same checks
         assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}", bad), "must be a positive integer")
     assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}", "--model=SASRec"), "cannot change")
+
+
+def test_a_command_line_value_may_hold_an_equals_sign(data_root, tmp_path, monkeypatch):
+    """RecBole split --key=value at every '=' and dropped the setting with a warning: /data/day=1 was lost."""
+    folder = tmp_path / "day=1"
+    monkeypatch.setattr("sys.argv", ["run", f"--checkpoint_dir={folder}", "--epochs=3"])
+    config = Config(model="BERTRec", dataset="ml-tiny", config_dict={"data_path": str(data_root), **TINY})
+    assert (config["checkpoint_dir"], config["epochs"]) == (str(folder), 3)
+
+
+def test_a_data_path_holding_ml_100k_is_read(tmp_path):
+    """RecBole points ml-100k at its bundled copy whatever data_path says; a user's own ml-100k is read."""
+    (tmp_path / "mine" / "ml-100k").mkdir(parents=True)
+    config = Config(model="BERTRec", dataset="ml-100k", config_dict={**TINY, "data_path": str(tmp_path / "mine")})
+    assert config["data_path"] == str(tmp_path / "mine" / "ml-100k")
+    bundled = Config(model="BERTRec", dataset="ml-100k", config_dict={**TINY, "data_path": str(tmp_path)})
+    assert Path(bundled["data_path"]).resolve().parts[-2:] == ("dataset_example", "ml-100k")  # none there
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("token", "the pre-split files' history column item_id_list is typed token: give each row's history as a "
+              "column 'item_id_list:token_seq'"),
+    ("alias", "alias_of_item_id names 'item_list', which no loaded file has"),
+])
+def test_pre_split_histories_of_another_type_or_field_are_one_line(data_root, tmp_path, change, fragment):
+    """A history column typed token made each whole history one made-up item (then an IndexError in
+    training); an alias naming no loaded field failed in RecBole's KeyError."""
+    from conftest import histories_from_file, write_pre_split
+    from recbole_llm.errors import DataError
+
+    write_pre_split(tmp_path, "pre", histories_from_file(data_root, "ml-tiny"), train_prefixes=False)
+    aliases = ["item_id_list"]
+    if change == "token":
+        for part in ("train", "valid", "test"):
+            path = tmp_path / "pre" / f"pre.{part}.inter"
+            path.write_text(path.read_text().replace("item_id_list:token_seq", "item_id_list:token"))
+    else:
+        aliases.append("item_list")
+    config = Config(model="BERTRec", dataset="pre", config_dict={
+        "data_path": str(tmp_path), **TINY, "MAX_ITEM_LIST_LENGTH": 10, "load_col": None,
+        "benchmark_filename": ["train", "valid", "test"], "alias_of_item_id": aliases})
+    with pytest.raises(DataError, match=re.escape(fragment)) as error:
+        create_dataset(config)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_checkpoint_settings_and_weights_that_would_mislead_are_refused(trained, tmp_path):
+    """A misspelt override was set and never read; "no" for a true/false key meant yes; NaN weights made
+    every score NaN and RecBole's evaluator ranked items in an arbitrary order, with no error."""
+    from recbole_llm.checkpoint.format import atomic_save
+    from recbole_llm.checkpoint.loading import load_checkpoint
+    from recbole_llm.checkpoint.overrides import apply_overrides
+    from recbole_llm.errors import CheckpointError, ConfigError
+
+    state = load_checkpoint(trained["BERTRec"])
+    with pytest.raises(CheckpointError, match=r"--eval_bach_size is no setting of this checkpoint's Config"):
+        apply_overrides(state["config"], {"eval_bach_size": "8"})
+    with pytest.raises(ConfigError, match="repeatable='no' must be true or false"):
+        apply_overrides(state["config"], {"repeatable": "no"})
+    apply_overrides(state["config"], {"eval_batch_size": "8", "repeatable": "False"})
+    assert (state["config"]["eval_batch_size"], state["config"]["repeatable"]) == (8, False)
+    name = next(key for key, value in state["state_dict"].items() if value.is_floating_point())
+    state["state_dict"][name] = state["state_dict"][name].clone()
+    state["state_dict"][name].view(-1)[0] = float("nan")
+    atomic_save(state, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=f"nan.pth' holds NaN weights in '{re.escape(name)}'"):
+        load_checkpoint(tmp_path / "nan.pth")
 
 
 def test_each_kind_of_bad_input_has_its_own_error_type(base_config, data_root, tmp_path):

@@ -142,6 +142,16 @@ BAD_VALUES = [
     ("BERTAdaLoRA", "total_step", 5, {}),
     ("BERTAdaLoRA", "tinit", "soon", {}),
     ("BERTAdaLoRA", "tfinal", -1, {}),
+    # peft's values that failed mid-training, inside its layers
+    ("BERTLoRA", "lora_dropout", "x", {}),
+    ("BERTLoRA", "lora_alpha", 0, {}),
+    ("BERTLoRA", "target_modules", 5, {}),
+    ("BERTAdaLoRA", "deltaT", 0, {}),
+    ("BERTAdaLoRA", "target_r", 99, {}),
+    # values RecBole read by truth, or compared after the first epoch
+    ("BERTRec", "repeatable", "no", {}),
+    ("BERTRec", "MAX_ITEM_LIST_LENGTH", None, {}),
+    ("BERTRec", "valid_metric", "NDCG@50", {}),
 ]
 
 

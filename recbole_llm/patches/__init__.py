@@ -124,6 +124,9 @@ def patches() -> list[Patch]:
         Patch(Config, "_load_variable_config_dict", config.wrap_load_variable_config_dict,
               "recbole/config/configurator.py:159 Config._load_variable_config_dict pickles Path and numpy values "
               "into checkpoints the allow-list refuses: plain Python values"),
+        Patch(Config, "_load_cmd_line", config.wrap_load_cmd_line,
+              "recbole/config/configurator.py:165 Config._load_cmd_line splits --key=value at every '=' and drops "
+              "a value holding one (a path like /data/day=1) with a warning: split at the first"),
         Patch(Config, "_update_internal_config_dict", registry.wrap_update_internal_config_dict,
               "recbole/config/configurator.py:231/240 reads only RecBole's own property files: the plugin's "
               "overall.yaml and model YAMLs are read right after RecBole's overall.yaml"),
@@ -131,7 +134,8 @@ def patches() -> list[Patch]:
         Patch(Config, "_set_default_parameters", config.wrap_set_default_parameters,
               "recbole/config/configurator.py:327/346 Config._set_default_parameters: CE with RecBole's default "
               "sampler fails, values fail late; CE gets no sampling, values and encoder limits checked first; "
-              "line 378 refuses repeatable: False for sequential models: accepted (seen_items masks)"),
+              "line 378 refuses repeatable: False for sequential models: accepted (seen_items masks); line 330 "
+              "ignores a data_path given for ml-100k: read when it holds ml-100k"),
         # One wrapper for both concerns: gloo set-up needs dist_backend, anomaly detection detect_anomaly.
         Patch(Config, "_init_device", config.wrap_init_device,
               "recbole/config/configurator.py:476/494 Config._init_device hard-codes nccl (no DDP on CPU), and "

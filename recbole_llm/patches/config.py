@@ -17,10 +17,11 @@ rather than copying it (:mod:`recbole_llm.patches` installs them, each naming th
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 from recbole_llm.errors import ConfigError
-from recbole_llm.config import check_config_values, plain_values
+from recbole_llm.config import check_config_values, check_valid_metric, plain_values
 from recbole_llm.patches import seen_items
 
 
@@ -63,7 +64,8 @@ def wrap_set_default_parameters(original):
             and not user_set_sampling
         ):
             final["train_neg_sample_args"] = None
-        check_config_values(final, self.model)
+        check_config_values(final, self.model, self.internal_config_dict)
+        check_valid_metric(final)  # a run's Config, not a checkpoint's: evaluating one never reads it
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
             from recbole_llm.model.backbone import check_encoder_settings
             from recbole_llm.model.item_text import anchor_settings, text_model
@@ -85,8 +87,33 @@ def wrap_set_default_parameters(original):
             final["show_progress"] = False
         with seen_items.not_repeatable_accepted(final):  # repeatable: False for sequential models too
             original(self)
+        given = self.external_config_dict.get("data_path")
+        if self.dataset == "ml-100k" and isinstance(given, str) and os.path.isdir(os.path.join(given, "ml-100k")):
+            # RecBole points ml-100k at its bundled copy whatever data_path says: a user's own ml-100k is read
+            final["data_path"] = os.path.join(given, "ml-100k")
 
     return _set_default_parameters
+
+
+def wrap_load_cmd_line(original):
+    """``Config._load_cmd_line``: a value holding ``=`` (``--checkpoint_dir=/data/day=1``) is read, split at
+    the first ``=``; RecBole splits at every one and drops the setting with a warning the run scrolls past."""
+
+    @functools.wraps(original)
+    def _load_cmd_line(self):
+        argv = sys.argv
+        several = [arg for arg in argv[1:] if arg.startswith("--") and arg[2:].count("=") > 1]
+        if not several or "ipykernel_launcher" in argv[0]:  # RecBole reads no command line in a notebook
+            return original(self)
+        sys.argv = [arg for arg in argv if arg not in several]
+        try:
+            values = original(self)
+        finally:
+            sys.argv = argv
+        values.update(self._convert_config_dict(dict(arg[2:].split("=", 1) for arg in several)))
+        return values
+
+    return _load_cmd_line
 
 
 def wrap_init_device(original):
