@@ -38,7 +38,7 @@ from recbole_llm.checkpoint.overrides import (
     follow_this_process,
 )
 from recbole_llm.checkpoint.unpickler import _resolve, restricted_pickle
-from recbole_llm.errors import CheckpointError, RecboleLLMError
+from recbole_llm.errors import CheckpointError, RecboleLLMError, shown
 from recbole_llm.model import catalog
 
 if TYPE_CHECKING:  # RecBole is imported when these are used, not when this module is
@@ -199,7 +199,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"'{path}' is not a RecBole checkpoint: it lacks {sorted(missing)}; "
             "pass the .pth file that RecBole's trainer saved under saved/"
         )
+    _check_no_nan(path, checkpoint["state_dict"])
     return checkpoint
+
+
+def _check_no_nan(path: str, state_dict: Any) -> None:
+    """A weight that is NaN (training diverged, or the file was edited) makes every score NaN: RecBole's
+    evaluator then ranks items in an arbitrary order and reports it, with no error."""
+    import torch
+
+    for name, value in state_dict.items() if isinstance(state_dict, dict) else ():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and bool(torch.isnan(value).any()):
+            raise CheckpointError(f"'{path}' holds NaN weights in '{shown(name, 80)}' (training diverged?): use an "
+                                  "earlier checkpoint, or train again with a lower learning_rate")
 
 
 def _recbole_torch_load(f, map_location=None, *args, **kwargs):

@@ -36,7 +36,12 @@ def apply_overrides(config: Any, overrides: dict | None) -> None:
     from recbole_llm.config import check_config_values
 
     values = config._convert_config_dict(dict(overrides))
+    recorded_values = dict(config.final_config_dict)
     for key, value in values.items():
+        if key not in recorded_values:
+            # a misspelt key would be set, never read, and the run go on without it
+            raise CheckpointError(f"--{key} is no setting of this checkpoint's Config (a misspelling?): "
+                                  "use a key its run had, e.g. --eval_batch_size=N or --data_path=DIR")
         if key in ("model", "dataset", "device"):
             raise CheckpointError(f"--{key} cannot change for a checkpoint: it was trained with "
                                   f"{key}={config[key]!r}")
@@ -50,7 +55,7 @@ def apply_overrides(config: Any, overrides: dict | None) -> None:
                                   "text_model_name_or_path cannot be null for it: drop the override, or pass "
                                   "--text_model_name_or_path=DIR (a local copy of that model)")
         config.final_config_dict[key] = value
-    check_config_values(config.final_config_dict)
+    check_config_values(config.final_config_dict, defaults=recorded_values)
 
 
 def follow_this_machine(config: Any) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from recbole_llm.errors import ConfigError, RecboleLLMError
 from recbole_llm.model.bertrec import BERTRec
 from recbole_llm.model.frozen import FrozenBackboneMixin
-from recbole_llm.settings import choice, integer
+from recbole_llm.settings import choice, integer, number
 
 
 class EncoderWithLossSlot(nn.Module):
@@ -67,6 +67,29 @@ def module_names(value: Any) -> Any:
     return [name for name in names if name]
 
 
+def _check_lora_family(arguments: dict) -> None:
+    """The LoRA family's values that peft takes as given and fails on mid-training, in a traceback inside its
+    layers (a string dropout, AdaLoRA's ``deltaT: 0`` or a ``target_r`` above ``init_r`` at its first
+    budget step): each one checked here, one line naming key and a valid value."""
+    if "r" in arguments:  # methods with a rank; peft's own default otherwise
+        integer("r", arguments["r"], example=8)
+    if "lora_alpha" in arguments:
+        number("lora_alpha", arguments["lora_alpha"], low=0, low_open=True, example=16)
+    if "lora_dropout" in arguments:
+        number("lora_dropout", arguments["lora_dropout"], low=0, high=1, high_open=True, example=0.1)
+    modules = arguments.get("target_modules")
+    if modules is not None and not (isinstance(modules, str) or isinstance(modules, list) and modules
+                                    and all(isinstance(name, str) for name in modules)):
+        raise ConfigError(f"target_modules={modules!r:.60} must be module names: e.g. target_modules: [query, value]")
+    if "init_r" in arguments or "target_r" in arguments:  # AdaLoRA
+        init_r = integer("init_r", arguments.get("init_r", 12), example=12)
+        target_r = integer("target_r", arguments.get("target_r", 8), example=4)
+        if target_r > init_r:
+            raise ConfigError(f"target_r={target_r} is above init_r={init_r}: AdaLoRA shrinks the rank from init_r "
+                              "to target_r, so set target_r <= init_r (e.g. init_r: 12, target_r: 4)")
+        integer("deltaT", arguments.get("deltaT", 1), example=10)
+
+
 def peft_config_from(config: Any, peft_type: str, defaults: dict | None = None):
     """A peft config of ``peft_type`` from the RecBole config keys that carry its fields' names."""
     from peft import PeftType, PromptLearningConfig
@@ -90,8 +113,7 @@ def peft_config_from(config: Any, peft_type: str, defaults: dict | None = None):
             if value is not None:
                 value = module_names(value) if field.name in MODULE_NAME_FIELDS else value
                 arguments[field.name] = list(value) if isinstance(value, tuple) else value
-    if "r" in arguments:  # methods with a rank (LoRA's family); peft's own default otherwise
-        integer("r", arguments["r"], example=8)
+    _check_lora_family(arguments)
     try:
         return config_class(**arguments)
     except (TypeError, ValueError) as error:

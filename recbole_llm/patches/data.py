@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import os
 
-from recbole_llm.errors import DataError
+from recbole_llm.config import ALIAS_KEYS
+from recbole_llm.errors import DataError, shown
 
 
 def wrap_download(original):
@@ -235,8 +236,15 @@ def wrap_create_dataset(original):
             final["dataset_save_path"] = os.path.join(final["checkpoint_dir"], ".recbole_llm-no-saved-dataset")
         try:
             dataset = original(config)
+        except KeyError as error:  # RecBole's dataset.py:1160 looks each alias field up after loading the files
+            alias = next((key for key in ALIAS_KEYS if error.args and error.args[0] in (final.get(key) or [])), None)
+            if alias is None:
+                raise
+            raise DataError(f"{alias} names '{shown(error.args[0], 80)}', which no loaded file has: name fields "
+                            "of the dataset's files (load_col decides which are loaded)") from None
         finally:
             final["dataset_save_path"] = named
+        _check_pre_split_histories(config, dataset)
         trained = world.stored(config)
         if trained is not None:  # a checkpoint's Config: the data must be the one it was trained on
             world.check(trained, dataset)
@@ -245,6 +253,22 @@ def wrap_create_dataset(original):
         return dataset
 
     return create_dataset
+
+
+def _check_pre_split_histories(config, dataset) -> None:
+    """Pre-split files (``benchmark_filename``) give each row's history as a space-separated ``token_seq``
+    field: typed ``token``, a whole history became one made-up item, and training failed in a traceback (or,
+    with histories of one item, trained on them)."""
+    from recbole.utils import FeatureType, ModelType
+
+    if not config["benchmark_filename"] or config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+        return
+    field = config["ITEM_ID_FIELD"] + config["LIST_SUFFIX"]
+    kind = dataset.field2type.get(field)
+    if kind != FeatureType.TOKEN_SEQ:
+        found = f"is typed {kind.value}" if kind is not None else "is missing"
+        raise DataError(f"the pre-split files' history column {field} {found}: give each row's history as a "
+                        f"column '{field}:token_seq' of space-separated item tokens")
 
 
 # Plugin config keys that decide the training rows (recbole_llm.training.dataset): saved dataloaders built with other
