@@ -109,6 +109,8 @@ def run_child(script: Path, args: list[str], result_file: Path, log_file: Path, 
         last = (text.strip().splitlines() or [""])[-1]
         if code != 0 and last.startswith(f"{script.name}: error: "):
             raise SystemExit(f"{last} (log {log_file})")
+        if code != 0 and last.startswith("recbole_llm.errors."):  # the plugin's one-line refusal of an input
+            raise SystemExit(f"{script.name}: error: {last.partition(': ')[2]} (log {log_file})")
         raise SystemExit(f"{script.name} {' '.join(args)} failed (exit {code}); log {log_file}:\n{text[-3000:]}")
     return read(result_file)
 

@@ -199,6 +199,9 @@ for _length in (200, 50):
     RUNS[f"BERTRec-all-small-text-L{_length}"] = ("BERTRec", {
         **_ML1M, "item_repr": "id+text", "text_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
         "MAX_ITEM_LIST_LENGTH": _length})
+# Depth, the lever between HSTU (2 blocks) and HSTU-large (8 blocks, 0.1893) on ml-1m: the same text model with 4
+# layers (the encoder is ~a quarter of an epoch here, so ~1.3x the cost), an A/B of the first epochs at seed 2020.
+RUNS["BERTRec-all-4L-text-L200"] = ("BERTRec", {**RUNS["BERTRec-all-small-text-L200"][1], "n_layers": 4})
 # repeatable: False masks each user's earlier items in evaluation (recbole_llm.patches.seen_items), as SASRec+'s
 # filter_seen does: RecBole's sequential evaluation ranks them too, which cost these runs a third of their
 # NDCG@10 against the published rows (one checkpoint: test 0.1157 unmasked, 0.1743 masked; docs/results.md).
@@ -206,7 +209,8 @@ PROFILES["ml-1m"] = {**PROFILES["converged"], "datasets": ["ml-1m"], "report": "
                      "config": {**PROFILES["converged"]["config"], "stopping_step": 10, "eval_batch_size": 1024,
                                 "repeatable": False},
                      "models": ["Pop", "BERTRec-all-small-text-L200", "BERTRec-all-small-id-L200",
-                                "BERTRec-all-small-text-L50", "BERTRec-all-small-id-L50", "GRU4Rec", "SASRec"]}
+                                "BERTRec-all-small-text-L50", "BERTRec-all-small-id-L50", "GRU4Rec", "SASRec",
+                                "BERTRec-all-4L-text-L200"]}
 # Published ml-1m NDCG@10 (leave-one-out, full ranking over all items), each with the protocol it used, for the
 # ml-1m report: what is like-for-like with these runs (all 1M ratings, history 200, RecBole's split) and what not.
 PUBLISHED = [
@@ -734,6 +738,9 @@ def listed(value: str | None, flag: str, default: list[str]) -> list[str]:
     if not all(items):
         raise SystemExit(f"quality.py: error: {flag} {value!r} has an empty entry; give comma-separated values "
                          f"with no blanks, e.g. {flag} {','.join(map(str, default[:2]))}")
+    repeated = next((item for item in items if items.count(item) > 1), None)
+    if repeated is not None:
+        raise SystemExit(f"quality.py: error: {flag} {value!r} names {repeated} twice; name each once")
     return items
 
 
@@ -892,6 +899,11 @@ def main() -> None:
         raise SystemExit(f"quality.py: error: unknown dataset(s) {unknown}; choose from {','.join(TEXT_FIELDS)}")
     if "ml-1m" in datasets and not args.data_path:
         raise SystemExit("quality.py: error: ml-1m needs --data-path (e.g. ../shared/datasets)")
+    for name in datasets if args.data_path else []:  # before any run: the last dataset's may be hours away
+        source = SHORT_HISTORIES[name][0] if name in SHORT_HISTORIES else name
+        if source != "ml-100k" and not (Path(args.data_path) / source).is_dir():
+            raise SystemExit(f"quality.py: error: --data-path {args.data_path} has no {source} folder; give the "
+                             f"folder that holds {source}/ (e.g. ../shared/datasets)")
     derived = [d for d in datasets if d in SHORT_HISTORIES]
     if derived:
         if not args.data_path:
@@ -902,6 +914,7 @@ def main() -> None:
                              ") apart from the others")
         for name in derived:
             args.data_path = str(prepare_short_histories(Path(args.data_path), name))
+    seeds = [seed_number(x) for x in listed(args.seeds, "--seeds", [str(x) for x in profile["seeds"]])]
     workdir = SCRATCH / profile.get("workdir", profile.get("report", f"quality_{args.profile}"))
     workdir.mkdir(parents=True, exist_ok=True)
     # runs without a budget repeat under their seed (exactly on one machine): their records are kept in git and reused
@@ -920,7 +933,6 @@ def main() -> None:
         + (" (mean ± sample std)" if len(profile["seeds"]) > 1 else "") + ". "
         "Tail = test users whose target item had at most 20 training interactions."
     )
-    seeds = [seed_number(x) for x in listed(args.seeds, "--seeds", [str(x) for x in profile["seeds"]])]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"quality.py: error: --seeds {args.seeds}: a seed is repeated; name each once")
     report["seeds"] = seeds

@@ -229,6 +229,36 @@ def test_a_child_that_stops_on_one_line_is_reported_by_that_line(common, tmp_pat
     one_line(error.value, "child.py: error: the thing is damaged; delete it (log ")
 
 
+def test_a_child_that_the_plugin_refuses_is_reported_by_its_line(common, tmp_path):
+    """A child stopped by the plugin's one-line error (a DataError's traceback in its log): that line."""
+    script = child_script(tmp_path, "from recbole_llm.errors import DataError\n"
+                                    "raise DataError('the file has no header: add one')\n")
+    out = tmp_path / "result.json"
+    with pytest.raises(SystemExit) as error:
+        common.run_child(script, [str(out)], out, tmp_path / "child.log")
+    one_line(error.value, f"{script.name}: error: the file has no header: add one (log ")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--profile", "full", "--data-path", "EMPTY"], "has no ml-1m folder; give the folder that holds ml-1m/"),
+    (["--profile", "sparse", "--data-path", "EMPTY"], "has no ml-1m folder"),  # the source of the cut dataset
+    (["--models", "Pop,Pop"], "--models 'Pop,Pop' names Pop twice"),
+    (["--seeds", "1,x"], "--seeds"),
+])
+def test_quality_arguments_are_checked_before_any_run_or_folder(quality, tmp_path, monkeypatch, argv, fragment):
+    """Every argument checked before the first run starts (a missing ml-1m used to surface after every
+    ml-100k run of the full profile) and before the scratch folder is made."""
+    monkeypatch.setattr(quality, "SCRATCH", tmp_path / "scratch")
+    monkeypatch.setattr(quality, "run_child", lambda *args, **kwargs: pytest.fail("a run started"))
+    (tmp_path / "empty").mkdir()
+    argv = [str(tmp_path / "empty") if arg == "EMPTY" else arg for arg in argv]
+    monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
+    with pytest.raises(SystemExit) as error:
+        quality.main()
+    one_line(error.value, fragment)
+    assert not (tmp_path / "scratch").exists()
+
+
 def test_run_child_reads_with_the_reader_given(common, tmp_path):
     out = tmp_path / "result.json"
     script = child_script(tmp_path, "out.write_text('{\"x\": 1}')\n")
