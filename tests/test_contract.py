@@ -170,6 +170,25 @@ def test_a_bad_value_is_refused_in_one_line_naming_the_key(settings, dataset, na
     assert f"{key}={value!r}" in message and "\n" not in message, message
 
 
+def test_an_encoder_folder_without_whole_weights_is_one_line(settings, dataset, tmp_path):
+    """A folder with config.json alone, or weights cut short, failed in transformers' traceback at model build."""
+    import shutil
+    from pathlib import Path
+
+    from recbole_llm.model.backbone import DEFAULT_PRETRAINED, resolve_pretrained
+
+    source, folder = Path(resolve_pretrained(DEFAULT_PRETRAINED)), tmp_path / "encoder"
+    folder.mkdir()
+    shutil.copy(source / "config.json", folder)
+    given = {**settings, "pretrained_model_name_or_path": str(folder)}
+    with pytest.raises(RecboleLLMError, match=f"'{folder}' has no weights .model.safetensors"):
+        Config(model="BERTRec", dataset="ml-tiny", config_dict=given)
+    (folder / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:4096])
+    with pytest.raises(RecboleLLMError, match=f"'{folder}': its weights do not load") as error:
+        get_model("BERTRec")(Config(model="BERTRec", dataset="ml-tiny", config_dict=given), dataset)
+    assert "\n" not in str(error.value)
+
+
 def test_pretrained_only_keys_are_checked_against_the_encoder(settings, dataset):
     pretrained = {**settings, "pretrained_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}
     for key, value in (("backbone_layers", 9), ("backbone_layers", "two"), ("MAX_ITEM_LIST_LENGTH", 1000)):

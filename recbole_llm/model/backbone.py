@@ -139,7 +139,11 @@ def check_encoder_settings(config: Any) -> None:
                 "e.g. gelu or relu"
             )
         return
-    _, pretrained_config = _load_pretrained_config(name_or_path)
+    resolved, pretrained_config = _load_pretrained_config(name_or_path)
+    if os.path.isdir(resolved) and not set(os.listdir(resolved)) & set(_WEIGHT_FILES):
+        raise ConfigError(f"pretrained_model_name_or_path '{name_or_path}' has no weights "
+                          f"({' or '.join(_WEIGHT_FILES[:3])}): save the whole model there (save_pretrained), pass "
+                          f"'{DEFAULT_PRETRAINED}', or null for a randomly initialised BERT")
     available = pretrained_config.num_hidden_layers
     layers = config["backbone_layers"]
     if layers is not None:  # null: every layer
@@ -279,8 +283,16 @@ def build_encoder(config: Any):
         overrides = dict(dropouts)
         if layers is not None:
             overrides["num_hidden_layers"] = layers
-        with _quiet_transformers():
-            encoder = AutoModel.from_pretrained(resolved, **overrides)
+        from safetensors import SafetensorError
+
+        try:
+            with _quiet_transformers():
+                encoder = AutoModel.from_pretrained(resolved, **overrides)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # damaged or partial weight files
+            detail = (str(error).splitlines() or [""])[0][:160]
+            raise ConfigError(f"pretrained_model_name_or_path '{name_or_path}': its weights do not load "
+                              f"({type(error).__name__}: {detail}); save the model there again (save_pretrained), "
+                              f"or pass '{DEFAULT_PRETRAINED}'") from None
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # the pooled [CLS] output is not used; no dead weights to train or save
     return encoder
