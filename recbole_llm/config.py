@@ -193,6 +193,14 @@ def check_config_values(final: dict, model: str | None = None, defaults: dict | 
     seed = final.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
         raise ConfigError(f"seed={seed!r} must be an integer from 0 to 2**32 - 1: e.g. --seed=2020")
+    eval_args = final.get("eval_args")
+    if eval_args is not None and not isinstance(eval_args, dict):
+        raise ConfigError(f"eval_args={eval_args!r:.60} must be a mapping: e.g. "
+                          "--eval_args=\"{'split': {'LS': 'valid_and_test'}, 'order': 'TO', 'mode': 'full'}\"")
+    threshold = final.get("tail_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0):
+        raise ConfigError(f"tail_threshold={threshold!r} must be an integer of 0 or more (a target with at most "
+                          "this many training interactions is long-tail): e.g. --tail_threshold=20")
     _metric_names(final)
     _alias_lists(final)
     _pre_split_files(final)

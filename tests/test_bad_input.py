@@ -48,6 +48,8 @@ TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32,
     # valid_metric RecBole looked up after the first epoch's training
     ({"metrics": ["Recall"]}, "valid_metric='MRR@10' is not among metrics=.'Recall'. .*--valid_metric=Recall@10$"),
     ({"valid_metric": "NDCG@50"}, "valid_metric='NDCG@50' is not among metrics"),
+    ({"eval_args": "TO"}, "eval_args='TO' must be a mapping"),
+    ({"tail_threshold": "x"}, "tail_threshold='x' must be an integer of 0 or more"),
 ])
 @pytest.mark.parametrize("model", ["BERTRec", "SASRec"])
 def test_config_values_are_checked_before_any_data(model, override, fragment, data_root):
@@ -483,6 +485,16 @@ def test_checkpoint_settings_and_weights_that_would_mislead_are_refused(trained,
     atomic_save(state, tmp_path / "nan.pth")
     with pytest.raises(CheckpointError, match=f"nan.pth' holds NaN weights in '{re.escape(name)}'"):
         load_checkpoint(tmp_path / "nan.pth")
+
+
+def test_a_checkpoint_folder_and_an_empty_output_are_named_for_what_they_are(tmp_path):
+    from recbole_llm.checkpoint.loading import check_exists
+    from recbole_llm.export.options import check_output
+
+    with pytest.raises(RecboleLLMError, match="is a folder: pass the .pth file"):
+        check_exists(tmp_path)
+    with pytest.raises(RecboleLLMError, match="--output is empty"):  # not "exists": "" is the current folder
+        check_output("", force=False)
 
 
 def test_each_kind_of_bad_input_has_its_own_error_type(base_config, data_root, tmp_path):

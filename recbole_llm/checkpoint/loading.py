@@ -151,6 +151,9 @@ def _check_values(final: dict, overrides: dict) -> None:
 
 def check_exists(path: str | os.PathLike) -> None:
     """A one-line error for a checkpoint path that is not a file (checked before anything heavy loads)."""
+    if os.path.isdir(os.fspath(path)):
+        raise CheckpointError(f"checkpoint '{os.fspath(path)}' is a folder: pass the .pth file RecBole saved in it "
+                              "(see saved/)")
     if not os.path.isfile(os.fspath(path)):
         raise CheckpointError(
             f"checkpoint '{os.fspath(path)}' does not exist: pass the .pth file RecBole saved (see saved/)"

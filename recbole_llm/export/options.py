@@ -77,6 +77,8 @@ def check_options(options: ExportOptions) -> None:
 def check_output(output: str | os.PathLike, force: bool) -> Path:
     """The artifact folder ``output``, resolved, if an export may write it: new, or an artifact to replace
     with ``force`` (never a folder of other things, a file or the current folder), inside a writable folder."""
+    if not os.fspath(output).strip():  # Path("") is the current folder
+        raise RecboleLLMError("--output is empty: name the artifact folder to create, e.g. --output artifacts/bert")
     output = Path(output).resolve()
     if output.exists() and not force:
         raise RecboleLLMError(f"output '{output}' exists; choose another --output or pass --force to replace it")
