@@ -76,6 +76,8 @@ PROFILES = {
         # well under one epoch of ml-100k in this budget.
         "plugin": {"backbone_layers": 1, "item_repr": "id+text"},
         "seeds": [2020],
+        # the committed report's models (every run of RUNS would be hours, and some need longer histories)
+        "models": ["Pop", "GRU4Rec", "SASRec", "BERT4Rec", "BERTRec", "BERTLoRA", "BERTAdapter", "BERTAdaLoRA"],
     },
     "converged": {
         "datasets": ["ml-100k"],

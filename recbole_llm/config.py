@@ -9,7 +9,7 @@ each failing in one line naming key and fix; and ``config_dict`` values as plain
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from recbole_llm.errors import ConfigError
 
@@ -149,6 +149,27 @@ def check_valid_metric(final: dict) -> None:
         suggestion = f"{first}@{ks[0]}" if first and ks and ks[0] is not None else "NDCG@10 with NDCG in metrics"
         raise ConfigError(f"valid_metric={valid!r} is not among metrics={names!r} at topk={topk!r}, so training "
                           f"could not pick its best epoch: add it there, or set --valid_metric={suggestion}")
+
+
+# Keys RecBole's launcher (recbole.quick_start.run) puts into config_dict itself, in no YAML file
+_LAUNCH_KEYS = ("nproc", "world_size", "offset", "ip", "port", "local_rank", "single_spec", "config_files")
+
+
+def misspelt_settings(given: Iterable[str], known: Iterable[str]) -> list[str]:
+    """The ``given`` setting names no code reads (RecBole takes any key): raises ConfigError for one that is
+    a close misspelling of a ``known`` key (``--epoch=2`` ran the default 300 epochs, ``--backbone_layer=1``
+    all 6 layers, with no word), naming the key meant; returns the others, which may be a custom model's."""
+    import difflib
+
+    known = set(known) | set(_LAUNCH_KEYS)
+    by_lower = {key.lower(): key for key in known}
+    unknown = [key for key in given if key not in known]
+    for key in unknown:
+        match = difflib.get_close_matches(key.lower(), by_lower, n=1, cutoff=0.85)
+        if match:
+            raise ConfigError(f"unknown setting '{key}': did you mean '{by_lower[match[0]]}'? (RecBole takes any "
+                              "key and would run without it)")
+    return unknown
 
 
 def check_config_values(final: dict, model: str | None = None, defaults: dict | None = None) -> None:

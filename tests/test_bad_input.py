@@ -49,6 +49,9 @@ TINY = {"pretrained_model_name_or_path": None, "n_layers": 1, "hidden_size": 32,
     ({"metrics": ["Recall"]}, "valid_metric='MRR@10' is not among metrics=.'Recall'. .*--valid_metric=Recall@10$"),
     ({"valid_metric": "NDCG@50"}, "valid_metric='NDCG@50' is not among metrics"),
     ({"eval_args": "TO"}, "eval_args='TO' must be a mapping"),
+    # RecBole takes any key: --epoch=2 ran the default 300 epochs
+    ({"epoch": 2}, "unknown setting 'epoch': did you mean 'epochs'"),
+    ({"max_item_list_len": 10}, "unknown setting 'max_item_list_len': did you mean 'MAX_ITEM_LIST_LENGTH'"),
     ({"tail_threshold": "x"}, "tail_threshold='x' must be an integer of 0 or more"),
 ])
 @pytest.mark.parametrize("model", ["BERTRec", "SASRec"])
@@ -417,6 +420,18 @@ def test_command_line_usage_errors_are_one_line(data_root, trained):
     for bad in ("--eval_batch_size=0", "--topk=0"):  # settings for a checkpoint go through the same checks
         assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}", bad), "must be a positive integer")
     assert_one_line_error(cli("evaluate", f"--checkpoint={trained['BERTRec']}", "--model=SASRec"), "cannot change")
+
+
+def test_settings_no_code_reads_are_named_and_peft_arguments_are_known(data_root, caplog):
+    """A key far from every known one may be a custom model's: a warning naming it, not an error. BERTPEFT
+    passes a peft method's own arguments through, so they are known keys."""
+    given = {"data_path": str(data_root), **TINY}
+    Config(model="BERTRec", dataset="ml-tiny", config_dict={**given, "my_own_setting": 1})
+    assert "settings my_own_setting are in no RecBole, plugin or model YAML" in caplog.text
+    caplog.clear()
+    Config(model="BERTPEFT", dataset="ml-tiny", config_dict={**given, "peft_type": "LOHA", "alpha": 8,
+                                                              "rank_dropout": 0.1, "module_dropout": 0.0})
+    assert "no RecBole, plugin or model YAML" not in caplog.text
 
 
 def test_a_command_line_value_may_hold_an_equals_sign(data_root, tmp_path, monkeypatch):

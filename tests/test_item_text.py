@@ -204,7 +204,7 @@ def test_token_bag_vectors_are_shared_by_token_and_reach_items_known_only_by_tex
         ({"item_repr": "text", "id_dropout_prob": 0.2}, "id_dropout_prob=0.2 shapes the ID part"),
         ({"item_repr": "id+text", "id_max_norm": float("inf")}, "id_max_norm=inf must be a number above 0"),
         ({"item_repr": "id", "text_token_bag": True}, "text_token_bag=True learns vectors of item text tokens"),
-        ({"item_repr": "id+text", "text_token_bag": "yes"}, "text_token_bag='yes' is not a boolean"),
+        ({"item_repr": "id+text", "text_token_bag": "yes"}, "text_token_bag='yes' must be true or false"),
         # the text model: named, loadable, there at all, and the sequence encoder's own where texts run through it
         ({"pretrained_model_name_or_path": None}, "the sequence encoder is random .* --text_model_name_or_path=sent"),
         ({"text_model_name_or_path": " "}, "text_model_name_or_path=' ' must be a hub id or a folder"),

@@ -43,7 +43,7 @@ def anchor_settings(config) -> tuple[float | None, float, bool]:
         choice("text_projection", read("text_projection"), TEXT_PROJECTIONS)
     bag = read("text_token_bag")
     if bag not in (None, True, False):
-        raise ConfigError(f"text_token_bag={bag!r} is not a boolean; use true or false")
+        raise ConfigError(f"text_token_bag={bag!r} must be true or false: e.g. --text_token_bag=False")
     bag = bool(bag)  # null: checkpoints from before the key, which had none
     item_repr = read("item_repr")
     if bag and not (isinstance(item_repr, str) and "text" in item_repr.lower()):

@@ -21,7 +21,7 @@ import os
 import sys
 
 from recbole_llm.errors import ConfigError
-from recbole_llm.config import check_config_values, check_valid_metric, plain_values
+from recbole_llm.config import check_config_values, check_valid_metric, misspelt_settings, plain_values
 from recbole_llm.patches import seen_items
 
 
@@ -48,6 +48,26 @@ def _check_yaml_file(path: str, loader) -> None:
         )
 
 
+def _check_setting_names(config) -> None:
+    """Every setting the user gave is one some code reads: the YAML files' keys, RecBole's parameter lists,
+    and for peft models every peft config field (BERTPEFT passes a method's own arguments through). A close
+    misspelling is refused (:func:`misspelt_settings`); any other unknown key is named in a warning."""
+    import logging
+
+    known = set(config.internal_config_dict) | {key for keys in config.parameters.values() for key in keys}
+    if "peft_type" in config.internal_config_dict:
+        import dataclasses
+
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        known |= {field.name for kind in PEFT_TYPE_TO_CONFIG_MAPPING.values() for field in dataclasses.fields(kind)}
+    unknown = misspelt_settings(config.external_config_dict, known)
+    if unknown:
+        logging.getLogger("recbole_llm").warning(
+            "settings %s are in no RecBole, plugin or model YAML: read only if your own code reads them",
+            ", ".join(unknown))
+
+
 def wrap_set_default_parameters(original):
     """``Config._set_default_parameters``: CE without negative sampling, values checked, encoder limits."""
     from recbole.utils import ModelType
@@ -64,6 +84,7 @@ def wrap_set_default_parameters(original):
             and not user_set_sampling
         ):
             final["train_neg_sample_args"] = None
+        _check_setting_names(self)
         check_config_values(final, self.model, self.internal_config_dict)
         check_valid_metric(final)  # a run's Config, not a checkpoint's: evaluating one never reads it
         if self.model in PLUGIN_MODELS:  # the encoder's limits, before RecBole builds data at these lengths
