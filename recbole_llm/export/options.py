@@ -81,7 +81,8 @@ def check_output(output: str | os.PathLike, force: bool) -> Path:
         raise RecboleLLMError("--output is empty: name the artifact folder to create, e.g. --output artifacts/bert")
     output = Path(output).resolve()
     if output.exists() and not force:
-        raise RecboleLLMError(f"output '{output}' exists; choose another --output or pass --force to replace it")
+        raise RecboleLLMError(f"output '{output}' exists; choose another output folder, or replace it (--force; "
+                              "ExportOptions(force=True) in Python)")
     if output.exists() and not (output.is_dir() and (output / METADATA_FILE).is_file()):
         # --force replaces an artifact, never a folder of other things (".", a home folder) or a file
         raise RecboleLLMError(f"output '{output}' exists and is not an artifact (no {METADATA_FILE}): "
