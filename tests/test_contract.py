@@ -129,6 +129,7 @@ BAD_VALUES = [
     ("BERTRec", "n_layers", 0, {}),
     ("BERTRec", "hidden_act", "swishy", {}),
     ("BERTRec", "layer_norm_eps", 0, {}),
+    ("BERTRec", "hidden_size", 10_000_000, {"n_heads": 1}),  # terabytes of weights and optimizer state
     ("BERTRec", "hidden_dropout_prob", 1.5, {}),
     ("BERTRec", "attn_dropout_prob", -0.1, {}),
     ("BERTPEFT", "peft_type", "NOPE", {}),

@@ -100,6 +100,21 @@ def most_recent(item_seq: torch.Tensor, item_seq_len: torch.Tensor, max_length: 
     return window * (positions < kept.unsqueeze(-1)), kept
 
 
+def _check_fits_in_memory(config: Any) -> None:
+    """The random encoder's weights with their gradients and Adam's two moments (4 float32 copies) must fit in
+    this machine's memory: a typo such as ``hidden_size: 10000000`` asked for terabytes, and one that fits in
+    virtual memory only got the process killed. Item embeddings come on top (their count is the data's)."""
+    width, inner, layers = config["hidden_size"], config["inner_size"], config["n_layers"]
+    positions = config["MAX_ITEM_LIST_LENGTH"] if isinstance(config["MAX_ITEM_LIST_LENGTH"], int) else 0
+    floats = layers * (4 * width * width + 2 * width * inner) + positions * width
+    need, total = 16 * floats, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise ConfigError(f"hidden_size={width}, inner_size={inner} and n_layers={layers} make an encoder whose "
+                          f"weights, gradients and optimizer state need {need / 2**30:,.0f} GiB, more than this "
+                          f"machine's {total / 2**30:,.0f} GiB: choose smaller sizes, e.g. hidden_size: 64, "
+                          "inner_size: 256, n_layers: 2")
+
+
 def check_encoder_settings(config: Any) -> None:
     """What the config and the encoder's own config.json decide alone, checked before RecBole reads data.
 
@@ -125,6 +140,7 @@ def check_encoder_settings(config: Any) -> None:
             number("layer_norm_eps", config["layer_norm_eps"], low=0, low_open=True, example=1e-12)
         except ConfigError as error:
             raise ConfigError(f"{error} (for the random encoder: pretrained_model_name_or_path: null)") from None
+        _check_fits_in_memory(config)
         if config["hidden_size"] % config["n_heads"]:
             raise ConfigError(
                 f"hidden_size {config['hidden_size']} is not a multiple of n_heads {config['n_heads']}; "
