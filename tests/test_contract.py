@@ -149,6 +149,11 @@ BAD_VALUES = [
     ("BERTLoRA", "target_modules", 5, {}),
     ("BERTAdaLoRA", "deltaT", 0, {}),
     ("BERTAdaLoRA", "target_r", 99, {}),
+    # the trainer's keys, once refused only when the trainer was built (after the data and the model)
+    ("BERTRec", "lr_scheduler", "cosin", {}),
+    ("BERTRec", "warmup_ratio", 2, {}),
+    ("BERTRec", "mixed_precision", "fp8", {}),
+    ("BERTRec", "augmentation_prob", 1.5, {}),
     # values RecBole read by truth, or compared after the first epoch
     ("BERTRec", "repeatable", "no", {}),
     ("BERTRec", "MAX_ITEM_LIST_LENGTH", None, {}),

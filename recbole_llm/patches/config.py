@@ -93,7 +93,10 @@ def wrap_set_default_parameters(original):
 
             from recbole_llm.model.positions import training_rows
 
+            from recbole_llm.training.trainer import trainer_settings
+
             check_encoder_settings(final)
+            trainer_settings(final)
             anchor_settings(final)
             text_model(final)
             training_rows(final)  # the dataset cuts its training rows by these once the data is loaded

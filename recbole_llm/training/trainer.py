@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,24 +45,34 @@ SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def trainer_settings(config: Any) -> tuple[str, float, str | None, str, float | None]:
+    """``(lr_scheduler, warmup_ratio, mixed_precision, adversarial, adv_epsilon)`` of a config, checked (one-line
+    ConfigError naming key and fix); the patched Config runs it, and the augmentation keys' check, before any
+    data is read. The defaults live in properties/PluginTrainer.yaml only: null is a documented "off" or an
+    error. ``adv_epsilon`` is None unless ``adversarial`` is fgm."""
+    schedule = choice("lr_scheduler", config["lr_scheduler"], SCHEDULES)
+    warmup = number("warmup_ratio", config["warmup_ratio"], low=0, high=1, high_open=True, example=0.1)
+    precision = config["mixed_precision"]  # null: fp32
+    key = None if precision is None else choice("mixed_precision", precision, ("bf16", "fp16", "none"))
+    adversarial = config["adversarial"]  # null: off
+    adversarial = "none" if adversarial is None else choice("adversarial", adversarial, ("fgm", "none"))
+    epsilon = None
+    if adversarial == "fgm":
+        try:
+            epsilon = number("adv_epsilon", config["adv_epsilon"], low=0, low_open=True, example=1.0)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (with adversarial: fgm)") from None
+    SequenceAugmenter(config, "", "")  # its keys
+    return schedule, warmup, key, adversarial, epsilon
+
+
 class PluginTrainer(Trainer):
     r"""RecBole's Trainer with warmup and decay, correct mixed precision, per-step hooks and FGM."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        # The defaults live in properties/PluginTrainer.yaml only: null is a documented "off" or an error.
-        self.lr_scheduler_name = choice("lr_scheduler", config["lr_scheduler"], SCHEDULES)
-        self.warmup_ratio = number("warmup_ratio", config["warmup_ratio"], low=0, high=1, high_open=True, example=0.1)
-        precision = config["mixed_precision"]  # null: fp32
-        key = None if precision is None else choice("mixed_precision", precision, ("bf16", "fp16", "none"))
-        adversarial = config["adversarial"]  # null: off
-        self.adversarial = "none" if adversarial is None else choice("adversarial", adversarial, ("fgm", "none"))
-        self.adv_epsilon = None  # read by _fgm_step only
-        if self.adversarial == "fgm":
-            try:
-                self.adv_epsilon = number("adv_epsilon", config["adv_epsilon"], low=0, low_open=True, example=1.0)
-            except ConfigError as error:
-                raise ConfigError(f"{error} (with adversarial: fgm)") from None
+        self.lr_scheduler_name, self.warmup_ratio, key, self.adversarial, self.adv_epsilon = trainer_settings(config)
+        precision = config["mixed_precision"]
         # Mixed precision only on GPU: on CPU autocast is slower for these models (measured) and fp16 unsafe.
         self.autocast_dtype = PRECISIONS[key] if self.device.type == "cuda" else None
         if PRECISIONS[key] is not None and self.autocast_dtype is None:
