@@ -48,13 +48,36 @@ def _check_yaml_file(path: str, loader) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1)
+def every_yaml_key() -> frozenset[str]:
+    """The keys of every RecBole and plugin property file (every model's, dataset's and quick-start's)."""
+    from pathlib import Path
+
+    import recbole
+    import yaml
+
+    from recbole_llm.patches.models import properties_dir
+
+    keys: set[str] = set()
+    for folder in (Path(recbole.__file__).parent / "properties", properties_dir()):
+        for path in folder.rglob("*.yaml"):
+            try:
+                parsed = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue  # RecBole's own files; one that does not parse names no key
+            keys |= set(parsed) if isinstance(parsed, dict) else set()
+    return frozenset(keys)
+
+
 def _check_setting_names(config) -> None:
     """Every setting the user gave is one some code reads: the YAML files' keys, RecBole's parameter lists,
     and for peft models every peft config field (BERTPEFT passes a method's own arguments through). A close
     misspelling is refused (:func:`misspelt_settings`); any other unknown key is named in a warning."""
     import logging
 
+    # any model's keys too: one config file often serves several models (n_layers means nothing to GRU4Rec)
     known = set(config.internal_config_dict) | {key for keys in config.parameters.values() for key in keys}
+    known |= every_yaml_key()
     if "peft_type" in config.internal_config_dict:
         import dataclasses
 
