@@ -1,4 +1,5 @@
-"""Typed readers for config values: every plugin key is read and checked through one of these.
+"""Typed readers for config values: every plugin key is read and checked through one of these; and where the
+plugin's YAML defaults live (:func:`properties_dir`).
 
 Defaults live only in the YAMLs (``properties/``); a reader never supplies one. Each returns the value in its
 type or raises :class:`~recbole_llm.errors.ConfigError` with one line naming the key, what it must be and an
@@ -14,6 +15,7 @@ bools are never numbers here (``True`` is an ``int`` to Python, never to a confi
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 from recbole_llm.errors import ConfigError
@@ -92,3 +94,20 @@ def names(key: str, value: Any, example: str) -> list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
         return list(value)
     raise ConfigError(f"{key}={value!r:.60} must be a list of names: e.g. {key}: {example}")
+
+
+def properties_dir() -> Path:
+    """The folder holding the plugin's property files (one ``<Model>.yaml`` per plugin model).
+
+    In a wheel it is the package ``recbole_llm.properties``; in a source checkout it is ``properties/``
+    at the repository root (pyproject maps one onto the other).
+    """
+    try:
+        from importlib.resources import files
+
+        installed = Path(str(files("recbole_llm.properties")))
+        if installed.is_dir():
+            return installed
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[1] / "properties"

@@ -56,7 +56,7 @@ def every_yaml_key() -> frozenset[str]:
     import recbole
     import yaml
 
-    from recbole_llm.patches.models import properties_dir
+    from recbole_llm.settings import properties_dir
 
     keys: set[str] = set()
     for folder in (Path(recbole.__file__).parent / "properties", properties_dir()):

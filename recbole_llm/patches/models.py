@@ -36,28 +36,12 @@ from recbole_llm.model.catalog import (
     third_party_imports,
 )
 from recbole_llm.errors import RecboleLLMError
+from recbole_llm.settings import properties_dir
 
 # Read for every model, RecBole's included, right after RecBole's overall.yaml: the plugin-wide keys.
 OVERALL_YAML = "overall.yaml"
 # Read for every plugin model before its own YAML: the plugin trainer's keys.
 TRAINER_YAML = "PluginTrainer.yaml"
-
-
-def properties_dir() -> Path:
-    """The folder holding the plugin's property files (one ``<Model>.yaml`` per plugin model).
-
-    In a wheel it is the package ``recbole_llm.properties``; in a source checkout it is ``properties/``
-    at the repository root (pyproject maps one onto the other).
-    """
-    try:
-        from importlib.resources import files
-
-        installed = Path(str(files("recbole_llm.properties")))
-        if installed.is_dir():
-            return installed
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[2] / "properties"
 
 
 def plugin_model_yamls(model_name: str) -> list[Path]:
