@@ -10,6 +10,9 @@ rather than copying it (:mod:`recbole_llm.patches` installs them, each naming th
 - A config file that cannot be read, does not parse or is not a mapping, and a value every run depends on
   that is wrong, fail in one line naming file, line or key and the fix; ``config_dict`` values become plain
   Python, which the checkpoint allow-list takes.
+- RecBole takes any key: a close misspelling of a known one fails in one line, any other unknown key is
+  named in a warning. A command-line value holding ``=`` is kept; a ``data_path`` holding ``ml-100k/`` is read
+  (RecBole points ml-100k at its bundled copy whatever it says).
 
 ``Config.compatibility_settings`` (numpy 2's missing aliases) is :mod:`recbole_llm.patches.stack`.
 """
