@@ -13,6 +13,7 @@ from conftest import LEARNING_DATASET, bundled
 from recbole_llm import RecboleLLMError
 from recbole_llm.export.graph import ScoringGraph
 from recbole_llm.model.backbone import DEFAULT_PRETRAINED
+from recbole_llm.model.full_softmax import full_softmax_cross_entropy
 
 
 def train(config_dict: dict, epochs: int, dataset: str = "ml-slice"):
@@ -229,3 +230,31 @@ def test_all_positions_encoder_is_causal_and_exports_the_same_scores(tiny_bert):
         traced = torch.jit.trace(ScoringGraph(model, top_k=None), (item_seq[:4], length[:4]), check_trace=False)
         expected = model.full_sort_predict({model.ITEM_SEQ: item_seq, model.ITEM_SEQ_LEN: length})
         assert torch.allclose(traced(item_seq, length), expected, atol=1e-5)
+
+
+def test_full_softmax_loss_equals_cross_entropy_over_every_item(tiny_bert):
+    """The chunked full softmax (torch's linear_cross_entropy on CPU) gives RecBole's CE loss and gradients:
+    for the function at a shape it chunks, and for an all-positions model's training loss."""
+    torch.manual_seed(0)
+    hidden = torch.randn(600, 16, requires_grad=True)
+    table = torch.randn(500, 16, requires_grad=True)
+    targets = torch.randint(1, 500, (600,))
+    full_softmax_cross_entropy(hidden, table, targets).backward()
+    grads = hidden.grad.clone(), table.grad.clone()
+    hidden.grad = table.grad = None
+    expected = torch.nn.functional.cross_entropy(hidden @ table.t(), targets)
+    expected.backward()
+    assert torch.allclose(full_softmax_cross_entropy(hidden, table, targets), expected, atol=1e-5)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-6) and torch.allclose(grads[1], table.grad, atol=1e-6)
+
+    config = Config(model="BERTRec", dataset="ml-slice", config_dict={**tiny_bert, "train_positions": "all"})
+    train_data = data_preparation(config, create_dataset(config))[0]
+    model = get_model("BERTRec")(config, train_data._dataset).eval()
+    batch = next(iter(train_data))
+    item_seq, length, pos = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.POS_ITEM_ID]
+    with torch.no_grad():
+        table = model.item_table()
+        hidden = model.encoder_output(item_seq, table).last_hidden_state
+        targets, scored = model.next_item_targets(item_seq, length, pos)
+        expected = torch.nn.functional.cross_entropy(hidden[scored] @ table.t(), targets[scored])
+        assert torch.allclose(model.calculate_loss(batch), expected, atol=1e-5)

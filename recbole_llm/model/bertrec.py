@@ -49,6 +49,7 @@ from torch import nn
 
 from recbole_llm.errors import ConfigError
 from recbole_llm.model.backbone import build_encoder, most_recent
+from recbole_llm.model.full_softmax import full_softmax_cross_entropy
 from recbole_llm.model.item_text import TEXT_PROJECTIONS, TokenBag, anchor_settings, bounded, text_model
 from recbole_llm.model.text_path import ItemTextPath
 from recbole_llm.model.positions import TRAIN_POSITIONS, window_stride
@@ -90,7 +91,7 @@ class BERTRec(ItemTextPath, SequentialRecommender):
             self.pre_encoder = nn.LSTM(self.hidden_size, self.hidden_size, batch_first=True)
         else:
             self.pre_encoder = None
-        self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()
+        self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()  # CE runs in full_softmax_cross_entropy
 
         # The encoder's own word table is never read (item ids go in as inputs_embeds): freeze it so
         # parameter counts and the optimizer see only what trains.
@@ -272,8 +273,7 @@ class BERTRec(ItemTextPath, SequentialRecommender):
             pos_score = (seq_output * table[pos_items]).sum(dim=-1)
             neg_score = (seq_output * table[neg_items]).sum(dim=-1)
             return self.loss_fct(pos_score, neg_score)
-        logits = seq_output @ table.t()
-        return self.loss_fct(logits, pos_items)
+        return full_softmax_cross_entropy(seq_output, table, pos_items)
 
     def all_positions_loss(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, pos_items: torch.Tensor,
                            table: torch.Tensor) -> torch.Tensor:
@@ -283,7 +283,7 @@ class BERTRec(ItemTextPath, SequentialRecommender):
         item_seq, item_seq_len = most_recent(item_seq, item_seq_len, self.max_seq_length)
         hidden = self.encoder_output(item_seq, table).last_hidden_state  # [B, L, H]
         targets, scored = self.next_item_targets(item_seq, item_seq_len, pos_items)
-        return self.loss_fct(hidden[scored] @ table.t(), targets[scored])
+        return full_softmax_cross_entropy(hidden[scored], table, targets[scored])
 
     def next_item_targets(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor,
                           pos_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
