@@ -1,5 +1,3 @@
-import sys
+from recbole_llm.cli import entry
 
-from recbole_llm.cli import main
-
-sys.exit(main())
+entry()

@@ -342,7 +342,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = argv[0] if argv else ""
         left = INTERRUPTED.get(command, "nothing was written")
         print(f"\nrecbole-llm: interrupted; {left}", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports it
+        return INTERRUPTED_STATUS
+
+
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports it
+
+
+def entry() -> None:
+    """The ``recbole-llm`` command and ``python -m recbole_llm``: exit with :func:`main`'s status.
+
+    After Ctrl-C the process leaves at once (``os._exit``) once its one line is out, skipping Python's shutdown:
+    in a local CI run (2026-12-07) an interrupted ``evaluate`` printed its line and was then ended by a repeated
+    Ctrl-C (status -2, not 130) while Python was still shutting down. Nothing is left to write by then:
+    checkpoints and artifacts are renamed into place whole or not at all, and log handlers flush each line.
+    """
+    status = main()
+    if status == INTERRUPTED_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
