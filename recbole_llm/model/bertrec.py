@@ -91,7 +91,8 @@ class BERTRec(ItemTextPath, SequentialRecommender):
             self.pre_encoder = nn.LSTM(self.hidden_size, self.hidden_size, batch_first=True)
         else:
             self.pre_encoder = None
-        self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()  # CE runs in full_softmax_cross_entropy
+        # CE itself runs in full_softmax_cross_entropy; the attribute stays, as in RecBole's models
+        self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()
 
         # The encoder's own word table is never read (item ids go in as inputs_embeds): freeze it so
         # parameter counts and the optimizer see only what trains.
