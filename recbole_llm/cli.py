@@ -322,6 +322,9 @@ def _models() -> int:
     return 0
 
 
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports it
+
+
 # What an interrupted command leaves, for the one line Ctrl-C prints (serve handles SIGINT itself: it drains).
 INTERRUPTED = {
     "run": "checkpoints saved before it stay in checkpoint_dir (continue with --resume_from=CHECKPOINT)",
@@ -343,9 +346,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         left = INTERRUPTED.get(command, "nothing was written")
         print(f"\nrecbole-llm: interrupted; {left}", file=sys.stderr)
         return INTERRUPTED_STATUS
-
-
-INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports it
 
 
 def entry() -> None:
