@@ -10,7 +10,7 @@ import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
+from importlib import metadata, util
 from pathlib import Path
 from typing import Callable
 
@@ -136,6 +136,14 @@ def write_results(name: str, report: dict, markdown: list[str], folder: Path = R
         for tmp in temporary.values():
             tmp.unlink(missing_ok=True)
     print("\n".join(markdown))
+
+
+def require_plotting(script: str) -> None:
+    """SystemExit (one line naming the fix) when matplotlib, which draws the report's figure, is missing: called
+    before a benchmark measures anything, so hours of runs do not end in an ImportError at the last step."""
+    if util.find_spec("matplotlib") is None:
+        raise SystemExit(f"{script}: error: matplotlib draws this report's figure and is not installed; "
+                         'install the benchmarks\' extra first: pip install -e ".[bench]"')
 
 
 def read_small_json(path: Path, max_bytes: int, what: str) -> tuple[object, str]:

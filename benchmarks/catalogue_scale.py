@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SCRATCH, peak_rss_mb, provenance, run_child, write_results  # noqa: E402
+from _common import (RESULTS, SCRATCH, peak_rss_mb, provenance, require_plotting, run_child,  # noqa: E402
+                     write_results)
 
 BATCHES = (1, 64)
 CALLS = {1: 50, 64: 10}  # timed calls per batch size, after warm-up
@@ -113,6 +114,7 @@ def main() -> None:
         return
     if args.artifact is None:
         raise SystemExit("catalogue_scale.py: error: --artifact is required (an artifact exported with --item-index)")
+    require_plotting("catalogue_scale.py")
     workdir = SCRATCH / "catalogue_scale"
     workdir.mkdir(parents=True, exist_ok=True)
     report = {**provenance(), "artifact": str(args.artifact), "results": []}

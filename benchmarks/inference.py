@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SCRATCH, provenance, run_child, write_results  # noqa: E402
+from _common import RESULTS, SCRATCH, provenance, require_plotting, run_child, write_results  # noqa: E402
 
 # (history lengths, batch sizes) per device; main() picks the device's before anything reads them
 SHAPES = {"cpu": ((20, 50), (1, 8, 64, 256)), "cuda": ((50,), (1, 64, 256))}
@@ -355,6 +355,7 @@ def main() -> None:
         measure(args.child, args.device, workdir / "prepared.json", workdir, args.out, args.seconds)
         return
 
+    require_plotting("inference.py")
     from tqdm import tqdm
 
     workdir.mkdir(parents=True, exist_ok=True)

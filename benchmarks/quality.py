@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SCRATCH, RESULTS, machine, peak_rss_mb, provenance, read_small_json, run_child, write_results  # noqa: E402
+from _common import (SCRATCH, RESULTS, machine, peak_rss_mb, provenance, read_small_json,  # noqa: E402
+                     require_plotting, run_child, write_results)
 
 EVAL = {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"}
 TEXT_FIELDS = {"ml-100k": ["movie_title", "class"], "ml-1m": ["movie_title", "genre"]}
@@ -274,11 +275,13 @@ class BudgetedLoader:
         self.loader, self.clock, self.budget = loader, clock, budget
         self.spent = 0.0
         self.exhausted = False
+        self.batches = 0  # trained, over every epoch: a budgeted run's share of an epoch is batches / len(self)
 
     def __iter__(self):
         start = self.clock()
         for batch in self.loader:
             yield batch  # the trainer's step on this batch runs before the generator resumes
+            self.batches += 1
             now = self.clock()
             self.spent += now - start
             start = now
@@ -430,6 +433,9 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
         "budget": f"{budget:g} {profile['clock']} s",
         "budget_spent": round(budgeted.spent, 1),
         "budget_exhausted": budgeted.exhausted,
+        # what a whole epoch would cost, from a budgeted run's part of one (RecBole's prefix-row models on ml-1m)
+        "batches_trained": budgeted.batches,
+        "batches_per_epoch": len(budgeted),
         "seconds_per_epoch": round(sum(epoch_wall) / max(len(epoch_wall), 1), 1),
         "cpu_seconds_per_epoch": round(sum(epoch_cpu) / max(len(epoch_cpu), 1), 1),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -524,6 +530,11 @@ def markdown(report: dict) -> list[str]:
         report["profile_note"],
         "",
     ]
+    if report.get("to_come"):  # --finished-only: how far a profile that takes sessions has got
+        finished = sum(len(r.get("seeds", [r])) for runs in report["results"].values() for r in runs.values())
+        lines += [f"**Not finished:** {finished} of {finished + len(report['to_come'])} runs; a model's mean ± std "
+                  "is over the seeds finished (see each row's seed count); still to come: "
+                  + ", ".join(report["to_come"]) + ".", ""]
     made_on = runs_by_machine(report)
     if set(made_on) != {report["machine"]}:  # CPU seconds compare only between runs on one machine
         lines += ["Runs made on: " + "; ".join(f"{m}: {', '.join(runs)}" for m, runs in made_on.items()) + ".", ""]
@@ -541,8 +552,10 @@ def markdown(report: dict) -> list[str]:
         for name, r in runs.items():
             t = r["test"]
             to95 = f", {r['cpu_seconds_to_95']:.0f} CPU-s to 95%" if r.get("cpu_seconds_to_95") is not None else ""
+            seeds = len(r.get("seeds", [r]))
+            label = name if seeds >= len(report["seeds"]) else f"{name} ({seeds} of {len(report['seeds'])} seeds)"
             lines.append(
-                f"| {name} | {shown(r, 'ndcg@10')} | {shown(r, 'recall@10')} | {shown(r, 'mrr@10')} | "
+                f"| {label} | {shown(r, 'ndcg@10')} | {shown(r, 'recall@10')} | {shown(r, 'mrr@10')} | "
                 f"{shown(r, 'tailndcg@10')} | {valid_shown(r)} | {r['trainable_params']:,} / {r['total_params']:,} | "
                 f"{r[per_epoch[0]]:.0f} | {r['epochs']} ({r['epochs_to_best']}{to95}) | {r['peak_rss_mb']} MB |"
             )
@@ -879,6 +892,10 @@ def main() -> None:
     parser.add_argument("--datasets", help="comma-separated subset of the profile's datasets")
     parser.add_argument("--budget", type=float, help="override the profile's training budget (seconds)")
     parser.add_argument("--seeds", help="comma-separated seeds, non-negative integers (default: the profile's)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: write the report from the runs whose records are in "
+                             "benchmarks/results/runs/ and list the runs still to come (a profile that takes "
+                             "sessions, such as ml-1m, reported as far as it has got)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "DATASET"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=2020, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -893,6 +910,9 @@ def main() -> None:
 
     if not budget > 0:
         raise SystemExit(f"quality.py: error: --budget {args.budget:g}: give a positive number of seconds")
+    if args.finished_only and budget != float("inf"):
+        raise SystemExit(f"quality.py: error: --finished-only reports finished unbudgeted runs, and profile "
+                         f"{args.profile} (or --budget) sets a budget; use it with --profile ml-1m or converged")
     names = listed(args.models, "--models", profile.get("models", list(RUNS)))
     unknown = [n for n in names if n not in RUNS]
     if unknown:
@@ -949,6 +969,7 @@ def main() -> None:
     report["results"] = {d: {} for d in datasets}
     jobs = [(d, n, seed) for d in datasets for n in names for seed in seeds]
     runs: dict[tuple[str, str], list[dict]] = {}
+    to_come: list[str] = []  # with --finished-only: the runs without a record
     for dataset, name, seed in tqdm(jobs, desc="quality runs", unit="run"):
         extra = ["--data-path", args.data_path] if args.data_path else []
         # runs without a budget are deterministic under their seed: kept by seed and reused (they resume too)
@@ -962,7 +983,11 @@ def main() -> None:
                 cached.get("budget") == f"{budget:g} {profile['clock']} s" and keyed:
             tqdm.write(f"{dataset} {name} seed {seed}: reusing {result_file.name}")
             result = cached
+        elif args.finished_only:
+            to_come.append(f"{name} seed {seed}")
+            continue
         else:
+            require_plotting("quality.py")  # before the first run trains (hours), not at the report
             tqdm.write(f"{dataset} {name} seed {seed} ...")
             result = run_child(
                 Path(__file__), ["--profile", args.profile, "--budget", str(budget), *extra, "--seed", str(seed),
@@ -971,6 +996,8 @@ def main() -> None:
         runs.setdefault((dataset, name), []).append(result)
         tqdm.write(f"  NDCG@10 {result['test']['ndcg@10']:.4f} after {result['epochs']} epochs "
                    f"({result.get('stopped_by', '')})")
+    if args.finished_only:
+        report["to_come"] = to_come
     for (dataset, name), per_seed in runs.items():
         report["results"][dataset][name] = aggregate(per_seed) if len(profile["seeds"]) > 1 else per_seed[0]
     report["at_pop_level"] = {d: at_pop_level(report["results"][d]) for d in datasets}
@@ -980,6 +1007,7 @@ def main() -> None:
     # A subset or a changed budget is not the profile: keep it out of results/.
     complete = args.models is None and args.datasets is None and args.budget is None and args.seeds is None
     folder = RESULTS if complete else workdir
+    require_plotting("quality.py")
     write_results(profile.get("report", f"quality_{args.profile}"), report, markdown(report), folder,
                   figure=lambda path: plot(report, path))
     if not complete:

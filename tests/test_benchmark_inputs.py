@@ -244,6 +244,7 @@ def test_a_child_that_the_plugin_refuses_is_reported_by_its_line(common, tmp_pat
     (["--profile", "sparse", "--data-path", "EMPTY"], "has no ml-1m folder"),  # the source of the cut dataset
     (["--models", "Pop,Pop"], "--models 'Pop,Pop' names Pop twice"),
     (["--seeds", "1,x"], "--seeds"),
+    (["--profile", "quick", "--finished-only"], "--finished-only reports finished unbudgeted runs"),
 ])
 def test_quality_arguments_are_checked_before_any_run_or_folder(quality, tmp_path, monkeypatch, argv, fragment):
     """Every argument checked before the first run starts (a missing ml-1m used to surface after every
@@ -257,6 +258,42 @@ def test_quality_arguments_are_checked_before_any_run_or_folder(quality, tmp_pat
         quality.main()
     one_line(error.value, fragment)
     assert not (tmp_path / "scratch").exists()
+
+
+def test_finished_only_reports_the_finished_runs_lists_the_rest_and_trains_nothing(quality, tmp_path, monkeypatch):
+    """--finished-only (a profile that takes sessions, reported as far as it has got): the committed record is
+    the report's row, the run without one is named as still to come, and no run starts."""
+    monkeypatch.setattr(quality, "SCRATCH", tmp_path / "scratch")
+    monkeypatch.setattr(quality, "run_child", lambda *args, **kwargs: pytest.fail("a run started"))
+    monkeypatch.setattr(quality, "require_plotting", lambda script: None)  # tested below; [bench] is not in CI
+    written = {}
+    monkeypatch.setattr(quality, "write_results", lambda name, report, lines, folder, figure=None: written.update(
+        report=report, lines=lines, folder=folder))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--profile", "converged", "--models",
+                                      "BERT4Rec,BERTRec-all-drop3-L200", "--seeds", "2020,2021", "--finished-only"])
+    quality.main()
+    report = written["report"]
+    assert report["to_come"] == ["BERTRec-all-drop3-L200 seed 2021"]  # its seed 2020 is committed, 2021 is not
+    assert list(report["results"]["ml-100k"]) == ["BERT4Rec", "BERTRec-all-drop3-L200"]
+    committed = [json.loads((BENCHMARKS / "results" / "runs" / "quality_converged" /
+                             f"ml-100k_BERT4Rec_seed{seed}.json").read_text())["test"]["ndcg@10"] for seed in (2020, 2021)]
+    assert report["results"]["ml-100k"]["BERT4Rec"]["test"]["ndcg@10"] == pytest.approx(sum(committed) / 2)
+    text = "\n".join(written["lines"])
+    assert "**Not finished:** 3 of 4 runs" in text and "still to come: BERTRec-all-drop3-L200 seed 2021." in text
+    assert "| BERT4Rec |" in text and "| BERTRec-all-drop3-L200 (1 of 2 seeds) |" in text
+    assert written["folder"] == tmp_path / "scratch" / "quality_converged"  # a subset: not results/
+
+
+def test_a_missing_plotting_library_stops_before_any_run(quality, tmp_path, monkeypatch):
+    """Hours of runs must not end in an ImportError where the report draws its figure."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what find_spec reports for a missing package
+    monkeypatch.setattr(quality, "SCRATCH", tmp_path / "scratch")
+    monkeypatch.setattr(quality, "run_child", lambda *args, **kwargs: pytest.fail("a run started"))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--profile", "converged", "--models", "BERTRec-all-4L-id-L200",
+                                      "--seeds", "2020"])
+    with pytest.raises(SystemExit) as error:
+        quality.main()
+    one_line(error.value, "matplotlib", 'pip install -e ".[bench]"')
 
 
 def test_run_child_reads_with_the_reader_given(common, tmp_path):
