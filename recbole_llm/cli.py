@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import sys
+import time
 from typing import Sequence
 
 USAGE = """usage: recbole-llm COMMAND [--key=value ...]
@@ -355,11 +357,23 @@ def entry() -> None:
     in a local CI run (2026-12-07) an interrupted ``evaluate`` printed its line and was then ended by a repeated
     Ctrl-C (status -2, not 130) while Python was still shutting down. Nothing is left to write by then:
     checkpoints and artifacts are renamed into place whole or not at all, and log handlers flush each line.
+    A Ctrl-C that lands while the line is printed counts as the same interruption; ``run --nproc N``'s ranks,
+    which got the terminal's Ctrl-C too, are given up to 10 s to leave before the process does.
     """
-    status = main()
+    try:
+        status = main()
+        if status == INTERRUPTED_STATUS:
+            sys.stdout.flush()
+            sys.stderr.flush()
+    except KeyboardInterrupt:  # another Ctrl-C while the line was printed or flushed
+        status = INTERRUPTED_STATUS
     if status == INTERRUPTED_STATUS:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing is left to interrupt
+        multiprocessing = sys.modules.get("multiprocessing")
+        if multiprocessing is not None:  # data-loader workers are daemons and leave with the process
+            deadline = time.monotonic() + 10
+            for child in [c for c in multiprocessing.active_children() if not c.daemon]:
+                child.join(max(0.0, deadline - time.monotonic()))
         os._exit(status)
     sys.exit(status)
 
@@ -400,4 +414,4 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -150,7 +150,9 @@ def _interrupt(args: list[str], ready, timeout: float = 240) -> subprocess.Compl
     import tempfile
     import time
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    # append mode: the child shares each file's offset, and the polls below seek to 0 to read (without O_APPEND a
+    # line the child wrote meanwhile would land at 0, over the start of the capture)
+    with tempfile.TemporaryFile("a+") as out, tempfile.TemporaryFile("a+") as err:
         # SIGINT's default disposition, as at a terminal: a shell that starts the tests in the background (nohup
         # ... &) leaves SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt
         process = subprocess.Popen([sys.executable, "-m", "recbole_llm", *args], stdout=out, stderr=err,
@@ -184,6 +186,39 @@ def assert_interrupted(result: subprocess.CompletedProcess, fragment: str) -> No
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("recbole-llm:")]
     assert len(lines) == 1 and lines[0].startswith("recbole-llm: interrupted; ") and fragment in lines[0], lines
+
+
+ENTRY = """
+import multiprocessing, sys, time
+from pathlib import Path
+import recbole_llm.cli as cli
+
+def leave_slowly(path):
+    time.sleep(1.0)
+    Path(path).write_text("left")
+
+def interrupted():  # stands in for a command that Ctrl-C ended
+    if sys.argv[1] == "during-the-line":
+        raise KeyboardInterrupt  # a second Ctrl-C while the first one's line was printed
+    multiprocessing.Process(target=leave_slowly, args=(sys.argv[2],)).start()  # a rank of run --nproc N
+    return cli.INTERRUPTED_STATUS
+
+if __name__ == "__main__":
+    cli.main = interrupted
+    cli.entry()
+"""
+
+
+def test_the_command_leaves_with_130_after_ctrl_c_once_its_ranks_have_left(tmp_path):
+    """entry(): a Ctrl-C during the interruption's own line is the same interruption (130, no traceback), and the
+    process leaves only after `run --nproc N`'s ranks have (they got the terminal's Ctrl-C too)."""
+    script = tmp_path / "entry.py"
+    script.write_text(ENTRY)
+    for case in ("during-the-line", "a-rank-leaving"):
+        run = subprocess.run([sys.executable, str(script), case, str(tmp_path / f"{case}.txt")], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 130 and "Traceback" not in run.stderr, (case, run.returncode, run.stderr[-2000:])
+    assert (tmp_path / "a-rank-leaving.txt").read_text() == "left"  # joined, not left running behind the prompt
 
 
 @pytest.mark.slow
