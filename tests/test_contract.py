@@ -13,6 +13,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_model, init_seed
 
 from recbole_llm import RecboleLLMError
+from recbole_llm.model import bertrec
 from recbole_llm.model.contract import Exportable, PluginModel
 from recbole_llm.model.catalog import PLUGIN_MODELS, get_plugin_model
 
@@ -81,13 +82,20 @@ def test_methods_have_the_protocols_signatures(name):
 
 
 @pytest.mark.parametrize("name", list(PLUGIN_MODELS))
-def test_export_scores_equal_full_sort_predict(built, name):
+def test_export_scores_equal_full_sort_predict(built, name, monkeypatch):
+    """RecBole's evaluation (full_sort_predict) encodes groups of rows of similar length, each cut to its
+    longest history; export_scores the whole batch at its width: the same scores, to float rounding."""
     model, batch = built[name]
+    monkeypatch.setattr(bertrec, "EVAL_GROUP_ROWS", 3)  # groups of 3 rows: several widths in this batch
+    # the test users' histories cut to 1..width items (ml-tiny's fill the width), in no order of length
+    width = batch[model.ITEM_SEQ].size(1)
+    lengths = 1 + (torch.arange(len(batch)) * 7) % width
+    item_seq = batch[model.ITEM_SEQ] * (torch.arange(width) < lengths.unsqueeze(1))
     with torch.no_grad():
-        expected = model.full_sort_predict(batch)
-        actual = model.export_scores(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
-    assert actual.shape == (len(batch), model.n_items)
-    assert torch.equal(actual, expected)
+        expected = model.full_sort_predict({model.ITEM_SEQ: item_seq, model.ITEM_SEQ_LEN: lengths})
+        actual = model.export_scores(item_seq, lengths)
+    assert actual.shape == expected.shape == (len(batch), model.n_items)
+    assert torch.allclose(actual, expected, atol=1e-5, rtol=1e-5), (actual - expected).abs().max()
 
 
 class ExportScores(torch.nn.Module):
