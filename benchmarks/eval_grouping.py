@@ -11,7 +11,8 @@ validation and test items, cut to ``--length``), with a random encoder of SASRec
 256) at each depth, on one thread: CPU seconds per batch (median, min, max over the repeats after one warm-up
 call) and the largest score difference between the two.
 
-Needs ``--data-path`` holding ml-1m (default ../shared/datasets). Writes benchmarks/results/eval_grouping.{json,md}.
+Needs ``--data-path`` holding ml-1m (default ../shared/datasets). Writes benchmarks/results/eval_grouping.{json,md}
+(with other --layers, --length or --repeats than the defaults: benchmarks/scratch/eval_grouping/).
 """
 
 from __future__ import annotations
@@ -23,37 +24,60 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, provenance, write_results  # noqa: E402
+from _common import RESULTS, SCRATCH, provenance, write_results  # noqa: E402
 
 BATCH = 1024
 
 
 def ml1m_lengths(data_path: Path, length: int) -> list[int]:
-    """Each ml-1m user's training-history length at evaluation: item count - 2 (validation, test), cut."""
+    """Each ml-1m user's training-history length at evaluation: item count - 2 (validation, test), cut to
+    ``length``; users with fewer than 3 items (no training history) left out. SystemExit (one line) for a file
+    that is unreadable, has no RecBole header, a line without its 3 tab-separated fields, or under BATCH users."""
+    path = data_path / "ml-1m" / "ml-1m.inter"
     counts: dict[str, int] = {}
-    with open(data_path / "ml-1m" / "ml-1m.inter", encoding="utf-8") as inter:
-        next(inter)
-        for line in inter:
-            user = line.split("\t", 1)[0]
-            counts[user] = counts.get(user, 0) + 1
-    return [min(n - 2, length) for n in counts.values()]
+    try:
+        with open(path, encoding="utf-8") as inter:
+            header = inter.readline()
+            if not header.startswith("user_id:token\t"):
+                raise ValueError("no RecBole header (user_id:token, item_id:token, ...)")
+            for number, line in enumerate(inter, start=2):
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) < 3 or not fields[0]:
+                    raise ValueError(f"line {number} lacks the 3 tab-separated fields of the header")
+                counts[fields[0]] = counts.get(fields[0], 0) + 1
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SystemExit(f"eval_grouping.py: error: {path} does not read ({error}); give --data-path the folder "
+                         "holding RecBole's ml-1m (e.g. ../shared/datasets)") from None
+    lengths = [min(n - 2, length) for n in counts.values() if n >= 3]
+    if len(lengths) < BATCH:
+        raise SystemExit(f"eval_grouping.py: error: {path} has {len(lengths)} users with a training history, "
+                         f"fewer than the batch of {BATCH} measured; give the whole ml-1m")
+    return lengths
 
 
-def measure(layers: int, lengths: list[int], width: int, repeats: int) -> dict:
-    import torch
-
+def build(layers: int, width: int):
+    """A random BERTRec encoder, SASRec's width, ``layers`` deep, over ml-100k's items (the catalogue only sizes
+    the final product). SystemExit (one line naming the flag) for a depth or length the plugin refuses."""
     import recbole_llm  # noqa: F401  (registers BERTRec with RecBole's get_model: before importing it)
     from recbole.config import Config
     from recbole.data import create_dataset
     from recbole.utils import get_model, init_seed
 
+    try:
+        config = Config(model="BERTRec", dataset="ml-100k", config_dict={
+            "pretrained_model_name_or_path": None, "n_layers": layers, "n_heads": 2, "hidden_size": 64,
+            "inner_size": 256, "MAX_ITEM_LIST_LENGTH": width, "train_positions": "all", "item_repr": "id",
+            "attn_dropout_prob": 0.0, "show_progress": False})
+        init_seed(2020, True)
+        return get_model("BERTRec")(config, create_dataset(config)).eval()
+    except recbole_llm.RecboleLLMError as error:
+        raise SystemExit(f"eval_grouping.py: error: --layers {layers} / --length {width}: {error}") from None
+
+
+def measure(model, layers: int, lengths: list[int], width: int, repeats: int) -> dict:
+    import torch
+
     torch.set_num_threads(1)
-    config = Config(model="BERTRec", dataset="ml-100k", config_dict={
-        "pretrained_model_name_or_path": None, "n_layers": layers, "n_heads": 2, "hidden_size": 64,
-        "inner_size": 256, "MAX_ITEM_LIST_LENGTH": width, "train_positions": "all", "item_repr": "id",
-        "attn_dropout_prob": 0.0, "show_progress": False})
-    init_seed(2020, True)
-    model = get_model("BERTRec")(config, create_dataset(config)).eval()
     generator = torch.Generator().manual_seed(0)
     drawn = torch.tensor(lengths)[torch.randperm(len(lengths), generator=generator)[:BATCH]]
     item_seq = torch.randint(1, model.n_items, (BATCH, width), generator=generator)
@@ -90,11 +114,14 @@ def main() -> None:
     except ValueError:
         raise SystemExit(f"eval_grouping.py: error: --layers {args.layers!r}: give comma-separated whole numbers, "
                          "e.g. 2,4,8") from None
-    if not (depths and all(d > 0 for d in depths) and args.length > 0 and args.repeats > 0):
-        raise SystemExit("eval_grouping.py: error: --layers, --length and --repeats must be positive")
+    for flag, values in (("--layers", depths), ("--length", [args.length]), ("--repeats", [args.repeats])):
+        if not values or min(values) <= 0:
+            raise SystemExit(f"eval_grouping.py: error: {flag} {getattr(args, flag[2:])}: give a positive whole "
+                             "number (--layers: comma-separated, e.g. 2,4,8)")
     lengths = ml1m_lengths(args.data_path, args.length)
+    models = [build(d, args.length) for d in depths]  # every setting checked before anything is timed
     report = {**provenance(), "batch": BATCH, "length": args.length,
-              "rows": [measure(d, lengths, args.length, args.repeats) for d in depths]}
+              "rows": [measure(m, d, lengths, args.length, args.repeats) for m, d in zip(models, depths)]}
     lines = [f"Measured {report['date']} at commit {report['commit']} on {report['machine']}: "
              f"`{report['command']}`.", "",
              f"One batch of {BATCH} histories with ml-1m's lengths at history {args.length}, a random encoder 64 "
@@ -106,7 +133,9 @@ def main() -> None:
                      f"{full['median']:.2f} ({full['min']:.2f}-{full['max']:.2f}) | "
                      f"{grouped['median']:.2f} ({grouped['min']:.2f}-{grouped['max']:.2f}) | "
                      f"{full['median'] / grouped['median']:.2f}x | {row['max_abs_difference']:.1e} |")
-    write_results("eval_grouping", report, lines)
+    # other settings than the defaults are trials: keep them out of results/
+    complete = all(getattr(args, key) == parser.get_default(key) for key in ("layers", "length", "repeats"))
+    write_results("eval_grouping", report, lines, RESULTS if complete else SCRATCH / "eval_grouping")
 
 
 if __name__ == "__main__":

@@ -588,8 +588,7 @@ def markdown(report: dict) -> list[str]:
                   "| model | NDCG@10 | protocol | source |", "|---|---|---|---|"]
         lines += [f"| {name} | {value:.4f} | {protocol} | {source} |" for name, value, protocol, source in PUBLISHED]
         lines.append("")
-        costs = [read_record(path) for path in sorted(EPOCH_COST_RECORDS.glob("*.json"))]
-        costs = [r for r in costs if r.get("batches_trained") and r.get("batches_per_epoch")]
+        costs = report.get("epoch_costs", [])
         if costs:
             lines += ["**RecBole's own models on this CPU:** they train on every prefix of every history; one epoch "
                       "would cost " + "; ".join(
@@ -922,6 +921,28 @@ def read_record(path: Path, model: str | None = None, dataset: str | None = None
     return record
 
 
+def read_epoch_costs(folder: Path) -> list[dict]:
+    """The budgeted runs' records of :data:`EPOCH_COST_RECORDS`, each checked as a run record and for the fields
+    the report divides (a model name, CPU-seconds spent, batches trained of an epoch's). SystemExit (one line
+    naming the file and the fix) for a damaged one: read before any run, not when the report is written."""
+    costs = []
+    for path in sorted(folder.glob("*.json")):
+        record, problem = read_small_json(path, RECORD_MAX_BYTES, "a run record")
+        problem = problem or record_problem(record)
+        if not problem:
+            wrong = ("model is not a name" if not isinstance(record.get("model"), str) else
+                     "budget_spent is not a number of CPU-seconds" if not _number(record.get("budget_spent")) else
+                     next((f"{key} is not a positive whole number" for key in ("batches_trained", "batches_per_epoch")
+                           if not (_count(record.get(key)) and record[key] > 0)), ""))
+            problem = f"damaged ({wrong})" if wrong else ""
+        if problem:
+            raise SystemExit(f"quality.py: error: epoch-cost record {path} is {problem}; restore it with "
+                             f"`git checkout -- {path}`, or measure again (--models MODEL --seeds 2020 --budget 150) "
+                             "and copy the new record there")
+        costs.append({key: record[key] for key in ("model", "budget_spent", "batches_trained", "batches_per_epoch")})
+    return costs
+
+
 def read_progress(state_dir: Path) -> dict:
     """A cut-short run's progress (``progress.json`` of its resume folder), checked before it is resumed;
     SystemExit (one line: delete the folder to start that run over) when it is damaged."""
@@ -973,9 +994,11 @@ def main() -> None:
 
     if not budget > 0:
         raise SystemExit(f"quality.py: error: --budget {args.budget:g}: give a positive number of seconds")
+    if args.finished_only and args.budget is not None:
+        raise SystemExit("quality.py: error: --finished-only reports finished runs and trains nothing: drop --budget")
     if args.finished_only and budget != float("inf"):
         raise SystemExit(f"quality.py: error: --finished-only reports finished unbudgeted runs, and profile "
-                         f"{args.profile} (or --budget) sets a budget; use it with --profile ml-1m or converged")
+                         f"{args.profile} sets a budget; use it with a profile without one, e.g. --profile ml-1m")
     names = listed(args.models, "--models", profile.get("models", list(RUNS)))
     unknown = [n for n in names if n not in RUNS]
     if unknown:
@@ -1029,6 +1052,8 @@ def main() -> None:
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"quality.py: error: --seeds {args.seeds}: a seed is repeated; name each once")
     report["seeds"] = seeds
+    if args.profile == "ml-1m":  # checked before any run: the report reads them only at the end
+        report["epoch_costs"] = read_epoch_costs(EPOCH_COST_RECORDS)
     report["results"] = {d: {} for d in datasets}
     jobs = [(d, n, seed) for d in datasets for n in names for seed in seeds]
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -1060,6 +1085,9 @@ def main() -> None:
         tqdm.write(f"  NDCG@10 {result['test']['ndcg@10']:.4f} after {result['epochs']} epochs "
                    f"({result.get('stopped_by', '')})")
     if args.finished_only:
+        if not runs:
+            raise SystemExit(f"quality.py: error: --finished-only: none of the runs asked for has a finished record "
+                             f"in {records}; drop --finished-only to train them")
         report["to_come"] = to_come
     for (dataset, name), per_seed in runs.items():
         report["results"][dataset][name] = aggregate(per_seed) if len(profile["seeds"]) > 1 else per_seed[0]

@@ -245,6 +245,7 @@ def test_a_child_that_the_plugin_refuses_is_reported_by_its_line(common, tmp_pat
     (["--models", "Pop,Pop"], "--models 'Pop,Pop' names Pop twice"),
     (["--seeds", "1,x"], "--seeds"),
     (["--profile", "quick", "--finished-only"], "--finished-only reports finished unbudgeted runs"),
+    (["--profile", "converged", "--budget", "100", "--finished-only"], "trains nothing: drop --budget"),
 ])
 def test_quality_arguments_are_checked_before_any_run_or_folder(quality, tmp_path, monkeypatch, argv, fragment):
     """Every argument checked before the first run starts (a missing ml-1m used to surface after every
@@ -284,6 +285,46 @@ def test_finished_only_reports_the_finished_runs_lists_the_rest_and_trains_nothi
     assert written["folder"] == tmp_path / "scratch" / "quality_converged"  # a subset: not results/
 
 
+def test_finished_only_without_any_finished_run_is_one_line(quality, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "SCRATCH", tmp_path / "scratch")
+    monkeypatch.setattr(quality, "run_child", lambda *args, **kwargs: pytest.fail("a run started"))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--profile", "converged", "--models", "BERTRec-all-4L-id-L200",
+                                      "--seeds", "2020", "--finished-only"])
+    with pytest.raises(SystemExit) as error:
+        quality.main()
+    one_line(error.value, "none of the runs asked for has a finished record", "drop --finished-only to train them")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda r: r.update(budget_spent="x"), "budget_spent is not a number of CPU-seconds"),
+    (lambda r: r.update(batches_trained=-5), "batches_trained is not a positive whole number"),
+    (lambda r: r.update(batches_trained=0), "batches_trained is not a positive whole number"),
+    (lambda r: r.pop("batches_per_epoch"), "batches_per_epoch is not a positive whole number"),
+    (lambda r: r.pop("model"), "model is not a name"),
+    (lambda r: r.update(epochs="x"), "epochs is \"x\""),  # and the checks of every run record
+])
+def test_a_damaged_epoch_cost_record_stops_the_ml1m_report_before_any_run(quality, tmp_path, monkeypatch, change,
+                                                                           fragment):
+    """The ml-1m report divides these records' fields: checked when the command starts, not after hours of runs."""
+    committed = sorted((BENCHMARKS / "results" / "runs" / "quality_ml1m_epoch_cost").glob("*.json"))
+    assert committed and all(quality.read_epoch_costs(committed[0].parent))
+    record = json.loads(committed[0].read_text())
+    change(record)
+    (tmp_path / "costs").mkdir()
+    (tmp_path / "costs" / committed[0].name).write_text(json.dumps(record))
+    monkeypatch.setattr(quality, "EPOCH_COST_RECORDS", tmp_path / "costs")
+    monkeypatch.setattr(quality, "SCRATCH", tmp_path / "scratch")
+    monkeypatch.setattr(quality, "run_child", lambda *args, **kwargs: pytest.fail("a run started"))
+    data = tmp_path / "data" / "ml-1m"
+    data.mkdir(parents=True)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--profile", "ml-1m", "--data-path", str(data.parent),
+                                      "--models", "Pop", "--seeds", "2020"])
+    with pytest.raises(SystemExit) as error:
+        quality.main()
+    one_line(error.value, f"epoch-cost record {tmp_path / 'costs' / committed[0].name} is damaged (",
+             fragment, "git checkout --")
+
+
 def test_a_missing_plotting_library_stops_before_any_run(quality, tmp_path, monkeypatch):
     """Hours of runs must not end in an ImportError where the report draws its figure."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what find_spec reports for a missing package
@@ -294,6 +335,27 @@ def test_a_missing_plotting_library_stops_before_any_run(quality, tmp_path, monk
     with pytest.raises(SystemExit) as error:
         quality.main()
     one_line(error.value, "matplotlib", 'pip install -e ".[bench]"')
+
+
+HEADER = "user_id:token\titem_id:token\ttimestamp:float\n"
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "no RecBole header"),
+    (HEADER.encode() + b"1\t2\t3\nbroken\n", "line 3 lacks the 3 tab-separated fields"),
+    (HEADER.encode() + b"1\t\xff\t3\n", "can't decode byte 0xff"),
+    (HEADER.encode() + b"".join(b"%d\t%d\t%d\n" % (u, i, i) for u in range(3) for i in range(4)),
+     "has 3 users with a training history, fewer than the batch of 1024"),
+    (HEADER.encode() + b"".join(b"%d\t1\t1\n%d\t2\t2\n" % (u, u) for u in range(2000)),  # 2 items: no history
+     "has 0 users with a training history"),
+])
+def test_eval_grouping_refuses_a_damaged_ml1m_in_one_line(tmp_path, content, fragment):
+    eval_grouping = load(BENCHMARKS / "eval_grouping.py", "eval_grouping")
+    (tmp_path / "ml-1m").mkdir()
+    (tmp_path / "ml-1m" / "ml-1m.inter").write_bytes(content)
+    with pytest.raises(SystemExit) as error:
+        eval_grouping.ml1m_lengths(tmp_path, 200)
+    one_line(error.value, fragment)
 
 
 def test_run_child_reads_with_the_reader_given(common, tmp_path):
