@@ -1044,7 +1044,8 @@ def main() -> None:
                 "(no budget)")
     report["profile_note"] = (
         f"Profile `{args.profile}`: every model {how_long}; config {profile['config']}; "
-        f"plugin models also {profile['plugin']}; RecBole's models with {profile.get('recbole', 'their defaults')}. "
+        f"plugin models also {profile['plugin']}; RecBole's models with {profile.get('recbole', 'their defaults')}; "
+        "each run's own keys (its entry in quality.py's RUNS, recorded with it) over these. "
         f"Split: leave-one-out, time order, full ranking; seeds {profile['seeds']}"
         + (" (mean ± sample std)" if len(profile["seeds"]) > 1 else "") + ". "
         "Tail = test users whose target item had at most 20 training interactions."
@@ -1072,7 +1073,10 @@ def main() -> None:
             tqdm.write(f"{dataset} {name} seed {seed}: reusing {result_file.name}")
             result = cached
         elif args.finished_only:
-            to_come.append(f"{name} seed {seed}")
+            state = SCRATCH / records.name / f"{stem}.resume"  # a run cut short here: how far it has got
+            scores = read_progress(state)["valid_scores"] if (state / "progress.json").is_file() else []
+            to_come.append(f"{name} seed {seed}" + (f" (in progress here: {len(scores)} epochs, best validation "
+                                                    f"NDCG@10 {max(scores):.4f})" if scores else ""))
             continue
         else:
             require_plotting("quality.py")  # before the first run trains (hours), not at the report

@@ -272,15 +272,21 @@ def test_finished_only_reports_the_finished_runs_lists_the_rest_and_trains_nothi
         report=report, lines=lines, folder=folder))
     monkeypatch.setattr(sys, "argv", ["quality.py", "--profile", "converged", "--models",
                                       "BERT4Rec,BERTRec-all-drop3-L200", "--seeds", "2020,2021", "--finished-only"])
+    state = tmp_path / "scratch" / "quality_converged" / "ml-100k_BERTRec-all-drop3-L200_seed2021.resume"
+    state.mkdir(parents=True)  # that run, cut short here after 3 epochs
+    (state / "progress.json").write_text(json.dumps({"epoch_wall": [1.0] * 3, "epoch_cpu": [1.0] * 3,
+                                                     "valid_scores": [0.05, 0.07, 0.06], "resumed_at": []}))
     quality.main()
     report = written["report"]
-    assert report["to_come"] == ["BERTRec-all-drop3-L200 seed 2021"]  # its seed 2020 is committed, 2021 is not
+    # its seed 2020 is committed, 2021 is not
+    assert report["to_come"] == ["BERTRec-all-drop3-L200 seed 2021 (in progress here: 3 epochs, best validation "
+                                 "NDCG@10 0.0700)"]
     assert list(report["results"]["ml-100k"]) == ["BERT4Rec", "BERTRec-all-drop3-L200"]
     committed = [json.loads((BENCHMARKS / "results" / "runs" / "quality_converged" /
                              f"ml-100k_BERT4Rec_seed{seed}.json").read_text())["test"]["ndcg@10"] for seed in (2020, 2021)]
     assert report["results"]["ml-100k"]["BERT4Rec"]["test"]["ndcg@10"] == pytest.approx(sum(committed) / 2)
     text = "\n".join(written["lines"])
-    assert "**Not finished:** 3 of 4 runs" in text and "still to come: BERTRec-all-drop3-L200 seed 2021." in text
+    assert "**Not finished:** 3 of 4 runs" in text and "still to come: BERTRec-all-drop3-L200 seed 2021 (" in text
     assert "| BERT4Rec |" in text and "| BERTRec-all-drop3-L200 (1 of 2 seeds) |" in text
     assert written["folder"] == tmp_path / "scratch" / "quality_converged"  # a subset: not results/
 
