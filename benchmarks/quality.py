@@ -789,6 +789,9 @@ def plot_ml1m(report: dict, path: Path) -> None:
             if one.get("valid_ndcg@10") and one.get("cpu_seconds_cumulative"):
                 curves.plot([s / 3600 for s in one["cpu_seconds_cumulative"]], one["valid_ndcg@10"], color=colour,
                             label=name if one is runs[name].get("seeds", [one])[0] else None)
+    for number, (label, run) in enumerate(report.get("in_progress", {}).items()):  # --finished-only's runs under way
+        curves.plot([s / 3600 for s in run["cpu_seconds_cumulative"]], run["valid_ndcg@10"], linestyle="--",
+                    linewidth=1, color=plt.cm.tab10(number % 10), label=f"{label} (under way)")
     curves.set_xlabel("training CPU-hours (one core)")
     curves.set_ylabel("validation NDCG@10")
     curves.set_title("ml-1m: validation NDCG@10 while training")
@@ -808,7 +811,7 @@ def plot_ml1m(report: dict, path: Path) -> None:
     pop = f"; Pop {runs['Pop']['test']['ndcg@10']:.4f}" if "Pop" in runs else ""
     tests.set_xlabel(f"test NDCG@10 (mean ± std over the seeds finished{pop})")
     tests.set_title("ml-1m test, beside published rows (history 200, all ratings)")
-    if colours:
+    if colours or report.get("in_progress"):
         curves.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1059,6 +1062,7 @@ def main() -> None:
     jobs = [(d, n, seed) for d in datasets for n in names for seed in seeds]
     runs: dict[tuple[str, str], list[dict]] = {}
     to_come: list[str] = []  # with --finished-only: the runs without a record
+    in_progress: dict[str, dict] = {}  # and of those, the ones under way here: their validation scores so far
     for dataset, name, seed in tqdm(jobs, desc="quality runs", unit="run"):
         extra = ["--data-path", args.data_path] if args.data_path else []
         # runs without a budget are deterministic under their seed: kept by seed and reused (they resume too)
@@ -1074,9 +1078,14 @@ def main() -> None:
             result = cached
         elif args.finished_only:
             state = SCRATCH / records.name / f"{stem}.resume"  # a run cut short here: how far it has got
-            scores = read_progress(state)["valid_scores"] if (state / "progress.json").is_file() else []
+            progress = read_progress(state) if (state / "progress.json").is_file() else {"valid_scores": []}
+            scores = progress["valid_scores"]
             to_come.append(f"{name} seed {seed}" + (f" (in progress here: {len(scores)} epochs, best validation "
                                                     f"NDCG@10 {max(scores):.4f})" if scores else ""))
+            if scores:  # the figure draws how far it has got
+                in_progress[f"{name} seed {seed}"] = {
+                    "valid_ndcg@10": scores, "cpu_seconds_cumulative": [
+                        round(sum(progress["epoch_cpu"][: i + 1]), 1) for i in range(len(scores))]}
             continue
         else:
             require_plotting("quality.py")  # before the first run trains (hours), not at the report
@@ -1092,7 +1101,7 @@ def main() -> None:
         if not runs:
             raise SystemExit(f"quality.py: error: --finished-only: none of the runs asked for has a finished record "
                              f"in {records}; drop --finished-only to train them")
-        report["to_come"] = to_come
+        report["to_come"], report["in_progress"] = to_come, in_progress
     for (dataset, name), per_seed in runs.items():
         report["results"][dataset][name] = aggregate(per_seed) if len(profile["seeds"]) > 1 else per_seed[0]
     report["at_pop_level"] = {d: at_pop_level(report["results"][d]) for d in datasets}
