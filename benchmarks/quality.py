@@ -38,6 +38,7 @@ Writes benchmarks/results/quality_<profile>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
@@ -435,7 +436,7 @@ def child(name: str, dataset: str, profile_name: str, budget: float, data_path: 
         "valid_ndcg@10": [round(float(v), 4) for v in valid_scores],
         "epochs": len(epoch_wall),
         "epochs_to_best": best_epoch + 1,
-        "cpu_seconds_cumulative": [round(sum(epoch_cpu[: i + 1]), 1) for i in range(len(epoch_cpu))],
+        "cpu_seconds_cumulative": cumulative(epoch_cpu),
         "cpu_seconds_to_95": cpu_seconds_to(0.95, valid_scores, epoch_cpu),
         "resumed_at_epochs": resumed_at,  # a resumed run continues with the random state it saved
         "stopped_by": ("budget" if budgeted.exhausted else "epoch cap" if len(epoch_wall) >= config["epochs"]
@@ -489,6 +490,11 @@ def restore_random_state(state: dict, train_data) -> None:
     generator = getattr(train_data, "generator", None)
     if generator is not None and state["loader"] is not None:
         generator.set_state(state["loader"])
+
+
+def cumulative(epoch_cpu: list[float]) -> list[float]:
+    """CPU-seconds of training up to the end of each epoch, to 0.1 s."""
+    return [round(total, 1) for total in itertools.accumulate(epoch_cpu)]
 
 
 def cpu_seconds_to(fraction: float, valid_scores: list[float], epoch_cpu: list[float]) -> float | None:
@@ -1084,8 +1090,8 @@ def main() -> None:
                                                     f"NDCG@10 {max(scores):.4f})" if scores else ""))
             if scores:  # the figure draws how far it has got
                 in_progress[f"{name} seed {seed}"] = {
-                    "valid_ndcg@10": scores, "cpu_seconds_cumulative": [
-                        round(sum(progress["epoch_cpu"][: i + 1]), 1) for i in range(len(scores))]}
+                    "valid_ndcg@10": scores,
+                    "cpu_seconds_cumulative": cumulative(progress["epoch_cpu"])[: len(scores)]}
             continue
         else:
             require_plotting("quality.py")  # before the first run trains (hours), not at the report
