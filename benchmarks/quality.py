@@ -548,8 +548,9 @@ def markdown(report: dict) -> list[str]:
     ]
     if report.get("to_come"):  # --finished-only: how far a profile that takes sessions has got
         finished = sum(len(r.get("seeds", [r])) for runs in report["results"].values() for r in runs.values())
-        lines += [f"**Not finished:** {finished} of {finished + len(report['to_come'])} runs; a model's mean ± std "
-                  "is over the seeds finished (see each row's seed count); still to come: "
+        lines += [f"**Finished: {finished} of {finished + len(report['to_come'])} runs** "
+                  f"({len(report['to_come'])} to come); a model's mean ± std is over the seeds finished (see each "
+                  "row's seed count); still to come: "
                   + ", ".join(report["to_come"]) + ".", ""]
     made_on = runs_by_machine(report)
     if set(made_on) != {report["machine"]}:  # CPU seconds compare only between runs on one machine
@@ -952,10 +953,10 @@ def read_epoch_costs(folder: Path) -> list[dict]:
     return costs
 
 
-def read_progress(state_dir: Path) -> dict:
-    """A cut-short run's progress (``progress.json`` of its resume folder), checked before it is resumed;
-    SystemExit (one line: delete the folder to start that run over) when it is damaged."""
-    path = state_dir / "progress.json"
+def read_progress(state_dir: Path, name: str = "progress.json") -> dict:
+    """A cut-short run's progress (``progress.json`` of its resume folder, or ``name``: a committed snapshot of
+    one), checked before it is resumed or reported; SystemExit (one line naming the fix) when it is damaged."""
+    path = state_dir / name
     problem = ""
     try:
         progress = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else None
@@ -970,8 +971,9 @@ def read_progress(state_dir: Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         problem = f"is unreadable ({type(error).__name__})"
     if problem:
-        raise SystemExit(f"quality.py: error: the resume state {path} {problem}; delete {state_dir} to start that "
-                         "run over")
+        fix = (f"delete {state_dir} to start that run over" if name == "progress.json" else
+               f"restore it with `git checkout -- {path}` or delete it")
+        raise SystemExit(f"quality.py: error: the resume state {path} {problem}; {fix}")
     return progress
 
 
@@ -1083,8 +1085,16 @@ def main() -> None:
             tqdm.write(f"{dataset} {name} seed {seed}: reusing {result_file.name}")
             result = cached
         elif args.finished_only:
-            state = SCRATCH / records.name / f"{stem}.resume"  # a run cut short here: how far it has got
-            progress = read_progress(state) if (state / "progress.json").is_file() else {"valid_scores": []}
+            # a run cut short here: how far it has got (scratch is not in git, so its progress is kept beside the
+            # records too, and a checkout without the run reports the committed snapshot rather than nothing)
+            state, snapshot = SCRATCH / records.name / f"{stem}.resume", records / "progress" / f"{stem}.json"
+            progress = {"valid_scores": []}
+            if (state / "progress.json").is_file():
+                progress = read_progress(state)
+                snapshot.parent.mkdir(exist_ok=True)
+                shutil.copyfile(state / "progress.json", snapshot)
+            elif snapshot.is_file():
+                progress = read_progress(snapshot.parent, snapshot.name)
             scores = progress["valid_scores"]
             to_come.append(f"{name} seed {seed}" + (f" (in progress here: {len(scores)} epochs, best validation "
                                                     f"NDCG@10 {max(scores):.4f})" if scores else ""))

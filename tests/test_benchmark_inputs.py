@@ -286,9 +286,18 @@ def test_finished_only_reports_the_finished_runs_lists_the_rest_and_trains_nothi
                              f"ml-100k_BERT4Rec_seed{seed}.json").read_text())["test"]["ndcg@10"] for seed in (2020, 2021)]
     assert report["results"]["ml-100k"]["BERT4Rec"]["test"]["ndcg@10"] == pytest.approx(sum(committed) / 2)
     text = "\n".join(written["lines"])
-    assert "**Not finished:** 3 of 4 runs" in text and "still to come: BERTRec-all-drop3-L200 seed 2021 (" in text
+    assert "**Finished: 3 of 4 runs** (1 to come)" in text and "still to come: BERTRec-all-drop3-L200 seed 2021 (" in text
     assert "| BERT4Rec |" in text and "| BERTRec-all-drop3-L200 (1 of 2 seeds) |" in text
     assert written["folder"] == tmp_path / "scratch" / "quality_converged"  # a subset: not results/
+    # its progress is kept beside the records: a checkout without the run reports the same
+    snapshot = BENCHMARKS / "results" / "runs" / "quality_converged" / "progress" / f"{state.stem}.json"
+    try:
+        assert json.loads(snapshot.read_text())["valid_scores"] == [0.05, 0.07, 0.06]
+        shutil.rmtree(state)
+        quality.main()
+        assert written["report"]["to_come"] == report["to_come"]
+    finally:
+        shutil.rmtree(snapshot.parent)
 
 
 def test_finished_only_without_any_finished_run_is_one_line(quality, tmp_path, monkeypatch):
