@@ -8,7 +8,7 @@
                                                                  # augmentation and FGM, converged, 3 seeds
     python benchmarks/quality.py --profile explore               # the plugin settings tried for converged,
                                                                  # one seed each (shares converged's runs)
-    python benchmarks/quality.py --profile ml-1m --data-path ../shared/datasets   # a SASRec-sized plugin model
+    python benchmarks/quality.py --profile ml-1m --data-path ../shared/datasets   # the plugin at 2, 4 and 8 layers
                                                                  # with and without item text, history 200 and
                                                                  # 50, 3 seeds, beside the published leaders
                                                                  # (quality_ml1m; CPU-days, resumes)
@@ -195,7 +195,7 @@ PROFILES["explore"] = {**PROFILES["converged"], "seeds": [2020], "workdir": "qua
 # costs ~100 CPU-s either way here.
 # Batch 32, not SASRec+'s 128: an epoch costs the same (~95 CPU-s: the full softmax over every position) but
 # makes 4x the optimizer steps, and validation NDCG@10 climbs ~2.5x faster per epoch (seed 2020 on IDs: 0.1698
-# after 14 epochs, where batch 128 needed 35 to reach 0.1720), which is what lets 12 runs converge here.
+# after 14 epochs, where batch 128 needed 35 to reach 0.1720), which is what lets these runs converge here.
 _ML1M = {"train_positions": "all", "train_batch_size": 32, "learning_rate": 0.001,
          "pretrained_model_name_or_path": None, "backbone_layers": None, "hidden_size": 64, "n_layers": 2,
          "n_heads": 2, "inner_size": 256, "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.0}
